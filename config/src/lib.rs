@@ -1,0 +1,337 @@
+//! Site configuration shared by the SPANK plugin and the helper.
+//!
+//! Admins configure the product in two places, as Slurm admins expect:
+//! arguments on the plugin's `plugstack.conf` line, and an optional TOML file
+//! (`/etc/slurm/checkpoint-container.toml` unless `config=` names another).
+//! Precedence: built-in defaults < TOML file < plugstack.conf arguments.
+//!
+//! Parsing is strict on purpose: a typo in a site file must not silently turn
+//! checkpointing off, so every unknown or malformed entry is an error that
+//! names the offending argument.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+/// Where the admin TOML file is looked for when `config=` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/slurm/checkpoint-container.toml";
+/// Where packages install the helper.
+pub const DEFAULT_HELPER: &str = "/usr/libexec/checkpoint-container/checkpoint-container";
+/// Root of the per-job checkpoint directories (a parallel filesystem in production).
+pub const DEFAULT_CHECKPOINT_DIR: &str = "/var/spool/checkpoint-container";
+/// The CRIU binary the helper drives.
+pub const DEFAULT_CRIU: &str = "/usr/sbin/criu";
+
+/// Effective settings after defaults, the TOML file and plugstack.conf
+/// arguments are combined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub helper: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    pub criu: PathBuf,
+    /// The TOML file these settings were read from, if one was read.
+    pub config_file: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            helper: DEFAULT_HELPER.into(),
+            checkpoint_dir: DEFAULT_CHECKPOINT_DIR.into(),
+            criu: DEFAULT_CRIU.into(),
+            config_file: None,
+        }
+    }
+}
+
+/// One bad configuration entry. `Display` is a single line that names the
+/// entry and says what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A plugstack.conf argument that is not `key=value`.
+    Malformed { arg: String },
+    /// A key this plugin does not know.
+    UnknownKey { arg: String },
+    /// The same key given twice on the plugstack.conf line.
+    Duplicate { key: String },
+    /// A value that is empty, relative, or contains `..`.
+    BadPath { key: String, value: String, why: &'static str },
+    /// The TOML file could not be read (only an error when named by `config=`).
+    Unreadable { path: PathBuf, why: String },
+    /// The TOML file is not valid or has unknown keys.
+    BadToml { path: PathBuf, why: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Malformed { arg } => write!(
+                f,
+                "plugstack.conf argument \"{arg}\" is malformed: expected key=value with key one of {}",
+                KEYS.join(", ")
+            ),
+            ConfigError::UnknownKey { arg } => write!(
+                f,
+                "plugstack.conf argument \"{arg}\" is unknown: known keys are {}",
+                KEYS.join(", ")
+            ),
+            ConfigError::Duplicate { key } => {
+                write!(f, "plugstack.conf argument \"{key}\" is given more than once")
+            }
+            ConfigError::BadPath { key, value, why } => {
+                write!(f, "setting {key}=\"{value}\" is invalid: {why}")
+            }
+            ConfigError::Unreadable { path, why } => {
+                write!(f, "config file {} cannot be read: {why}", path.display())
+            }
+            ConfigError::BadToml { path, why } => {
+                // toml's messages span several lines; keep ours to one.
+                let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
+                write!(f, "config file {} is invalid: {why}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const KEYS: [&str; 4] = ["helper", "checkpoint_dir", "criu", "config"];
+
+/// The admin TOML file. Unknown keys are refused, like unknown arguments.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TomlFile {
+    helper: Option<String>,
+    checkpoint_dir: Option<String>,
+    criu: Option<String>,
+}
+
+/// Arguments from the plugstack.conf line, validated but not yet merged.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PlugstackArgs {
+    helper: Option<PathBuf>,
+    checkpoint_dir: Option<PathBuf>,
+    criu: Option<PathBuf>,
+    config: Option<PathBuf>,
+}
+
+fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, ConfigError> {
+    let mut out = PlugstackArgs::default();
+    for arg in args {
+        let arg = arg.as_ref();
+        let (key, value) = arg
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Malformed { arg: arg.to_string() })?;
+        let slot = match key {
+            "helper" => &mut out.helper,
+            "checkpoint_dir" => &mut out.checkpoint_dir,
+            "criu" => &mut out.criu,
+            "config" => &mut out.config,
+            _ => return Err(ConfigError::UnknownKey { arg: arg.to_string() }),
+        };
+        if slot.is_some() {
+            return Err(ConfigError::Duplicate { key: key.to_string() });
+        }
+        *slot = Some(checked_path(key, value)?);
+    }
+    Ok(out)
+}
+
+/// Site paths are used by root: they must be absolute and free of `..`, so
+/// that what the admin wrote is what gets opened.
+pub fn checked_path(key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+    let bad = |why| ConfigError::BadPath { key: key.to_string(), value: value.to_string(), why };
+    if value.is_empty() {
+        return Err(bad("the value is empty"));
+    }
+    let path = Path::new(value);
+    if !path.is_absolute() {
+        return Err(bad("it must be an absolute path"));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(bad("it must not contain \"..\""));
+    }
+    Ok(path.to_path_buf())
+}
+
+impl Settings {
+    /// Combines defaults, the TOML file and the plugstack.conf arguments.
+    ///
+    /// `read_file` is how the TOML file is read (the plugin and the helper
+    /// read it with their own privileges); it returns `Ok(None)` when the file
+    /// does not exist.
+    pub fn load<S, R>(plugstack_args: &[S], read_file: R) -> Result<Settings, ConfigError>
+    where
+        S: AsRef<str>,
+        R: Fn(&Path) -> std::io::Result<Option<String>>,
+    {
+        let args = parse_plugstack_args(plugstack_args)?;
+        let mut settings = Settings::default();
+
+        let (config_path, required) = match &args.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        let text = read_file(&config_path).map_err(|e| ConfigError::Unreadable {
+            path: config_path.clone(),
+            why: e.to_string(),
+        })?;
+        match text {
+            Some(text) => {
+                settings.apply_toml(&config_path, &text)?;
+                settings.config_file = Some(config_path);
+            }
+            None if required => {
+                return Err(ConfigError::Unreadable {
+                    path: config_path,
+                    why: "no such file".into(),
+                })
+            }
+            None => {}
+        }
+
+        if let Some(p) = args.helper {
+            settings.helper = p;
+        }
+        if let Some(p) = args.checkpoint_dir {
+            settings.checkpoint_dir = p;
+        }
+        if let Some(p) = args.criu {
+            settings.criu = p;
+        }
+        Ok(settings)
+    }
+
+    fn apply_toml(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let file: TomlFile = toml::from_str(text).map_err(|e| ConfigError::BadToml {
+            path: path.to_path_buf(),
+            why: e.message().to_string(),
+        })?;
+        if let Some(v) = file.helper {
+            self.helper = checked_path("helper", &v)?;
+        }
+        if let Some(v) = file.checkpoint_dir {
+            self.checkpoint_dir = checked_path("checkpoint_dir", &v)?;
+        }
+        if let Some(v) = file.criu {
+            self.criu = checked_path("criu", &v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a file, mapping "does not exist" to `None`.
+pub fn read_optional_file(path: &Path) -> std::io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_file(_: &Path) -> std::io::Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn load(args: &[&str]) -> Result<Settings, ConfigError> {
+        Settings::load(args, no_file)
+    }
+
+    #[test]
+    fn no_arguments_gives_defaults() {
+        assert_eq!(load(&[]).unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn every_known_argument_is_applied() {
+        let s = load(&["helper=/opt/h", "checkpoint_dir=/shared/ckpt", "criu=/opt/criu"]).unwrap();
+        assert_eq!(s.helper, PathBuf::from("/opt/h"));
+        assert_eq!(s.checkpoint_dir, PathBuf::from("/shared/ckpt"));
+        assert_eq!(s.criu, PathBuf::from("/opt/criu"));
+    }
+
+    #[test]
+    fn unknown_argument_is_named() {
+        let e = load(&["helper=/opt/h", "frobnicate=1"]).unwrap_err();
+        assert_eq!(e, ConfigError::UnknownKey { arg: "frobnicate=1".into() });
+        assert!(e.to_string().contains("\"frobnicate=1\" is unknown"), "{e}");
+    }
+
+    #[test]
+    fn argument_without_equals_is_malformed() {
+        let e = load(&["checkpoint_dir"]).unwrap_err();
+        assert_eq!(e, ConfigError::Malformed { arg: "checkpoint_dir".into() });
+        assert!(e.to_string().starts_with("plugstack.conf argument \"checkpoint_dir\" is malformed"));
+    }
+
+    #[test]
+    fn relative_empty_and_dotdot_paths_are_refused() {
+        for (arg, why) in [
+            ("checkpoint_dir=ckpt", "absolute"),
+            ("helper=", "empty"),
+            ("criu=/usr/../tmp/criu", ".."),
+        ] {
+            let e = load(&[arg]).unwrap_err();
+            assert!(matches!(e, ConfigError::BadPath { .. }), "{arg}: {e:?}");
+            assert!(e.to_string().contains(why), "{arg}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_argument_is_refused() {
+        let e = load(&["criu=/a", "criu=/b"]).unwrap_err();
+        assert_eq!(e, ConfigError::Duplicate { key: "criu".into() });
+    }
+
+    #[test]
+    fn key_matching_is_exact() {
+        // Prefixes, case variants and stray spaces are typos, not aliases.
+        for arg in ["Helper=/x", "helper =/x", "checkpoint=/x", "criu_path=/x"] {
+            assert!(matches!(load(&[arg]), Err(ConfigError::UnknownKey { .. })), "{arg}");
+        }
+    }
+
+    #[test]
+    fn toml_file_is_applied_and_arguments_win() {
+        let read = |p: &Path| {
+            assert_eq!(p, Path::new("/etc/site.toml"));
+            Ok(Some("checkpoint_dir = \"/from/toml\"\ncriu = \"/toml/criu\"\n".to_string()))
+        };
+        let s = Settings::load(&["config=/etc/site.toml", "criu=/arg/criu"], read).unwrap();
+        assert_eq!(s.checkpoint_dir, PathBuf::from("/from/toml"));
+        assert_eq!(s.criu, PathBuf::from("/arg/criu"));
+        assert_eq!(s.config_file, Some(PathBuf::from("/etc/site.toml")));
+    }
+
+    #[test]
+    fn default_toml_file_is_optional_but_named_one_is_not() {
+        assert!(load(&[]).is_ok());
+        let e = load(&["config=/etc/missing.toml"]).unwrap_err();
+        assert!(matches!(e, ConfigError::Unreadable { .. }));
+        assert!(e.to_string().contains("/etc/missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn toml_unknown_key_and_bad_value_are_refused_in_one_line() {
+        let read = |_: &Path| Ok(Some("checkpoint_directory = \"/x\"\n".to_string()));
+        let e = Settings::load(&[] as &[&str], read).unwrap_err();
+        assert!(matches!(e, ConfigError::BadToml { .. }), "{e:?}");
+        assert!(e.to_string().contains("checkpoint_directory"), "{e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+
+        let read = |_: &Path| Ok(Some("criu = \"criu\"\n".to_string()));
+        let e = Settings::load(&[] as &[&str], read).unwrap_err();
+        assert!(matches!(e, ConfigError::BadPath { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn unreadable_file_is_an_error_not_a_default() {
+        let read = |_: &Path| Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        let e = Settings::load(&[] as &[&str], read).unwrap_err();
+        assert!(matches!(e, ConfigError::Unreadable { .. }), "{e:?}");
+    }
+}

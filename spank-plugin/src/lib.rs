@@ -1,0 +1,108 @@
+//! SPANK plugin `checkpoint-container`.
+//!
+//! This file only dispatches Slurm's callbacks by context, the way pyxis does,
+//! so that every line says which process and which uid it runs as:
+//! - local (srun) and allocator (sbatch/salloc): `client.rs`, as the user;
+//! - remote (slurmstepd): `stepd.rs`, as root (or the user in task_init).
+//!
+//! All the plugin's `unsafe` lives in the `slurm-spank` crate's bindings.
+
+mod client;
+mod stepd;
+
+use ckpt_config::{ConfigError, Settings};
+use slurm_spank::{
+    spank_log, Context, LogLevel, Plugin, SpankHandle, SpankOption, SLURM_VERSION_NUMBER,
+    SPANK_PLUGIN,
+};
+use std::error::Error;
+
+SPANK_PLUGIN!(b"checkpoint-container", SLURM_VERSION_NUMBER, CheckpointContainer);
+
+/// The user-facing option: `srun --checkpoint-container …` or
+/// `#SBATCH --checkpoint-container`.
+pub const OPTION: &str = "checkpoint-container";
+
+/// Prefix of every line the plugin prints or logs, so admins can grep for it.
+pub const LOG_PREFIX: &str = "checkpoint-container";
+
+#[derive(Default)]
+struct CheckpointContainer {
+    /// Site settings, or why they could not be read. Kept as a result so a bad
+    /// configuration only fails jobs that ask for checkpointing.
+    settings: Option<Result<Settings, ConfigError>>,
+    /// Whether the user asked for checkpointing for this job or step.
+    requested: bool,
+    stepd: stepd::StepState,
+}
+
+pub(crate) fn log_error(msg: &str) {
+    spank_log(LogLevel::Error, &format!("{LOG_PREFIX}: {msg}"));
+}
+
+/// The one line a user sees when checkpointing was asked for but the site
+/// configuration is broken.
+pub(crate) fn refusal(e: &ConfigError) -> String {
+    format!("--{OPTION} cannot be honoured, the site configuration is invalid: {e}")
+}
+
+pub(crate) fn log_info(msg: &str) {
+    spank_log(LogLevel::Info, &format!("{LOG_PREFIX}: {msg}"));
+}
+
+unsafe impl Plugin for CheckpointContainer {
+    /// The default installs a `tracing` subscriber; this plugin logs through
+    /// Slurm's own log functions only.
+    fn setup(&mut self, _spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
+        Ok(())
+    }
+
+    fn report_error(&self, _spank: &mut SpankHandle, error: &dyn Error) {
+        log_error(&error.to_string());
+    }
+
+    fn init(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
+        let context = spank.context()?;
+        if !matches!(context, Context::Local | Context::Remote | Context::Allocator) {
+            return Ok(());
+        }
+        // Registered from init (not a static table) so that sbatch and salloc
+        // accept the option too.
+        spank.register_option(SpankOption::new(OPTION).usage(
+            "Checkpoint this job's Apptainer containers with CRIU when it is preempted \
+             or requeued, and restore them when it runs again",
+        ))?;
+        let args: Vec<String> = spank.plugin_argv()?.iter().map(|s| s.to_string()).collect();
+        let settings = Settings::load(&args, ckpt_config::read_optional_file);
+        if let (Err(e), Context::Remote) = (&settings, context) {
+            // The slurmd log gets every configuration error, whether or not
+            // this job asked for checkpointing: the admin must see it.
+            log_error(&e.to_string());
+        }
+        self.settings = Some(settings);
+        Ok(())
+    }
+
+    fn init_post_opt(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
+        self.requested = spank.is_option_set(OPTION);
+        if !self.requested {
+            return Ok(());
+        }
+        let settings = self.settings.as_ref().expect("init ran before init_post_opt");
+        match spank.context()? {
+            Context::Local | Context::Allocator => client::init_post_opt(settings),
+            Context::Remote => {
+                self.stepd.init_post_opt(spank, settings);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn task_init(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
+        if !self.requested {
+            return Ok(());
+        }
+        self.stepd.task_init(spank)
+    }
+}

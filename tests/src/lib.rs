@@ -1,0 +1,1 @@
+//! Harness for tests that drive the dev cluster.
