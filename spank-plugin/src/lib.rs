@@ -58,7 +58,10 @@ unsafe impl Plugin for CheckpointContainer {
     }
 
     fn report_error(&self, _spank: &mut SpankHandle, error: &dyn Error) {
-        log_error(&error.to_string());
+        // Slurm hands us a non-'static error, so it cannot be downcast.
+        if error.to_string() != stepd::AlreadyReported.to_string() {
+            log_error(&error.to_string());
+        }
     }
 
     fn init(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {

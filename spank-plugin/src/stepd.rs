@@ -17,6 +17,19 @@ use std::process::Command;
 /// Environment variable set in every task of a step that has checkpointing on.
 pub const TASK_ENV: &str = "SLURM_CHECKPOINT_CONTAINER";
 
+/// An error the plugin has already shown the user and logged; Slurm only
+/// needs to learn that the callback failed.
+#[derive(Debug)]
+pub struct AlreadyReported;
+
+impl std::fmt::Display for AlreadyReported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("error already reported")
+    }
+}
+
+impl Error for AlreadyReported {}
+
 #[derive(Default)]
 pub struct StepState {
     /// Why checkpointing cannot work for this step, if it cannot.
@@ -49,7 +62,7 @@ impl StepState {
             // The task's stderr is the job's stderr: the user sees this line,
             // and the task fails instead of running unprotected.
             eprintln!("{LOG_PREFIX}: error: {why}");
-            return Err(why.clone().into());
+            return Err(Box::new(AlreadyReported));
         }
         spank.setenv(TASK_ENV, "1", true)?;
         if spank.task_global_id()? == 0 {
