@@ -19,7 +19,7 @@ fn hosts_are_separate_machines_on_a_private_network() {
         // … and sees only its own network devices.
         let links = c.exec(node, "root", &["ip", "-o", "link"]).ok().stdout;
         let names: Vec<_> = links.lines().filter_map(|l| l.split(':').nth(1)).map(|s| s.trim()).collect();
-        assert_eq!(names, ["lo", "eth0@if".to_string() + &names[1][7..]], "{node}: {links}");
+        assert!(names.len() == 2 && names[0] == "lo" && names[1].starts_with("eth0@"), "{node}: {links}");
     }
     c.exec("node1", "root", &["ping", "-c1", "-W2", "node2"]).ok();
     c.exec("node2", "root", &["ping", "-c1", "-W2", "ctl"]).ok();

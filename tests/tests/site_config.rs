@@ -37,7 +37,7 @@ fn malformed_and_relative_arguments_are_named() {
     let c = cluster();
     for (arg, expected) in [
         ("checkpoint_dir", "argument \"checkpoint_dir\" is malformed"),
-        ("checkpoint_dir=ckpt", "checkpoint_dir=\"ckpt\" is invalid: it must be an absolute path"),
+        ("criu=criu", "criu=\"criu\" is invalid: it must be an absolute path"),
         ("config=/etc/slurm/missing.toml", "config file /etc/slurm/missing.toml cannot be read"),
     ] {
         let _guard = PlugstackOverride::new(c, |line| format!("{line} {arg}"));
