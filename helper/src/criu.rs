@@ -94,6 +94,137 @@ pub fn check(criu: &Path) -> Result<Version, CriuError> {
     Ok(found)
 }
 
+/// Capabilities CRIU keeps when it runs as the job user (`--unprivileged`):
+/// enough to seize and dump that user's processes, restore their pids and
+/// memory layout, and nothing more.
+pub const DUMP_CAPS: &[caps::Capability] = &[caps::Capability::CAP_CHECKPOINT_RESTORE, caps::Capability::CAP_SYS_PTRACE];
+/// Restore also reads the sealed, root-owned images.
+pub const RESTORE_CAPS: &[caps::Capability] = &[
+    caps::Capability::CAP_CHECKPOINT_RESTORE,
+    caps::Capability::CAP_SYS_PTRACE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+];
+
+/// fd numbers at which CRIU receives the directories it works in; it is told
+/// `-D /proc/self/fd/IMAGES_FD`, which resolves in any mount namespace.
+pub const IMAGES_FD: i32 = 100;
+pub const WORK_FD: i32 = 101;
+
+/// One CRIU run inside a container's mount namespace, as the container's
+/// user.
+///
+/// Why inside: CRIU then sees the container's mounts as its own and neither
+/// dumps nor rebuilds them (Apptainer's session mounts are what stopped every
+/// attempt to dump the mount namespace, see docs/checkpoint-engine.md). Why
+/// as the user: prlimit, /proc and file reopening then work with the user's
+/// rights, and the restored files are opened with them.
+pub struct Invocation<'a> {
+    pub criu: &'a Path,
+    /// A process whose mount namespace CRIU joins.
+    pub mnt_ns_of: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub caps: &'a [caps::Capability],
+    pub images_dir: &'a std::fs::File,
+    pub work_dir: Option<&'a std::fs::File>,
+    pub args: Vec<String>,
+}
+
+/// The program interpreter (dynamic loader) named in an ELF executable.
+fn elf_interpreter(elf: &[u8]) -> Option<String> {
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
+    let (phoff, phentsize, phnum) = (u64_at(0x20)?, u16_at(0x36), u16_at(0x38));
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        if u32::from_le_bytes(elf.get(ph..ph + 4)?.try_into().ok()?) == 3 {
+            let (off, size) = (u64_at(ph + 8)?, u64_at(ph + 32)?);
+            let raw = elf.get(off..off + size)?;
+            return Some(String::from_utf8_lossy(raw).trim_end_matches('\0').to_string());
+        }
+    }
+    None
+}
+
+impl Invocation<'_> {
+    /// The command, ready to spawn. CRIU's binary and libraries are the
+    /// node's, reached through /proc/<this helper>/root once inside the
+    /// container, with the node's dynamic loader.
+    pub fn command(&self) -> Result<std::process::Command, CriuError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let not_runnable = |why: String| CriuError::NotRunnable { path: self.criu.to_path_buf(), why };
+        let elf = std::fs::read(self.criu).map_err(|e| not_runnable(e.to_string()))?;
+        let host_root = format!("/proc/{}/root", std::process::id());
+        let criu_path = format!("{host_root}{}", self.criu.display());
+        let mut cmd = match elf_interpreter(&elf) {
+            Some(interp) => {
+                let mut c = std::process::Command::new(format!("{host_root}{interp}"));
+                let libs = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+                    .map(|d| format!("{host_root}{d}"))
+                    .join(":");
+                c.arg("--library-path").arg(libs).arg(&criu_path);
+                c
+            }
+            None => std::process::Command::new(&criu_path),
+        };
+        cmd.args(&self.args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        let mnt = std::fs::File::open(format!("/proc/{}/ns/mnt", self.mnt_ns_of))
+            .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;
+        let (uid, gid) = (self.uid, self.gid);
+        let caps: caps::CapsHashSet = self.caps.iter().copied().collect();
+        let images_fd = self.images_dir.as_raw_fd();
+        let work_fd = self.work_dir.map(|f| f.as_raw_fd());
+        // SAFETY: runs in the forked child before exec; the helper is
+        // single-threaded when it spawns CRIU.
+        unsafe {
+            cmd.pre_exec(move || {
+                use std::io::Error;
+                let check = |rc: libc::c_int| if rc == -1 { Err(Error::last_os_error()) } else { Ok(()) };
+                check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS))?;
+                check(libc::dup2(images_fd, IMAGES_FD))?;
+                if let Some(fd) = work_fd {
+                    check(libc::dup2(fd, WORK_FD))?;
+                }
+                check(libc::setgroups(1, &gid))?;
+                check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
+                check(libc::setresgid(gid, gid, gid))?;
+                check(libc::setresuid(uid, uid, uid))?;
+                let to_io = |e: caps::errors::CapsError| Error::other(e.to_string());
+                caps::set(None, caps::CapSet::Effective, &caps).map_err(to_io)?;
+                caps::set(None, caps::CapSet::Permitted, &caps).map_err(to_io)?;
+                caps::set(None, caps::CapSet::Inheritable, &caps).map_err(to_io)?;
+                for cap in &caps {
+                    caps::raise(None, caps::CapSet::Ambient, *cap).map_err(to_io)?;
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+}
+
+/// The most telling line of a CRIU log: the first error that is neither a
+/// summary ("Dumping FAILED.") nor a known harmless one, without timestamp
+/// and source location.
+pub fn first_error(log: &str) -> Option<String> {
+    const NOISE: &[&str] = &["FAILED.", "killed by signal", "RLIMIT_NOFILE for self"];
+    let errors = log.lines().filter(|l| l.contains("Error ("));
+    let strip = |l: &str| l.split_once("): ").map(|(_, m)| m).unwrap_or(l).trim().to_string();
+    let mut fallback = None;
+    for line in errors {
+        if NOISE.iter().any(|n| line.contains(n)) {
+            fallback.get_or_insert_with(|| strip(line));
+        } else {
+            return Some(strip(line));
+        }
+    }
+    fallback
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +239,21 @@ mod tests {
             parse_version("Version: 4.1\nGitID: v4.1-12-gdeadbee\n"),
             Some(Version { major: 4, minor: 1, patch: 0 })
         );
+    }
+
+    #[test]
+    fn finds_the_dynamic_loader_of_an_executable() {
+        let elf = std::fs::read("/bin/sh").unwrap();
+        assert!(elf_interpreter(&elf).unwrap().contains("ld-linux"));
+        assert_eq!(elf_interpreter(b"#!/bin/sh"), None);
+    }
+
+    #[test]
+    fn first_error_is_the_cause_without_location() {
+        let log = "(00.0) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n(00.1) Warn  (criu/a.c:1): meh\n(00.2) Error (criu/files-reg.c:2353): Can't open file x on restore: Permission denied\n(00.3) Error (criu/cr-restore.c:2331): Restoring FAILED.\n";
+        assert_eq!(first_error(log).unwrap(), "Can't open file x on restore: Permission denied");
+        assert_eq!(first_error("(1) Error (criu/cr-dump.c:1975): Dumping FAILED.").unwrap(), "Dumping FAILED.");
+        assert_eq!(first_error("all fine"), None);
     }
 
     #[test]

@@ -1,0 +1,163 @@
+//! Apptainer command lines: where the image is, and how to start the same
+//! container with another payload (the restore placeholder).
+//!
+//! Apptainer has no "re-create this container" command, so the engine keeps
+//! the command line that started the container and, at restore time, runs it
+//! again with the user's program replaced by a placeholder: same image, same
+//! binds, same options, hence the same mount namespace for CRIU to restore
+//! into.
+
+use std::fmt;
+
+/// `apptainer exec|run` flags that take a value (Apptainer 1.3/1.4: every
+/// flag whose `--help` type is string, stringArray, stringToString or int).
+const VALUE_FLAGS: &[&str] = &[
+    "add-caps", "app", "apply-cgroups", "authfile", "bind", "blkio-weight",
+    "blkio-weight-device", "cpu-shares", "cpus", "cpuset-cpus", "cpuset-mems", "cwd", "dns",
+    "docker-host", "drop-caps", "env", "env-file", "fusemount", "home", "hostname", "memory",
+    "memory-reservation", "memory-swap", "mount", "netns-path", "network", "network-args",
+    "no-mount", "overlay", "pem-path", "pids-limit", "pwd", "scratch", "security", "workdir",
+];
+const VALUE_SHORT: &[char] = &['B', 'H', 'o', 'S', 'W'];
+/// Global flags (before the subcommand) that take a value.
+const GLOBAL_VALUE_FLAGS: &[&str] = &["config"];
+const GLOBAL_VALUE_SHORT: &[char] = &['c'];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerCommand {
+    argv: Vec<String>,
+    subcommand: usize,
+    image: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not an Apptainer container command: {}", self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Index of the first operand at or after `start`, skipping flags and their
+/// values. `--` ends the flags.
+fn first_operand(argv: &[String], start: usize, long: &[&str], short: &[char]) -> Option<usize> {
+    let mut i = start;
+    while i < argv.len() {
+        let arg = &argv[i];
+        if arg == "--" {
+            return (i + 1 < argv.len()).then_some(i + 1);
+        }
+        if let Some(name) = arg.strip_prefix("--") {
+            if !name.contains('=') && long.contains(&name) {
+                i += 1;
+            }
+        } else if let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) {
+            // Combined short flags: a value flag takes the rest of the token,
+            // or the next token when it is last.
+            if let Some(pos) = flags.find(|c| short.contains(&c)) {
+                if pos + 1 == flags.len() {
+                    i += 1;
+                }
+            }
+        } else {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+impl ContainerCommand {
+    pub fn parse(argv: Vec<String>) -> Result<Self, ParseError> {
+        let program = argv.first().ok_or_else(|| ParseError("empty command".into()))?;
+        let base = program.rsplit('/').next().unwrap_or(program);
+        if base != "apptainer" && base != "singularity" {
+            return Err(ParseError(format!("{program:?} is not apptainer or singularity")));
+        }
+        let subcommand = first_operand(&argv, 1, GLOBAL_VALUE_FLAGS, GLOBAL_VALUE_SHORT)
+            .ok_or_else(|| ParseError("no subcommand".into()))?;
+        if !matches!(argv[subcommand].as_str(), "exec" | "run") {
+            return Err(ParseError(format!(
+                "subcommand {:?} (only exec and run can be checkpointed)",
+                argv[subcommand]
+            )));
+        }
+        let image = first_operand(&argv, subcommand + 1, VALUE_FLAGS, VALUE_SHORT)
+            .ok_or_else(|| ParseError("no image".into()))?;
+        Ok(ContainerCommand { argv, subcommand, image })
+    }
+
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    pub fn image(&self) -> &str {
+        &self.argv[self.image]
+    }
+
+    /// Whether the command already names the identity to run as
+    /// (`--security uid:N,gid:N`, root-started containers).
+    fn has_identity(&self) -> bool {
+        self.argv[self.subcommand + 1..self.image]
+            .windows(2)
+            .any(|w| w[0] == "--security" && w[1].contains("uid:"))
+            || self.argv[self.subcommand + 1..self.image]
+                .iter()
+                .any(|a| a.starts_with("--security=") && a.contains("uid:"))
+    }
+
+    /// The same container, started by root for user `uid`/`gid`, running
+    /// `payload` instead of the user's program.
+    pub fn with_payload(&self, uid: u32, gid: u32, payload: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = self.argv[..self.subcommand].to_vec();
+        out.push("exec".into());
+        if !self.has_identity() {
+            out.push("--security".into());
+            out.push(format!("uid:{uid},gid:{gid}"));
+        }
+        out.extend_from_slice(&self.argv[self.subcommand + 1..=self.image]);
+        out.extend(payload.iter().map(|s| s.to_string()));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ContainerCommand, ParseError> {
+        ContainerCommand::parse(s.split_whitespace().map(String::from).collect())
+    }
+
+    #[test]
+    fn finds_the_image_after_flags_with_values() {
+        let c = parse("apptainer -s exec --bind /a:/b -B /c --cleanenv --env X=1 app.sif ./sim --steps 3").unwrap();
+        assert_eq!(c.image(), "app.sif");
+        let c = parse("/usr/bin/apptainer --config /x.conf run --bind=/a:/b -eB /c /shared/app.sif").unwrap();
+        assert_eq!(c.image(), "/shared/app.sif");
+        let c = parse("singularity exec -- app.sif cmd").unwrap();
+        assert_eq!(c.image(), "app.sif");
+    }
+
+    #[test]
+    fn refuses_other_programs_and_subcommands() {
+        assert!(parse("python3 sim.py").unwrap_err().0.contains("is not apptainer"));
+        assert!(parse("apptainer shell app.sif").unwrap_err().0.contains("only exec and run"));
+        assert!(parse("apptainer exec --bind /a").unwrap_err().0.contains("no image"));
+        assert!(ContainerCommand::parse(vec![]).is_err());
+    }
+
+    #[test]
+    fn placeholder_keeps_options_and_adds_identity() {
+        let c = parse("apptainer -s run --bind /d:/data app.sif --steps 3").unwrap();
+        assert_eq!(
+            c.with_payload(2001, 2001, &["/bin/sh", "-c", "read x"]).join(" "),
+            "apptainer -s exec --security uid:2001,gid:2001 --bind /d:/data app.sif /bin/sh -c read x"
+        );
+        let c = parse("apptainer exec --security uid:5,gid:5 app.sif ./sim").unwrap();
+        assert_eq!(c.with_payload(5, 5, &["sh"]).join(" "), "apptainer exec --security uid:5,gid:5 app.sif sh");
+    }
+}

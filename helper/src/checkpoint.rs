@@ -1,0 +1,122 @@
+//! Dumping a running container's process tree.
+
+use crate::apptainer::ContainerCommand;
+use crate::criu::{self, Invocation, DUMP_CAPS, IMAGES_FD};
+use crate::error::{fail, Context, Result};
+use crate::manifest::{self, JobIds, Manifest, Owner};
+use crate::procfs::{self, Pid};
+use crate::storage::{self, Staging, DUMP_LOG};
+use ckpt_config::Settings;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+pub struct CheckpointRequest {
+    /// Root of the tree to dump: the user's program inside the container.
+    pub pid: Pid,
+    /// Where the committed checkpoint goes (replaced atomically).
+    pub target: PathBuf,
+    /// The command that started the container.
+    pub container: ContainerCommand,
+    pub job: JobIds,
+    /// Refuse unless the process belongs to this uid (the plugin passes the
+    /// job's user).
+    pub expected_uid: Option<u32>,
+    /// Keep the container running after the dump (default: CRIU ends it).
+    pub leave_running: bool,
+}
+
+/// Why Apptainer's default (non-setuid) mode cannot be dumped: documented in
+/// docs/checkpoint-engine.md, shown whenever it is met.
+pub const USERNS_REFUSAL: &str = "runs in an unprivileged user namespace (Apptainer without setuid or root): \
+CRIU cannot dump it because no uid 0 is mapped in that namespace (CRIU issues #562, #2315); \
+start the container root-started for the user, as --checkpoint-container jobs do";
+
+/// The checks that need no CRIU run: who owns the process and whether it is
+/// a container this engine can dump.
+pub fn check_target(pid: Pid, expected_uid: Option<u32>) -> Result<(u32, u32)> {
+    let (uid, gid) = procfs::ids(pid).context(|| format!("process {pid} is not running"))?;
+    if let Some(expected) = expected_uid {
+        if uid != expected {
+            return fail(format!("process {pid} belongs to uid {uid}, not to uid {expected}: refusing to dump it"));
+        }
+    }
+    if uid == 0 {
+        return fail(format!("process {pid} runs as root: only users' containers are checkpointed"));
+    }
+    let me = std::process::id() as Pid;
+    if procfs::ns_inode(pid, "user").context(|| format!("process {pid}"))? != procfs::ns_inode(me, "user").context(|| "own namespaces".into())? {
+        return fail(format!("process {pid} {USERNS_REFUSAL}"));
+    }
+    if procfs::ns_inode(pid, "mnt").context(|| format!("process {pid}"))? == procfs::ns_inode(me, "mnt").context(|| "own namespaces".into())? {
+        return fail(format!("process {pid} is not in a container: it shares this node's mount namespace"));
+    }
+    Ok((uid, gid))
+}
+
+pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manifest> {
+    let version = criu::check(&settings.criu)?;
+    let (uid, gid) = check_target(req.pid, req.expected_uid)?;
+    let image = req.container.image();
+    if !image.starts_with('/') {
+        return fail(format!("container image {image} must be given as an absolute path"));
+    }
+    let (image_size, image_blake3) = storage::digest(std::path::Path::new(image))?;
+    let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
+    let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
+    let stdio = (0..3).map(|fd| procfs::fd_target(req.pid, fd).unwrap_or_default()).collect();
+
+    let staging = Staging::create(&req.target, uid, gid)?;
+    let images_dir = std::fs::File::open(&staging.path).context(|| format!("cannot open {}", staging.path.display()))?;
+    let mut args: Vec<String> = ["dump", "--unprivileged", "--shell-job", "-v4", "-o", DUMP_LOG]
+        .map(String::from)
+        .into();
+    args.extend(["-t".into(), req.pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
+    if req.leave_running {
+        args.push("--leave-running".into());
+    }
+    let invocation = Invocation {
+        criu: &settings.criu,
+        mnt_ns_of: req.pid,
+        uid,
+        gid,
+        caps: DUMP_CAPS,
+        images_dir: &images_dir,
+        work_dir: None,
+        args,
+    };
+    let started = Instant::now();
+    let out = invocation.command()?.stdin(std::process::Stdio::null()).output().context(|| "cannot run CRIU".into())?;
+    let dump_seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        let log = std::fs::read_to_string(staging.path.join(DUMP_LOG)).unwrap_or_default();
+        let why = criu::first_error(&log)
+            .or_else(|| String::from_utf8_lossy(&out.stderr).lines().last().map(str::to_string))
+            .unwrap_or_else(|| format!("exit status {}", out.status));
+        return fail(format!(
+            "CRIU could not dump process {}: {why} (the container keeps running; an earlier checkpoint at {} is untouched)",
+            req.pid,
+            req.target.display()
+        ));
+    }
+    let files = staging.seal()?;
+    let manifest = Manifest {
+        format: manifest::FORMAT,
+        job: req.job.clone(),
+        owner: Owner { uid, gid },
+        node: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs(),
+        criu_version: version.to_string(),
+        container: manifest::Container {
+            argv: req.container.argv().to_vec(),
+            image: image.to_string(),
+            image_size,
+            image_blake3,
+        },
+        process: manifest::Process { root_pid: req.pid, comm, pids, stdio },
+        stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
+        files,
+    };
+    staging.write_manifest(&manifest)?;
+    staging.commit()?;
+    Ok(manifest)
+}

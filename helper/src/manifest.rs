@@ -1,0 +1,131 @@
+//! The self-describing record written next to CRIU's images.
+
+use crate::error::{fail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const FILE_NAME: &str = "manifest.toml";
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub job: JobIds,
+    pub owner: Owner,
+    pub node: String,
+    pub created_unix: u64,
+    pub criu_version: String,
+    pub container: Container,
+    pub process: Process,
+    pub stats: Stats,
+    pub files: Vec<ImageFile>,
+}
+
+/// Which Slurm job, step and task the checkpoint belongs to (absent when an
+/// admin checkpoints a container by hand).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobIds {
+    pub job_id: Option<u32>,
+    pub step_id: Option<u32>,
+    pub task_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    /// The command that started the container; restore re-runs it with a
+    /// placeholder payload.
+    pub argv: Vec<String>,
+    pub image: String,
+    pub image_size: u64,
+    pub image_blake3: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    pub root_pid: i32,
+    pub comm: String,
+    /// Every pid of the dumped tree: restore needs them free.
+    pub pids: Vec<i32>,
+    /// What fds 0, 1 and 2 of the root process pointed to.
+    pub stdio: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    pub dump_seconds: f64,
+    pub images_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFile {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+impl Manifest {
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("manifest serializes")
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Manifest> {
+        let m: Manifest = toml::from_str(text).context(|| format!("{} is not a valid manifest", path.display()))?;
+        if m.format != FORMAT {
+            return fail(format!("{}: manifest format {} is not supported (this helper reads {FORMAT})", path.display(), m.format));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: FORMAT,
+            job: JobIds { job_id: Some(7), step_id: Some(0), task_id: Some(1) },
+            owner: Owner { uid: 2001, gid: 2001 },
+            node: "node1".into(),
+            created_unix: 1,
+            criu_version: "4.2.1".into(),
+            container: Container {
+                argv: vec!["apptainer".into(), "exec".into(), "/x.sif".into(), "sim".into()],
+                image: "/x.sif".into(),
+                image_size: 3,
+                image_blake3: "ab".into(),
+            },
+            process: Process { root_pid: 42, comm: "sim".into(), pids: vec![42, 43], stdio: vec!["/dev/null".into()] },
+            stats: Stats { dump_seconds: 0.5, images_bytes: 10 },
+            files: vec![ImageFile { name: "core-42.img".into(), size: 10, blake3: "cd".into() }],
+        }
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let m = sample();
+        assert_eq!(Manifest::parse(Path::new("m"), &m.to_toml()).unwrap(), m);
+    }
+
+    #[test]
+    fn refuses_unknown_fields_and_formats() {
+        let text = sample().to_toml().replace("format = 1", "format = 9");
+        assert!(Manifest::parse(Path::new("m"), &text).unwrap_err().0.contains("format 9"));
+        let text = format!("extra = 1\n{}", sample().to_toml());
+        assert!(Manifest::parse(Path::new("m"), &text).is_err());
+        assert!(Manifest::parse(Path::new("m"), "garbage").unwrap_err().0.starts_with("m is not a valid manifest"));
+    }
+}

@@ -1,0 +1,70 @@
+//! What the engine reads about processes from /proc.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+pub type Pid = i32;
+
+pub fn proc_path(pid: Pid, rest: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/{rest}"))
+}
+
+/// Real uid and gid of a process (from /proc/PID/status).
+pub fn ids(pid: Pid) -> io::Result<(u32, u32)> {
+    let status = fs::read_to_string(proc_path(pid, "status"))?;
+    let field = |name: &str| -> io::Result<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no {name} in /proc/{pid}/status")))
+    };
+    Ok((field("Uid:")?, field("Gid:")?))
+}
+
+/// Identity of one of a process's namespaces ("mnt", "user", "pid", …).
+pub fn ns_inode(pid: Pid, ns: &str) -> io::Result<u64> {
+    Ok(fs::metadata(proc_path(pid, &format!("ns/{ns}")))?.ino())
+}
+
+pub fn comm(pid: Pid) -> io::Result<String> {
+    Ok(fs::read_to_string(proc_path(pid, "comm"))?.trim_end().to_string())
+}
+
+/// Direct children of every thread of a process.
+pub fn children(pid: Pid) -> io::Result<Vec<Pid>> {
+    let mut out = Vec::new();
+    for task in fs::read_dir(proc_path(pid, "task"))? {
+        let task = task?.file_name();
+        let path = proc_path(pid, &format!("task/{}/children", task.to_string_lossy()));
+        if let Ok(text) = fs::read_to_string(path) {
+            out.extend(text.split_whitespace().filter_map(|p| p.parse::<Pid>().ok()));
+        }
+    }
+    Ok(out)
+}
+
+/// A process and all its descendants, parents before children.
+pub fn tree(root: Pid) -> io::Result<Vec<Pid>> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(kids) = children(out[i]) {
+            out.extend(kids);
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// Where a process's file descriptor points ("/path", "pipe:[123]", …).
+pub fn fd_target(pid: Pid, fd: i32) -> io::Result<String> {
+    Ok(fs::read_link(proc_path(pid, &format!("fd/{fd}")))?.to_string_lossy().into_owned())
+}
+
+pub fn exists(pid: Pid) -> bool {
+    proc_path(pid, "stat").exists()
+}

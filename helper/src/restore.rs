@@ -1,0 +1,279 @@
+//! Bringing a checkpoint back: a fresh container from the same command line,
+//! then CRIU restores the process tree into its mount namespace.
+
+use crate::apptainer::ContainerCommand;
+use crate::criu::{self, Invocation, IMAGES_FD, RESTORE_CAPS, WORK_FD};
+use crate::error::{fail, Context, EngineError, Result};
+use crate::manifest::Manifest;
+use crate::procfs::{self, Pid};
+use crate::storage;
+use ckpt_config::Settings;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RestoreRequest {
+    pub images: PathBuf,
+    /// Refuse images whose manifest names another user or job.
+    pub expected_uid: Option<u32>,
+    pub expected_job: Option<u32>,
+}
+
+/// What the placeholder container runs until the restored tree replaces it:
+/// `read` is a shell builtin and Apptainer needs /bin/sh in every image, so
+/// it works in any image; it ends when the helper closes its stdin.
+const PLACEHOLDER: &[&str] = &["/bin/sh", "-c", "read _checkpoint_container_placeholder"];
+const PLACEHOLDER_TIMEOUT: Duration = Duration::from_secs(60);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Checks everything that can be checked before anything is started.
+pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
+    criu::check(&settings.criu)?;
+    let m = storage::open_checkpoint(&req.images, true)?;
+    if let Some(uid) = req.expected_uid {
+        if m.owner.uid != uid {
+            return fail(format!(
+                "checkpoint {} belongs to uid {}, not to uid {uid}: refusing to restore it",
+                req.images.display(),
+                m.owner.uid
+            ));
+        }
+    }
+    if let Some(job) = req.expected_job {
+        if m.job.job_id != Some(job) {
+            return fail(format!(
+                "checkpoint {} belongs to job {}, not to job {job}: refusing to restore it",
+                req.images.display(),
+                m.job.job_id.map_or("none".into(), |j| j.to_string())
+            ));
+        }
+    }
+    let image = Path::new(&m.container.image);
+    if !image.exists() {
+        return fail(format!("container image {} of the checkpoint is missing on this node", image.display()));
+    }
+    let (_, digest) = storage::digest(image)?;
+    if digest != m.container.image_blake3 {
+        return fail(format!(
+            "container image {} changed since the checkpoint (digest differs): refusing to restore",
+            image.display()
+        ));
+    }
+    for &pid in &m.process.pids {
+        if procfs::exists(pid) {
+            let comm = procfs::comm(pid).unwrap_or_default();
+            return fail(format!("pid {pid} needed by the checkpoint is in use on this node (by {comm})"));
+        }
+    }
+    Ok(m)
+}
+
+/// A pipe whose inode belongs to `uid`: CRIU, running as that user, must
+/// reopen the restored stdio through /proc/self/fd, which a root-owned pipe
+/// refuses (runc#1333).
+fn user_pipe(uid: u32) -> Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: plain syscalls; setfsuid only changes this thread's fs identity.
+    let rc = unsafe {
+        libc::setfsuid(uid);
+        let rc = libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC);
+        libc::setfsuid(0);
+        rc
+    };
+    if rc != 0 {
+        return fail(format!("cannot create a pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 returned two fresh descriptors we now own.
+    unsafe { Ok((File::from(OwnedFd::from_raw_fd(fds[0])), File::from(OwnedFd::from_raw_fd(fds[1])))) }
+}
+
+/// Copies the restored program's output to ours until it closes it.
+fn relay(mut from: File, to: impl std::io::Write + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut to = to;
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).and_then(|_| to.flush()).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+struct Placeholder {
+    child: Child,
+    /// The container's payload: the process whose mount namespace CRIU joins.
+    payload: Pid,
+}
+
+impl Placeholder {
+    fn start(m: &Manifest) -> Result<Placeholder> {
+        let container = ContainerCommand::parse(m.container.argv.clone())?;
+        let argv = container.with_payload(m.owner.uid, m.owner.gid, PLACEHOLDER);
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .spawn()
+            .context(|| format!("cannot start {}", argv[0]))?;
+        let me = std::process::id() as Pid;
+        let own_mnt = procfs::ns_inode(me, "mnt").context(|| "own namespaces".into())?;
+        let deadline = Instant::now() + PLACEHOLDER_TIMEOUT;
+        loop {
+            let found = procfs::tree(child.id() as Pid).unwrap_or_default().into_iter().find(|&p| {
+                procfs::comm(p).map(|c| c == "sh").unwrap_or(false)
+                    && procfs::ns_inode(p, "mnt").map(|n| n != own_mnt).unwrap_or(false)
+            });
+            if let Some(payload) = found {
+                return Ok(Placeholder { child, payload });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                let last = err.lines().filter(|l| !l.starts_with("INFO")).last().unwrap_or("").to_string();
+                return fail(format!("cannot re-create the container ({status}): {last}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return fail(format!("the container did not start within {PLACEHOLDER_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lets the placeholder end (its stdin closes) and reaps Apptainer.
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.payload), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// A private directory for CRIU's restore log, owned by the user.
+fn work_dir(uid: u32, gid: u32) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let dir = std::env::temp_dir().join(format!("checkpoint-container-restore-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).context(|| format!("cannot chown {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `--inherit-fd` for a stdio fd whose target was a pipe or a file: the
+/// restored program gets ours instead.
+fn inherit_key(target: &str) -> Option<String> {
+    if target.starts_with("pipe:[") {
+        Some(target.to_string())
+    } else if let Some(path) = target.strip_prefix('/') {
+        (!target.starts_with("/dev/")).then(|| path.to_string())
+    } else {
+        None
+    }
+}
+
+/// How the restored program ended, once it has.
+pub struct Restored {
+    pub exit_code: i32,
+    pub restore_seconds: f64,
+}
+
+/// Restores and waits for the restored program to end. `on_restored` is
+/// called once the tree runs again (with the seconds the restore took).
+pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOnce(&Manifest, f64)) -> Result<Restored> {
+    let mut on_restored = Some(on_restored);
+    let m = verify(settings, req)?;
+    let started = Instant::now();
+    let images_dir = File::open(&req.images).context(|| format!("cannot open {}", req.images.display()))?;
+    let work = work_dir(m.owner.uid, m.owner.gid)?;
+    let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
+    let placeholder = Placeholder::start(&m)?;
+
+    let (out_r, out_w) = user_pipe(m.owner.uid)?;
+    let shared_stdio = m.process.stdio.get(1) == m.process.stdio.get(2);
+    let (err_r, err_w) = if shared_stdio { (None, out_w.try_clone().context(|| "dup".into())?) } else {
+        let (r, w) = user_pipe(m.owner.uid)?;
+        (Some(r), w)
+    };
+    let mut args: Vec<String> = ["restore", "--unprivileged", "--shell-job", "-v4", "-o", "restore.log", "--pidfile", "restore.pid"]
+        .map(String::from)
+        .into();
+    args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}"), "-W".into(), format!("/proc/self/fd/{WORK_FD}")]);
+    for fd in [1, 2] {
+        if let Some(key) = m.process.stdio.get(fd).and_then(|t| inherit_key(t)) {
+            if fd == 2 && shared_stdio {
+                continue;
+            }
+            args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
+        }
+    }
+    let invocation = Invocation {
+        criu: &settings.criu,
+        mnt_ns_of: placeholder.payload,
+        uid: m.owner.uid,
+        gid: m.owner.gid,
+        caps: RESTORE_CAPS,
+        images_dir: &images_dir,
+        work_dir: Some(&work_file),
+        args,
+    };
+    let spawned = invocation.command().map_err(EngineError::from).and_then(|mut c| {
+        c.stdin(Stdio::null()).stdout(out_w).stderr(err_w).spawn().context(|| "cannot run CRIU".into())
+    });
+    let mut criu_child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            placeholder.kill();
+            return Err(e);
+        }
+    };
+    let relays = [Some(relay(out_r, std::io::stdout())), err_r.map(|r| relay(r, std::io::stderr()))];
+
+    // The pid file appears once the tree is restored and running.
+    let pidfile = work.join("restore.pid");
+    let mut announced = false;
+    let status = loop {
+        if let Some(status) = criu_child.try_wait().context(|| "waiting for CRIU".into())? {
+            break status;
+        }
+        if !announced && pidfile.exists() {
+            announced = true;
+            if let Some(f) = on_restored.take() {
+                f(&m, started.elapsed().as_secs_f64());
+            }
+        }
+        if !announced && started.elapsed() > RESTORE_TIMEOUT {
+            let _ = criu_child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(if announced { 200 } else { 5 }));
+    };
+    let restore_seconds = started.elapsed().as_secs_f64();
+    for r in relays.into_iter().flatten() {
+        let _ = r.join();
+    }
+    if !announced && !status.success() {
+        placeholder.kill();
+        let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
+        let why = criu::first_error(&log).unwrap_or_else(|| format!("CRIU exited with {status}"));
+        return fail(format!(
+            "CRIU could not restore {}: {why} (nothing was left running; log in {})",
+            req.images.display(),
+            work.display()
+        ));
+    }
+    placeholder.finish();
+    let _ = std::fs::remove_dir_all(&work);
+    use std::os::unix::process::ExitStatusExt;
+    let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(Restored { exit_code, restore_seconds })
+}
