@@ -53,6 +53,32 @@ pub fn check_target(pid: Pid, expected_uid: Option<u32>) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
+/// Files the tree has open on mounts outside the container, keyed the way
+/// CRIU names external files (`file[MNT_ID:INODE]`, hex). Slurm opens a batch
+/// job's output file before the container exists, so its stdout is one.
+/// Only stdio may be such a file: restore hands the restored program new
+/// stdio, and anything else could not be reopened.
+fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
+    let visible = procfs::mount_ids(root).context(|| format!("cannot read the mounts of process {root}"))?;
+    let mut out = Vec::new();
+    for &pid in pids {
+        for fd in procfs::fds(pid).context(|| format!("cannot list the files of process {pid}"))? {
+            let Ok(Some((mnt_id, ino))) = procfs::regular_file_fd(pid, fd) else { continue };
+            if visible.contains(&mnt_id) {
+                continue;
+            }
+            let target = procfs::fd_target(pid, fd).unwrap_or_default();
+            if fd > 2 {
+                return fail(format!(
+                    "process {pid} has {target} open (fd {fd}) from outside its container: only stdin, stdout and stderr may come from outside"
+                ));
+            }
+            out.push((pid, fd, format!("file[{mnt_id:x}:{ino:x}]")));
+        }
+    }
+    Ok(out)
+}
+
 pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manifest> {
     let version = criu::check(&settings.criu)?;
     let (uid, gid) = check_target(req.pid, req.expected_uid)?;
@@ -63,7 +89,13 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     let (image_size, image_blake3) = storage::digest(std::path::Path::new(image))?;
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
-    let stdio = (0..3).map(|fd| procfs::fd_target(req.pid, fd).unwrap_or_default()).collect();
+    let externals = external_files(req.pid, &pids)?;
+    let stdio = (0..3)
+        .map(|fd| match externals.iter().find(|(p, f, _)| *p == req.pid && *f == fd) {
+            Some((_, _, key)) => key.clone(),
+            None => procfs::fd_target(req.pid, fd).unwrap_or_default(),
+        })
+        .collect();
 
     let staging = Staging::create(&req.target, uid, gid)?;
     let images_dir = std::fs::File::open(&staging.path).context(|| format!("cannot open {}", staging.path.display()))?;
@@ -71,6 +103,11 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
         .map(String::from)
         .into();
     args.extend(["-t".into(), req.pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
+    let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
+    keys.dedup();
+    for key in keys {
+        args.extend(["--external".into(), key.clone()]);
+    }
     if req.leave_running {
         args.push("--leave-running".into());
     }

@@ -68,3 +68,38 @@ pub fn fd_target(pid: Pid, fd: i32) -> io::Result<String> {
 pub fn exists(pid: Pid) -> bool {
     proc_path(pid, "stat").exists()
 }
+
+/// Ids of the mounts a process sees (first field of /proc/PID/mountinfo).
+pub fn mount_ids(pid: Pid) -> io::Result<Vec<u64>> {
+    Ok(fs::read_to_string(proc_path(pid, "mountinfo"))?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect())
+}
+
+/// Open file descriptors of a process.
+pub fn fds(pid: Pid) -> io::Result<Vec<i32>> {
+    let mut out: Vec<i32> = fs::read_dir(proc_path(pid, "fd"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// For an fd open on a regular file: the id of the mount it was opened on
+/// and its inode.
+pub fn regular_file_fd(pid: Pid, fd: i32) -> io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = fs::metadata(proc_path(pid, &format!("fd/{fd}")))?;
+    let ft = meta.file_type();
+    if !ft.is_file() || ft.is_fifo() {
+        return Ok(None);
+    }
+    let info = fs::read_to_string(proc_path(pid, &format!("fdinfo/{fd}")))?;
+    let mnt_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no mnt_id in /proc/{pid}/fdinfo/{fd}")))?;
+    Ok(Some((mnt_id, meta.ino())))
+}

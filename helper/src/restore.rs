@@ -72,6 +72,23 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
     Ok(m)
 }
 
+/// Moves the node's pid counter past every pid the checkpoint needs, so the
+/// processes the restore itself starts (Apptainer, the placeholder, CRIU)
+/// cannot take one of them (the reference paper's answer to pid clashes).
+fn reserve_pids(pids: &[Pid]) -> Result<()> {
+    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+    let Some(&max) = pids.iter().max() else { return Ok(()) };
+    let current: Pid = std::fs::read_to_string(LAST_PID)
+        .context(|| format!("cannot read {LAST_PID}"))?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    if current < max {
+        std::fs::write(LAST_PID, max.to_string()).context(|| format!("cannot write {LAST_PID}"))?;
+    }
+    Ok(())
+}
+
 /// A pipe whose inode belongs to `uid`: CRIU, running as that user, must
 /// reopen the restored stdio through /proc/self/fd, which a root-owned pipe
 /// refuses (runc#1333).
@@ -92,7 +109,7 @@ fn user_pipe(uid: u32) -> Result<(File, File)> {
 }
 
 /// Copies the restored program's output to ours until it closes it.
-fn relay(mut from: File, to: impl std::io::Write + Send + 'static) -> std::thread::JoinHandle<()> {
+fn relay(mut from: File, to: Box<dyn std::io::Write + Send>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut to = to;
         let mut buf = [0u8; 65536];
@@ -173,13 +190,56 @@ fn work_dir(uid: u32, gid: u32) -> Result<PathBuf> {
 /// `--inherit-fd` for a stdio fd whose target was a pipe or a file: the
 /// restored program gets ours instead.
 fn inherit_key(target: &str) -> Option<String> {
-    if target.starts_with("pipe:[") {
+    if target.starts_with("pipe:[") || target.starts_with("file[") {
         Some(target.to_string())
     } else if let Some(path) = target.strip_prefix('/') {
         (!target.starts_with("/dev/")).then(|| path.to_string())
     } else {
         None
     }
+}
+
+/// The restored program's stdout and stderr, given to CRIU as its own fds 1
+/// and 2 and named with `--inherit-fd`:
+/// - a pipe in the checkpoint gets a pipe of the user's, relayed to ours;
+/// - a file opened outside the container (a batch job's output file) gets
+///   our own fd, which must then be a file too (CRIU restores its offset).
+/// Returns CRIU's fds 1 and 2 and the read ends to relay, by fd.
+fn restored_stdio(m: &Manifest, args: &mut Vec<String>) -> Result<([File; 2], Vec<(i32, File)>)> {
+    use std::os::fd::AsFd;
+    let shared = m.process.stdio.get(1) == m.process.stdio.get(2);
+    let mut given: Vec<File> = Vec::new();
+    let mut relays = Vec::new();
+    for fd in [1, 2] {
+        if fd == 2 && shared {
+            let first = given[0].try_clone().context(|| "cannot duplicate stdout".into())?;
+            given.push(first);
+            continue;
+        }
+        let original = m.process.stdio.get(fd as usize).cloned().unwrap_or_default();
+        let ours: OwnedFd = if fd == 1 { std::io::stdout().as_fd().try_clone_to_owned() } else { std::io::stderr().as_fd().try_clone_to_owned() }
+            .context(|| format!("cannot duplicate fd {fd}"))?;
+        let ours = File::from(ours);
+        let write_end = if original.starts_with("file[") {
+            if !ours.metadata().map(|md| md.is_file()).unwrap_or(false) {
+                return fail(format!(
+                    "fd {fd} of the checkpointed program was a file opened outside its container; restore's fd {fd} must be a file too"
+                ));
+            }
+            ours
+        } else {
+            let (r, w) = user_pipe(m.owner.uid)?;
+            relays.push((fd, r));
+            w
+        };
+        if let Some(key) = inherit_key(&original) {
+            args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
+        }
+        given.push(write_end);
+    }
+    let err = given.pop().unwrap();
+    let out = given.pop().unwrap();
+    Ok(([out, err], relays))
 }
 
 /// How the restored program ended, once it has.
@@ -197,26 +257,20 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let images_dir = File::open(&req.images).context(|| format!("cannot open {}", req.images.display()))?;
     let work = work_dir(m.owner.uid, m.owner.gid)?;
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
+    reserve_pids(&m.process.pids)?;
     let placeholder = Placeholder::start(&m)?;
 
-    let (out_r, out_w) = user_pipe(m.owner.uid)?;
-    let shared_stdio = m.process.stdio.get(1) == m.process.stdio.get(2);
-    let (err_r, err_w) = if shared_stdio { (None, out_w.try_clone().context(|| "dup".into())?) } else {
-        let (r, w) = user_pipe(m.owner.uid)?;
-        (Some(r), w)
-    };
     let mut args: Vec<String> = ["restore", "--unprivileged", "--shell-job", "-v4", "-o", "restore.log", "--pidfile", "restore.pid"]
         .map(String::from)
         .into();
     args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}"), "-W".into(), format!("/proc/self/fd/{WORK_FD}")]);
-    for fd in [1, 2] {
-        if let Some(key) = m.process.stdio.get(fd).and_then(|t| inherit_key(t)) {
-            if fd == 2 && shared_stdio {
-                continue;
-            }
-            args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
+    let (stdio, relay_ends) = match restored_stdio(&m, &mut args) {
+        Ok(x) => x,
+        Err(e) => {
+            placeholder.kill();
+            return Err(e);
         }
-    }
+    };
     let invocation = Invocation {
         criu: &settings.criu,
         mnt_ns_of: placeholder.payload,
@@ -228,7 +282,8 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         args,
     };
     let spawned = invocation.command().map_err(EngineError::from).and_then(|mut c| {
-        c.stdin(Stdio::null()).stdout(out_w).stderr(err_w).spawn().context(|| "cannot run CRIU".into())
+        let [out, err] = stdio;
+        c.stdin(Stdio::null()).stdout(out).stderr(err).spawn().context(|| "cannot run CRIU".into())
     });
     let mut criu_child = match spawned {
         Ok(c) => c,
@@ -237,7 +292,10 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             return Err(e);
         }
     };
-    let relays = [Some(relay(out_r, std::io::stdout())), err_r.map(|r| relay(r, std::io::stderr()))];
+    let relays: Vec<_> = relay_ends
+        .into_iter()
+        .map(|(fd, r)| if fd == 1 { relay(r, Box::new(std::io::stdout())) } else { relay(r, Box::new(std::io::stderr())) })
+        .collect();
 
     // The pid file appears once the tree is restored and running.
     let pidfile = work.join("restore.pid");
@@ -258,7 +316,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         std::thread::sleep(Duration::from_millis(if announced { 200 } else { 5 }));
     };
     let restore_seconds = started.elapsed().as_secs_f64();
-    for r in relays.into_iter().flatten() {
+    for r in relays {
         let _ = r.join();
     }
     if !announced && !status.success() {

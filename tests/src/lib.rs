@@ -178,3 +178,195 @@ pub fn unique() -> String {
 
 /// The test SIF image every node sees.
 pub const TEST_SIF: &str = "/shared/images/test.sif";
+
+/// The helper as installed on every node.
+pub const HELPER: &str = "/opt/checkpoint-container/bin/checkpoint-container";
+const WORKLOAD: &str = "/opt/checkpoint-container/bin/ckpt-workload";
+
+/// How a test starts the workload container.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// Started by root for the user (`--security uid:…`), as setuid
+    /// Apptainer would: the mode the engine checkpoints.
+    RootStarted,
+    /// Started by the user: Apptainer's default user-namespace mode.
+    Unprivileged,
+}
+
+/// Where the container's stdout goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stdout {
+    /// A pipe to a `tee` appending to stdout.txt.
+    Pipe,
+    /// stdout.txt itself, opened for appending.
+    File,
+}
+
+pub struct WorkloadSpec {
+    pub mem_mib: u32,
+    pub steps: u32,
+    pub interval_ms: u32,
+    pub mode: Mode,
+    pub stdout: Stdout,
+    /// Image to run (default: the test SIF).
+    pub image: String,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        WorkloadSpec { mem_mib: 64, steps: 60, interval_ms: 100, mode: Mode::RootStarted, stdout: Stdout::Pipe, image: TEST_SIF.into() }
+    }
+}
+
+/// The workload running in a container, in a fresh directory of /shared
+/// owned by alice (bound into the container at /data).
+pub struct Workload {
+    pub node: String,
+    /// The directory as the nodes see it.
+    pub dir: String,
+    /// The same directory on this machine.
+    pub host_dir: PathBuf,
+    pub pid: i32,
+    pub argv: Vec<String>,
+    pub spec: WorkloadSpec,
+}
+
+/// Shell pipeline printing the pids of the workload whose /data is `dir`,
+/// the root of its tree first.
+fn workload_pids(dir: &str) -> String {
+    format!(
+        "for p in $(pgrep -u alice -f '^{WORKLOAD} '); do [ -e /proc/$p/root/data/.workload ] && \
+         [ /proc/$p/root/data/.workload -ef {dir}/.workload ] && echo $p; done | sort -n"
+    )
+}
+
+impl Cluster {
+    pub fn start_workload(&self, node: &str, spec: WorkloadSpec) -> Workload {
+        let name = format!("wl-{}", unique());
+        let dir = format!("/shared/{name}");
+        self.sh(node, "root", &format!("install -d -o alice -g alice -m 0755 {dir} && runuser -u alice -- touch {dir}/stdout.txt {dir}/.workload")).ok();
+        let mut argv: Vec<String> = ["apptainer", "-s", "exec"].map(String::from).into();
+        if spec.mode == Mode::RootStarted {
+            argv.extend(["--security".into(), "uid:2001,gid:2001".into()]);
+        }
+        argv.extend(["--bind".into(), "/opt/checkpoint-container".into(), "--bind".into(), format!("{dir}:/data")]);
+        argv.push(spec.image.clone());
+        argv.extend([WORKLOAD.into(), "--mem-mib".into(), spec.mem_mib.to_string(), "--steps".into(), spec.steps.to_string()]);
+        argv.extend(["--interval-ms".into(), spec.interval_ms.to_string(), "--out".into(), "/data/out.txt".into()]);
+        let cmd = argv.join(" ");
+        let cmd = match spec.mode {
+            Mode::RootStarted => cmd,
+            Mode::Unprivileged => format!("runuser -u alice -- {cmd}"),
+        };
+        let launch = match spec.stdout {
+            Stdout::Pipe => format!("{cmd} < /dev/null 2>&1 | runuser -u alice -- tee -a {dir}/stdout.txt > /dev/null"),
+            Stdout::File => format!("exec {cmd} < /dev/null >> {dir}/stdout.txt 2>&1"),
+        };
+        // Detached from our pipes, or `exec` would wait for the workload to end.
+        assert!(!launch.contains('\''));
+        self.sh(node, "root", &format!("setsid -f bash -c '{launch}' < /dev/null > /dev/null 2>&1")).ok();
+        // Wait until the program has filled its memory and printed a step.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pid = loop {
+            let out = self.sh(node, "root", &format!("test -s {dir}/out.txt && {}", workload_pids(&dir)));
+            if let Some(pid) = out.stdout.lines().next().and_then(|l| l.trim().parse().ok()) {
+                break pid;
+            }
+            if Instant::now() > deadline {
+                let diag = self.sh(node, "root", &format!("set -x; pgrep -a -u alice -f ckpt-workload; ls -la {dir}; {}", workload_pids(&dir)));
+                panic!("workload did not start on {node}: {out:#?} {diag:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        Workload { node: node.into(), host_dir: self.shared.join(&name), dir, pid, argv, spec }
+    }
+}
+
+impl Workload {
+    /// Lines the program appended to /data/out.txt so far.
+    pub fn out_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.host_dir.join("out.txt")).unwrap_or_default().lines().map(String::from).collect()
+    }
+
+    /// Waits until the program has printed at least `n` steps.
+    pub fn wait_steps(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.out_lines().len() < n {
+            assert!(Instant::now() < deadline, "workload stuck at {} lines", self.out_lines().len());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What an uninterrupted run prints last (computed by the same program).
+    pub fn expected_done(&self) -> String {
+        let bin = repo_root().join("target/release/ckpt-workload");
+        let out = Command::new(bin)
+            .args(["--expect", "--mem-mib", &self.spec.mem_mib.to_string(), "--steps", &self.spec.steps.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Asserts out.txt holds every step exactly once, in order, then the done
+    /// line of an uninterrupted run; the same text went to stdout.
+    pub fn assert_finished_correctly(&self) {
+        let lines = self.out_lines();
+        let steps = self.spec.steps as usize;
+        assert_eq!(lines.len(), steps + 1, "out.txt: {lines:?}");
+        for (i, line) in lines[..steps].iter().enumerate() {
+            assert!(line.starts_with(&format!("counter={} ", i + 1)), "line {}: {line}", i + 1);
+        }
+        assert_eq!(lines[steps], self.expected_done());
+        let stdout = std::fs::read_to_string(self.host_dir.join("stdout.txt")).unwrap();
+        assert_eq!(stdout.lines().collect::<Vec<_>>(), lines, "stdout.txt differs from out.txt");
+    }
+
+    pub fn checkpoint_dir(&self) -> String {
+        format!("{}/ckpt", self.dir)
+    }
+
+    /// Runs `checkpoint-container checkpoint` for this workload on its node.
+    pub fn checkpoint(&self, cluster: &Cluster, extra: &[&str]) -> Output {
+        let pid = self.pid.to_string();
+        let target = self.checkpoint_dir();
+        let mut argv = vec![HELPER, "checkpoint", "--pid", &pid, "--images", &target, "--uid", "2001"];
+        argv.extend_from_slice(extra);
+        argv.push("--");
+        argv.extend(self.argv.iter().map(String::as_str));
+        cluster.exec(&self.node, "root", &argv)
+    }
+
+    /// Runs `checkpoint-container restore` on `node`, appending the restored
+    /// program's output to the same stdout.txt; waits for the program to end.
+    /// `args` are the identity checks and other options ("--uid 2001").
+    pub fn restore(&self, cluster: &Cluster, node: &str, args: &str) -> Output {
+        cluster.sh(
+            node,
+            "root",
+            &format!(
+                "{HELPER} restore --images {} {args} >> {}/stdout.txt",
+                self.checkpoint_dir(),
+                self.dir
+            ),
+        )
+    }
+
+    pub fn is_running(&self, cluster: &Cluster) -> bool {
+        cluster.exec(&self.node, "root", &["kill", "-0", &self.pid.to_string()]).success()
+    }
+
+    /// Pids of this workload's processes on `node` (root of the tree first).
+    pub fn pids_on(&self, cluster: &Cluster, node: &str) -> Vec<i32> {
+        cluster.sh(node, "root", &workload_pids(&self.dir)).stdout.lines().filter_map(|l| l.trim().parse().ok()).collect()
+    }
+
+    /// Ends the workload wherever it runs and removes its directory.
+    pub fn cleanup(&self, cluster: &Cluster) {
+        for node in ["node1", "node2"] {
+            for pid in self.pids_on(cluster, node) {
+                cluster.exec(node, "root", &["kill", "-KILL", &pid.to_string()]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.host_dir);
+    }
+}

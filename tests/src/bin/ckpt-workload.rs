@@ -132,6 +132,8 @@ fn spawn_child() -> (std::fs::File, std::fs::File) {
 
 fn main() {
     let args = parse_args();
+    // The child is forked first, so it shares none of the big buffer.
+    let mut child = if args.expect { None } else { Some(spawn_child()) };
     let mut mem = vec![0u64; args.mem_mib * 1024 * 1024 / 8];
     fill(&mut mem);
 
@@ -146,7 +148,6 @@ fn main() {
         }
     });
 
-    let mut child = if args.expect { None } else { Some(spawn_child()) };
     let mut out = args.out.as_ref().map(|p| {
         std::fs::OpenOptions::new()
             .create(true)
