@@ -94,6 +94,14 @@ impl ContainerCommand {
         &self.argv
     }
 
+    pub fn subcommand_index(&self) -> usize {
+        self.subcommand
+    }
+
+    pub fn image_index(&self) -> usize {
+        self.image
+    }
+
     pub fn image(&self) -> &str {
         &self.argv[self.image]
     }

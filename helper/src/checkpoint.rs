@@ -99,7 +99,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
 
     let staging = Staging::create(&req.target, uid, gid)?;
     let images_dir = std::fs::File::open(&staging.path).context(|| format!("cannot open {}", staging.path.display()))?;
-    let mut args: Vec<String> = ["dump", "--unprivileged", "--shell-job", "-v4", "-o", DUMP_LOG]
+    let mut args: Vec<String> = ["dump", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", DUMP_LOG]
         .map(String::from)
         .into();
     args.extend(["-t".into(), req.pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);

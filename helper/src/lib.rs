@@ -1,11 +1,16 @@
 //! The helper's engine, usable as a library by tests and by the CLI in
 //! `main.rs`. One module per concern.
 
+pub mod agent;
 pub mod apptainer;
+pub mod cgroup;
 pub mod checkpoint;
 pub mod criu;
 pub mod error;
 pub mod manifest;
+pub mod policy;
 pub mod procfs;
+pub mod protocol;
 pub mod restore;
 pub mod storage;
+pub mod task;

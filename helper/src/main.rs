@@ -8,7 +8,7 @@ use checkpoint_container::apptainer::ContainerCommand;
 use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
-use checkpoint_container::{criu, storage};
+use checkpoint_container::{agent, criu, storage, task};
 use ckpt_config::{read_optional_file, Settings};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -20,6 +20,12 @@ struct Cli {
     /// Admin TOML file (default /etc/slurm/checkpoint-container.toml if it exists)
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// CRIU binary (overrides the configuration)
+    #[arg(long, global = true, value_name = "PATH")]
+    criu_path: Option<PathBuf>,
+    /// Root of the per-job checkpoint directories (overrides the configuration)
+    #[arg(long, global = true, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +71,38 @@ enum Command {
         /// Refuse unless the checkpoint belongs to this job
         #[arg(long)]
         job_id: Option<u32>,
+        /// Write "restored" to this fd once the program runs again
+        #[arg(long, value_name = "FD")]
+        status_fd: Option<i32>,
+    },
+    /// Run a --checkpoint-container task (the plugin puts this in front of
+    /// the task's apptainer command; runs as the job user)
+    Task {
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Serve one --checkpoint-container task as root (started by the plugin)
+    Agent {
+        #[arg(long)]
+        job_id: u32,
+        #[arg(long)]
+        step_id: u32,
+        #[arg(long)]
+        task_id: u32,
+        #[arg(long)]
+        uid: u32,
+        #[arg(long)]
+        gid: u32,
+        #[arg(long, default_value_t = 0)]
+        restart_count: u32,
+        /// The task process, the only client accepted
+        #[arg(long)]
+        task_pid: i32,
+        /// Where the agent logs (appended)
+        #[arg(long, value_name = "FILE", default_value = "/var/log/slurm/checkpoint-container.log")]
+        log: PathBuf,
     },
     /// Show a checkpoint's manifest
     Inspect {
@@ -101,12 +139,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// Leaves slurmstepd's process tree (it reaps its own children only) and
+/// sends our output to the agent log: the plugin waits only for the parent.
+fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use nix::unistd::{fork, setsid, ForkResult};
+    use std::os::fd::AsRawFd;
+    // SAFETY: single-threaded at this point.
+    match unsafe { fork() }? {
+        ForkResult::Parent { .. } => std::process::exit(0),
+        ForkResult::Child => {}
+    }
+    setsid()?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).or_else(|_| std::fs::File::create("/dev/null"))?;
+    let null = std::fs::File::open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 0)?;
+    nix::unistd::dup2(out.as_raw_fd(), 1)?;
+    nix::unistd::dup2(out.as_raw_fd(), 2)?;
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     let args: Vec<String> = match &cli.config {
         Some(p) => vec![format!("config={}", p.display())],
         None => vec![],
     };
-    let settings = Settings::load(&args, read_optional_file)?;
+    let mut settings = Settings::load(&args, read_optional_file)?;
+    // What the agent passes on to the commands it runs.
+    let mut settings_args = Vec::new();
+    if let Some(p) = &cli.config {
+        settings_args.extend(["--config".to_string(), p.display().to_string()]);
+    }
+    if let Some(p) = cli.criu_path {
+        settings_args.extend(["--criu-path".to_string(), p.display().to_string()]);
+        settings.criu = ckpt_config::checked_path("criu", &p.to_string_lossy())?;
+    }
+    if let Some(p) = cli.checkpoint_dir {
+        settings_args.extend(["--checkpoint-dir".to_string(), p.display().to_string()]);
+        settings.checkpoint_dir = ckpt_config::checked_path("checkpoint_dir", &p.to_string_lossy())?;
+    }
     match cli.command {
         Command::Check { criu } => {
             let criu = criu.unwrap_or(settings.criu);
@@ -134,7 +204,7 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             );
             Ok(0)
         }
-        Command::Restore { images, uid, job_id } => {
+        Command::Restore { images, uid, job_id, status_fd } => {
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
             let done = restore(&settings, &req, |m, secs| {
                 eprintln!(
@@ -142,8 +212,25 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                     m.process.root_pid,
                     req.images.display()
                 );
+                if let Some(fd) = status_fd {
+                    use std::io::Write;
+                    use std::os::fd::FromRawFd;
+                    // SAFETY: the caller handed us this fd for this one line.
+                    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+                    let _ = f.write_all(b"restored\n");
+                }
             })?;
             Ok(done.exit_code.clamp(0, 255) as u8)
+        }
+        Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
+        Command::Agent { job_id, step_id, task_id, uid, gid, restart_count, task_pid, log } => {
+            let t = agent::Task { job_id, step_id, task_id, uid, gid, restart_count, task_pid };
+            daemonize(&log)?;
+            if let Err(e) = agent::run(&settings, &settings_args, &t) {
+                eprintln!("checkpoint-container agent {job_id}.{step_id}.{task_id}: {e}");
+                return Ok(1);
+            }
+            Ok(0)
         }
         Command::Inspect { images, verify } => {
             let m = storage::open_checkpoint(&images, verify)?;

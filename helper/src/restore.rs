@@ -260,7 +260,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     reserve_pids(&m.process.pids)?;
     let placeholder = Placeholder::start(&m)?;
 
-    let mut args: Vec<String> = ["restore", "--unprivileged", "--shell-job", "-v4", "-o", "restore.log", "--pidfile", "restore.pid"]
+    let mut args: Vec<String> = ["restore", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", "restore.log", "--pidfile", "restore.pid"]
         .map(String::from)
         .into();
     args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}"), "-W".into(), format!("/proc/self/fd/{WORK_FD}")]);

@@ -1,0 +1,378 @@
+//! `checkpoint-container agent`: root's side of one `--checkpoint-container`
+//! task, started by the plugin from slurmstepd (root) for that task alone.
+//!
+//! It serves exactly one client — the task process Slurm forked, proven by
+//! the socket's peer credentials (uid and pid) — and then:
+//! - on the first run, starts the task's container root-started for the
+//!   user (policy.rs decides what is allowed), in the task's cgroups;
+//! - on a requeued run (SLURM_RESTART_COUNT > 0) with a checkpoint of the
+//!   same step, task and command, restores it instead (falling back to a
+//!   fresh start, with the reason in the job's stderr, if that fails);
+//! - when the task gets SIGTERM, asks slurmctld whether the job is being
+//!   requeued (its restart count went up) and if so checkpoints the
+//!   container; otherwise (scancel) passes the SIGTERM on;
+//! - when the container ends on its own, the job is finished for good with
+//!   this task: its checkpoint is removed.
+
+use crate::apptainer::ContainerCommand;
+use crate::checkpoint::{checkpoint, CheckpointRequest};
+use crate::error::{fail, Context, EngineError, Result};
+use crate::manifest::JobIds;
+use crate::procfs::{self, Pid};
+use crate::protocol::{self, Channel, ToAgent, ToTask};
+use crate::{cgroup, policy, storage};
+use ckpt_config::Settings;
+use std::fs::File;
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Where the agents' sockets live on a node (root-owned).
+pub const SOCKET_DIR: &str = "/run/checkpoint-container";
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub fn socket_path(job: u32, step: u32, task: u32) -> PathBuf {
+    PathBuf::from(format!("{SOCKET_DIR}/{job}.{step}.{task}.sock"))
+}
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub job_id: u32,
+    pub step_id: u32,
+    pub task_id: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub restart_count: u32,
+    /// The task process the plugin saw forked: the only accepted client.
+    pub task_pid: Pid,
+}
+
+impl Task {
+    fn name(&self) -> String {
+        format!("task {} of step {}.{}", self.task_id, self.job_id, self.step_id)
+    }
+}
+
+/// `<checkpoint_dir>/<job>`: created by root, private. A directory there that
+/// root did not create (a user may be able to write to checkpoint_dir) is
+/// refused rather than used.
+pub fn job_dir(settings: &Settings, job_id: u32) -> Result<PathBuf> {
+    let dir = settings.checkpoint_dir.join(job_id.to_string());
+    match std::fs::DirBuilder::new().create(&dir) {
+        Ok(()) => {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .context(|| format!("cannot chmod {}", dir.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return fail(format!("cannot create {}: {e}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(&dir).context(|| format!("{}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+        return fail(format!("{} was not created by the checkpoint agent: refusing to use it", dir.display()));
+    }
+    Ok(dir)
+}
+
+fn task_checkpoint_dir(settings: &Settings, t: &Task) -> Result<PathBuf> {
+    Ok(job_dir(settings, t.job_id)?.join(format!("step{}.task{}", t.step_id, t.task_id)))
+}
+
+/// Removes the task's checkpoint, and the job's directory once it is empty.
+fn forget_checkpoint(settings: &Settings, t: &Task) {
+    let job = settings.checkpoint_dir.join(t.job_id.to_string());
+    let _ = std::fs::remove_dir_all(job.join(format!("step{}.task{}", t.step_id, t.task_id)));
+    let _ = std::fs::remove_dir(job);
+}
+
+/// Whether `path` is readable by the user, checked by the user: a short-lived
+/// process with the user's uid, gid and groups runs `test -r`.
+fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
+    let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
+    let name = user.map(|u| std::ffi::CString::new(u.name).unwrap_or_default()).unwrap_or_default();
+    let mut cmd = Command::new("/usr/bin/test");
+    cmd.arg("-r").arg(path).env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::initgroups(name.as_ptr(), gid) != 0 || libc::setresgid(gid, gid, gid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Asks slurmctld whether the job is being requeued: its restart count is
+/// already past this run's when the task gets the SIGTERM of a requeue or a
+/// preemption, and unchanged for scancel.
+fn is_requeue(t: &Task) -> bool {
+    let out = Command::new("scontrol")
+        .args(["-o", "show", "job", &t.job_id.to_string()])
+        .env_clear()
+        .env("PATH", SYSTEM_PATH)
+        .output();
+    let Ok(out) = out else { return false };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("Restarts="))
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|r| r > t.restart_count)
+}
+
+/// A line in the job's stderr.
+fn tell_user(stderr: &mut File, msg: &str) {
+    let _ = writeln!(stderr, "checkpoint-container: {msg}");
+}
+
+/// The process to dump: the user's program, the first process below
+/// `child` that lives in another mount namespace (Apptainer's runtime parent
+/// stays in the node's).
+fn find_payload(child: Pid) -> Option<Pid> {
+    let own = procfs::ns_inode(std::process::id() as Pid, "mnt").ok()?;
+    procfs::tree(child).ok()?.into_iter().find(|&p| {
+        procfs::ns_inode(p, "mnt").map(|n| n != own).unwrap_or(false) && procfs::ids(p).map(|(u, _)| u != 0).unwrap_or(false)
+    })
+}
+
+struct Running {
+    child: Child,
+    /// Known pid of the program (restores know it from the manifest).
+    payload: Option<Pid>,
+}
+
+impl Running {
+    fn payload(&self) -> Option<Pid> {
+        self.payload.filter(|&p| procfs::exists(p)).or_else(|| find_payload(self.child.id() as Pid))
+    }
+
+    fn kill(&mut self) {
+        if let Some(p) = self.payload() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+    }
+}
+
+/// Spawns `argv` as root for the task: its stdio, its cgroups, its cwd.
+fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::CString>, cwd: &str, env: &[(String, String)], extra_fd: Option<&OwnedFd>) -> Result<Child> {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).env("PATH", SYSTEM_PATH).current_dir(cwd);
+    let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
+    cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
+    let extra = extra_fd.map(|f| f.as_raw_fd());
+    // SAFETY: allocation-free calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            cgroup::join_in_child(&cgroups)?;
+            if let Some(fd) = extra {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().context(|| format!("cannot start {}", argv[0]))
+}
+
+/// Restores the task's checkpoint through `checkpoint-container restore`
+/// (so the restored tree has a parent of its own in the task's cgroups).
+/// Returns None, after telling the user why, when there is nothing usable.
+fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], stdio: &[OwnedFd; 3], stderr: &mut File) -> Result<Option<Running>> {
+    let m = match storage::open_checkpoint(dir, false) {
+        Ok(m) => m,
+        Err(e) => {
+            if dir.exists() {
+                tell_user(stderr, &format!("{} starts fresh: {e}", t.name()));
+            }
+            return Ok(None);
+        }
+    };
+    if m.container.argv != argv {
+        tell_user(stderr, &format!("{} starts fresh: its command differs from the checkpointed one", t.name()));
+        return Ok(None);
+    }
+    let (status_r, status_w) = nix::unistd::pipe().context(|| "pipe".into())?;
+    let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
+    let mut restore_argv = vec![helper];
+    restore_argv.extend_from_slice(settings_args);
+    restore_argv.extend(["restore", "--images"].map(String::from));
+    restore_argv.push(dir.to_string_lossy().into_owned());
+    restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
+    let cgroups = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, "/", &[], Some(&status_w))?;
+    drop(status_w);
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(File::from(status_r)).read_line(&mut line);
+    if line.trim() == "restored" {
+        return Ok(Some(Running { child, payload: Some(m.process.root_pid) }));
+    }
+    // The restore command has told the user why; start fresh.
+    let mut child = child;
+    let _ = child.wait();
+    tell_user(stderr, &format!("{} starts fresh after the failed restore", t.name()));
+    Ok(None)
+}
+
+enum Event {
+    Message(Option<ToAgent>),
+    Exited(i32),
+}
+
+pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()> {
+    let socket = socket_path(t.job_id, t.step_id, t.task_id);
+    std::fs::create_dir_all(SOCKET_DIR).context(|| format!("cannot create {SOCKET_DIR}"))?;
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).context(|| format!("cannot listen on {}", socket.display()))?;
+    nix::unistd::chown(&socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).context(|| "chmod socket".into())?;
+
+    // One client, soon, or nobody.
+    listener.set_nonblocking(true).context(|| "socket".into())?;
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return fail(format!("{}: the task never connected: {e}", t.name()));
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&socket);
+    stream.set_nonblocking(false).context(|| "socket".into())?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).context(|| "peer credentials".into())?;
+    if cred.uid() != t.uid || cred.pid() != t.task_pid {
+        return fail(format!("{}: refused a client with uid {} pid {} (expected the task, pid {})", t.name(), cred.uid(), cred.pid(), t.task_pid));
+    }
+    let stdio = protocol::recv_stdio(&stream)?;
+    let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
+    let mut channel = Channel::new(stream.try_clone().context(|| "dup".into())?)?;
+    let Some(ToAgent::Start { argv, cwd, env }) = channel.recv()? else {
+        return fail(format!("{}: the task did not say what to run", t.name()));
+    };
+
+    let planned = ContainerCommand::parse(argv.clone())
+        .map_err(EngineError::from)
+        .and_then(|c| policy::root_started(&c, t.uid, t.gid, Path::new(&cwd), |p| readable_by(t.uid, t.gid, p)));
+    let planned = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            tell_user(&mut stderr, &e.to_string());
+            channel.send(&ToTask::Failed(e.to_string()))?;
+            return Err(e);
+        }
+    };
+    let ckpt = task_checkpoint_dir(settings, t)?;
+    let restored = if t.restart_count > 0 { try_restore(settings_args, t, &ckpt, &planned, &stdio, &mut stderr)? } else { None };
+    let mut running = match restored {
+        Some(r) => r,
+        None => {
+            let cgroups = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
+            let child = spawn_for_task(&planned, &stdio, cgroups, &cwd, &policy::clean_env(&env), None)?;
+            Running { child, payload: None }
+        }
+    };
+
+    let (tx, rx) = mpsc::channel();
+    let messages = tx.clone();
+    let mut reader = Channel::new(stream).context(|| "socket".into())?;
+    std::thread::spawn(move || loop {
+        let msg = reader.recv::<ToAgent>().unwrap_or(None);
+        let end = msg.is_none();
+        if messages.send(Event::Message(msg)).is_err() || end {
+            break;
+        }
+    });
+    let child_pid = running.child.id() as i32;
+    std::thread::spawn(move || {
+        // Reap only this child; the main thread keeps the Child for kill().
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child_pid), None);
+        let code = match status {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => c,
+            Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
+            _ => 1,
+        };
+        let _ = tx.send(Event::Exited(code));
+    });
+
+    for event in rx {
+        match event {
+            Event::Exited(code) => {
+                // The program ended by itself (or by a passed-on signal): the
+                // job is done with this task, for good.
+                forget_checkpoint(settings, t);
+                channel.send(&ToTask::Exited(code))?;
+                return Ok(());
+            }
+            Event::Message(Some(ToAgent::Signal(sig))) => {
+                if let (Some(p), Ok(sig)) = (running.payload(), nix::sys::signal::Signal::try_from(sig)) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+                }
+            }
+            Event::Message(Some(ToAgent::Terminate)) => {
+                if !is_requeue(t) {
+                    // scancel or the end of the time limit: the program gets
+                    // the SIGTERM the task got; its exit ends the task.
+                    if let Some(p) = running.payload() {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGTERM);
+                    }
+                    continue;
+                }
+                checkpoint_for_requeue(settings, t, &mut running, &planned, &ckpt, &mut stderr);
+                channel.send(&ToTask::Stopped)?;
+                return Ok(());
+            }
+            Event::Message(Some(ToAgent::Start { .. })) => {}
+            Event::Message(None) => {
+                // The task is gone (killed): so is its container.
+                running.kill();
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, planned: &[String], ckpt: &Path, stderr: &mut File) {
+    let Some(pid) = running.payload() else {
+        tell_user(stderr, &format!("{}: no running container to checkpoint", t.name()));
+        return;
+    };
+    let request = CheckpointRequest {
+        pid,
+        target: ckpt.to_path_buf(),
+        container: match ContainerCommand::parse(planned.to_vec()) {
+            Ok(c) => c,
+            Err(e) => return tell_user(stderr, &e.to_string()),
+        },
+        job: JobIds { job_id: Some(t.job_id), step_id: Some(t.step_id), task_id: Some(t.task_id) },
+        expected_uid: Some(t.uid),
+        leave_running: false,
+    };
+    match checkpoint(settings, &request) {
+        Ok(m) => tell_user(
+            stderr,
+            &format!(
+                "checkpointed {} ({:.1} MiB in {:.2} s); it resumes from here when the job runs again",
+                t.name(),
+                m.stats.images_bytes as f64 / 1048576.0,
+                m.stats.dump_seconds
+            ),
+        ),
+        Err(e) => {
+            let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
+            tell_user(stderr, &format!("checkpoint of {} failed: {e}; it will run again {from}", t.name()));
+            running.kill();
+        }
+    }
+}

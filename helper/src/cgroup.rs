@@ -1,0 +1,47 @@
+//! Joining another process's cgroups, so the containers the agent starts are
+//! part of the Slurm step (accounted, and killed with it by
+//! proctrack/cgroup).
+
+use std::ffi::CString;
+
+/// `cgroup.procs` files of every hierarchy `pid` belongs to.
+pub fn procs_files(pid: i32) -> std::io::Result<Vec<CString>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => continue,
+        };
+        let mount = match controllers {
+            "" => "/sys/fs/cgroup/unified".to_string(),
+            c => format!("/sys/fs/cgroup/{}", c.strip_prefix("name=").unwrap_or(c)),
+        };
+        let file = format!("{mount}{path}/cgroup.procs");
+        if std::path::Path::new(&file).exists() {
+            out.push(CString::new(file).expect("no NUL in cgroup paths"));
+        }
+    }
+    Ok(out)
+}
+
+/// Moves the calling process into the cgroups whose `cgroup.procs` files are
+/// given. Allocation-free: safe between fork and exec.
+pub fn join_in_child(files: &[CString]) -> std::io::Result<()> {
+    for file in files {
+        // SAFETY: plain syscalls on a NUL-terminated path.
+        unsafe {
+            let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}

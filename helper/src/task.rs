@@ -1,0 +1,84 @@
+//! `checkpoint-container task`: what a `--checkpoint-container` task runs,
+//! as the job user, in place of the user's `apptainer …` command (the plugin
+//! prepends it). It hands the command, its environment and its stdio to the
+//! task's root agent, then stays the task process Slurm signals: SIGTERM
+//! (preemption, requeue, scancel) becomes a request to the agent, which
+//! decides whether to checkpoint; the task exits only once the agent is done,
+//! because Slurm kills the whole step as soon as the task has exited.
+
+use crate::error::{fail, Result};
+use crate::protocol::{self, Channel, ToAgent, ToTask};
+use nix::sys::signal::{SigSet, Signal};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const FORWARDED: &[Signal] = &[Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+
+fn connect(socket: &Path) -> Result<UnixStream> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => {
+                return fail(format!("the node's checkpoint agent did not answer at {}: {e}", socket.display()))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+enum Event {
+    Signal(Signal),
+    Message(Option<ToTask>),
+}
+
+/// Runs the task; returns its exit code.
+pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
+    // Block the signals first: every thread inherits the mask, and the
+    // signal thread takes them with sigwait.
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    for s in FORWARDED {
+        set.add(*s);
+    }
+    set.thread_block().map_err(|e| crate::error::EngineError(format!("cannot block signals: {e}")))?;
+
+    let stream = connect(socket)?;
+    protocol::send_stdio(&stream)?;
+    let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError(e.to_string()))?)?;
+    let cwd = std::env::current_dir().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/".into());
+    channel.send(&ToAgent::Start { argv, cwd, env: std::env::vars().collect() })?;
+
+    let (tx, rx) = mpsc::channel();
+    let signals = tx.clone();
+    std::thread::spawn(move || loop {
+        if let Ok(sig) = set.wait() {
+            if signals.send(Event::Signal(sig)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut reader = Channel::new(stream).map_err(|e| crate::error::EngineError(e.to_string()))?;
+    std::thread::spawn(move || loop {
+        let msg = reader.recv::<ToTask>().unwrap_or(None);
+        let end = msg.is_none();
+        if tx.send(Event::Message(msg)).is_err() || end {
+            break;
+        }
+    });
+
+    for event in rx {
+        match event {
+            Event::Signal(Signal::SIGTERM) => channel.send(&ToAgent::Terminate)?,
+            Event::Signal(sig) => channel.send(&ToAgent::Signal(sig as i32))?,
+            Event::Message(Some(ToTask::Exited(code))) => return Ok(code),
+            Event::Message(Some(ToTask::Stopped)) => return Ok(128 + libc::SIGTERM),
+            Event::Message(Some(ToTask::Failed(_))) => return Ok(1),
+            Event::Message(None) => break,
+        }
+    }
+    fail("the node's checkpoint agent ended unexpectedly")
+}
