@@ -33,17 +33,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Where the agents' sockets live on a node (root-owned).
-pub const SOCKET_DIR: &str = "/run/checkpoint-container";
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-pub fn socket_path(job: u32, step: u32, task: u32) -> PathBuf {
-    PathBuf::from(format!("{SOCKET_DIR}/{job}.{step}.{task}.sock"))
-}
-
 #[derive(Debug, Clone)]
 pub struct Task {
+    pub socket: PathBuf,
     pub job_id: u32,
     pub step_id: u32,
     pub task_id: u32,
@@ -228,12 +223,14 @@ enum Event {
 }
 
 pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()> {
-    let socket = socket_path(t.job_id, t.step_id, t.task_id);
-    std::fs::create_dir_all(SOCKET_DIR).context(|| format!("cannot create {SOCKET_DIR}"))?;
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).context(|| format!("cannot listen on {}", socket.display()))?;
-    nix::unistd::chown(&socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).context(|| "chmod socket".into())?;
+    let socket = &t.socket;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).context(|| format!("cannot listen on {}", socket.display()))?;
+    nix::unistd::chown(socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).context(|| "chmod socket".into())?;
 
     // One client, soon, or nobody.
     listener.set_nonblocking(true).context(|| "socket".into())?;
@@ -243,12 +240,12 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             Ok((s, _)) => break s,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => {
-                let _ = std::fs::remove_file(&socket);
+                let _ = std::fs::remove_file(socket);
                 return fail(format!("{}: the task never connected: {e}", t.name()));
             }
         }
     };
-    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(socket);
     stream.set_nonblocking(false).context(|| "socket".into())?;
     let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).context(|| "peer credentials".into())?;
     if cred.uid() != t.uid || cred.pid() != t.task_pid {
@@ -328,7 +325,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     }
                     continue;
                 }
-                checkpoint_for_requeue(settings, t, &mut running, &planned, &ckpt, &mut stderr);
+                let launch = Launch { argv: &planned, cwd: &cwd, env: policy::clean_env(&env) };
+                checkpoint_for_requeue(settings, t, &mut running, &launch, &ckpt, &mut stderr);
                 channel.send(&ToTask::Stopped)?;
                 return Ok(());
             }
@@ -343,7 +341,15 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     Ok(())
 }
 
-fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, planned: &[String], ckpt: &Path, stderr: &mut File) {
+/// How the agent started the container: what the placeholder must repeat.
+struct Launch<'a> {
+    argv: &'a [String],
+    cwd: &'a str,
+    env: Vec<(String, String)>,
+}
+
+fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, launch: &Launch, ckpt: &Path, stderr: &mut File) {
+    let planned = launch.argv;
     let Some(pid) = running.payload() else {
         tell_user(stderr, &format!("{}: no running container to checkpoint", t.name()));
         return;
@@ -358,6 +364,7 @@ fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, 
         job: JobIds { job_id: Some(t.job_id), step_id: Some(t.step_id), task_id: Some(t.task_id) },
         expected_uid: Some(t.uid),
         leave_running: false,
+        started_in: Some((launch.cwd.to_string(), launch.env.clone())),
     };
     match checkpoint(settings, &request) {
         Ok(m) => tell_user(

@@ -23,6 +23,23 @@ pub struct CheckpointRequest {
     pub expected_uid: Option<u32>,
     /// Keep the container running after the dump (default: CRIU ends it).
     pub leave_running: bool,
+    /// How Apptainer was started (cwd, environment); read from the
+    /// container's runtime parent when not given.
+    pub started_in: Option<(String, Vec<(String, String)>)>,
+}
+
+/// Working directory and cleaned environment of the process that started
+/// the container (Apptainer's runtime parent, the program's parent).
+fn started_in(pid: Pid) -> Result<(String, Vec<(String, String)>)> {
+    let status = std::fs::read_to_string(procfs::proc_path(pid, "status")).context(|| format!("process {pid}"))?;
+    let ppid: Pid = status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    let cwd = std::fs::read_link(procfs::proc_path(ppid, "cwd")).context(|| format!("working directory of process {ppid}"))?;
+    let environ = std::fs::read(procfs::proc_path(ppid, "environ")).context(|| format!("environment of process {ppid}"))?;
+    let env: Vec<(String, String)> = environ
+        .split(|&b| b == 0)
+        .filter_map(|kv| String::from_utf8_lossy(kv).split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    Ok((cwd.to_string_lossy().into_owned(), crate::policy::clean_env(&env)))
 }
 
 /// Why Apptainer's default (non-setuid) mode cannot be dumped: documented in
@@ -90,6 +107,10 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
     let externals = external_files(req.pid, &pids)?;
+    let (cwd, env) = match &req.started_in {
+        Some(x) => x.clone(),
+        None => started_in(req.pid)?,
+    };
     let stdio = (0..3)
         .map(|fd| match externals.iter().find(|(p, f, _)| *p == req.pid && *f == fd) {
             Some((_, _, key)) => key.clone(),
@@ -145,6 +166,8 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
         criu_version: version.to_string(),
         container: manifest::Container {
             argv: req.container.argv().to_vec(),
+            cwd,
+            env,
             image: image.to_string(),
             image_size,
             image_blake3,

@@ -85,6 +85,9 @@ enum Command {
     },
     /// Serve one --checkpoint-container task as root (started by the plugin)
     Agent {
+        /// Socket to serve the task on (created; its directory too)
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
         #[arg(long)]
         job_id: u32,
         #[arg(long)]
@@ -192,6 +195,7 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 job: JobIds { job_id: job.job_id, step_id: job.step_id, task_id: job.task_id },
                 expected_uid: uid,
                 leave_running,
+                started_in: None,
             };
             let m = checkpoint(&settings, &req)?;
             eprintln!(
@@ -223,8 +227,8 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             Ok(done.exit_code.clamp(0, 255) as u8)
         }
         Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
-        Command::Agent { job_id, step_id, task_id, uid, gid, restart_count, task_pid, log } => {
-            let t = agent::Task { job_id, step_id, task_id, uid, gid, restart_count, task_pid };
+        Command::Agent { socket, job_id, step_id, task_id, uid, gid, restart_count, task_pid, log } => {
+            let t = agent::Task { socket, job_id, step_id, task_id, uid, gid, restart_count, task_pid };
             daemonize(&log)?;
             if let Err(e) = agent::run(&settings, &settings_args, &t) {
                 eprintln!("checkpoint-container agent {job_id}.{step_id}.{task_id}: {e}");

@@ -45,6 +45,11 @@ pub struct Container {
     /// The command that started the container; restore re-runs it with a
     /// placeholder payload.
     pub argv: Vec<String>,
+    /// Working directory and environment Apptainer was started with (its
+    /// own settings removed): the placeholder is started the same way, so
+    /// the container gets the same home, binds and working directory.
+    pub cwd: String,
+    pub env: Vec<(String, String)>,
     pub image: String,
     pub image_size: u64,
     pub image_blake3: String,
@@ -104,6 +109,8 @@ mod tests {
             criu_version: "4.2.1".into(),
             container: Container {
                 argv: vec!["apptainer".into(), "exec".into(), "/x.sif".into(), "sim".into()],
+                cwd: "/home/u".into(),
+                env: vec![("HOME".into(), "/home/u".into())],
                 image: "/x.sif".into(),
                 image_size: 3,
                 image_blake3: "ab".into(),

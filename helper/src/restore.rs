@@ -137,7 +137,9 @@ impl Placeholder {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env_clear()
+            .envs(m.container.env.iter().cloned())
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .current_dir(&m.container.cwd)
             .spawn()
             .context(|| format!("cannot start {}", argv[0]))?;
         let me = std::process::id() as Pid;

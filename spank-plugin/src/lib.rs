@@ -108,4 +108,11 @@ unsafe impl Plugin for CheckpointContainer {
         }
         self.stepd.task_init(spank)
     }
+
+    fn task_post_fork(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
+        if !self.requested {
+            return Ok(());
+        }
+        self.stepd.task_post_fork(spank)
+    }
 }

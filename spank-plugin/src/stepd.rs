@@ -30,10 +30,25 @@ impl std::fmt::Display for AlreadyReported {
 
 impl Error for AlreadyReported {}
 
+/// Where the per-task agents listen (a root-owned directory on the node).
+const SOCKET_DIR: &str = "/run/checkpoint-container";
+
+fn socket_path(job: u32, step: u32, task: u32) -> String {
+    format!("{SOCKET_DIR}/{job}.{step}.{task}.sock")
+}
+
+/// Tasks whose command is an Apptainer container are the ones wrapped.
+fn is_container_command(argv: &[&str]) -> bool {
+    argv.first()
+        .map(|a| a.rsplit('/').next().unwrap_or(a))
+        .is_some_and(|name| name == "apptainer" || name == "singularity")
+}
+
 #[derive(Default)]
 pub struct StepState {
     /// Why checkpointing cannot work for this step, if it cannot.
     failure: Option<String>,
+    settings: Option<Settings>,
     /// What the node check found (e.g. the CRIU version), for the user's line.
     node_report: String,
 }
@@ -49,6 +64,7 @@ impl StepState {
             Ok(report) => {
                 log_info(&format!("enabled for step {step}: {report}"));
                 self.node_report = report;
+                self.settings = settings.as_ref().ok().cloned();
             }
             Err(why) => {
                 log_error(&format!("step {step}: {why}"));
@@ -68,7 +84,44 @@ impl StepState {
         if spank.task_global_id()? == 0 {
             eprintln!("{LOG_PREFIX}: enabled for step {}: {}", step_name(spank), self.node_report);
         }
+        let (Some(settings), true) = (&self.settings, is_container_command(&spank.job_argv()?)) else {
+            return Ok(());
+        };
+        // The task becomes our wrapper, which hands the container command to
+        // the task's root agent (started in task_post_fork).
+        let socket = socket_path(spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
+        let helper = settings.helper.to_string_lossy().into_owned();
+        spank.prepend_task_argv(vec![&helper, "task", "--socket", &socket, "--"])?;
         Ok(())
+    }
+
+    /// Runs in slurmstepd as root once per task, before tasks exec: starts
+    /// the task's agent (it detaches at once).
+    pub fn task_post_fork(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
+        let Some(settings) = &self.settings else { return Ok(()) };
+        if !is_container_command(&spank.job_argv()?) {
+            return Ok(());
+        }
+        let (job, step, task) = (spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
+        let restarts = spank.getenv("SLURM_RESTART_COUNT")?.unwrap_or_else(|| "0".into());
+        let mut cmd = Command::new(&settings.helper);
+        if let Some(config) = &settings.config_file {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.arg("--criu-path").arg(&settings.criu).arg("--checkpoint-dir").arg(&settings.checkpoint_dir);
+        cmd.args(["agent", "--socket", &socket_path(job, step, task)]);
+        cmd.args(["--job-id", &job.to_string(), "--step-id", &step.to_string(), "--task-id", &task.to_string()]);
+        cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);
+        cmd.args(["--restart-count", restarts.trim(), "--task-pid", &spank.task_pid()?.to_string()]);
+        let status = cmd.env_clear().stdin(std::process::Stdio::null()).status();
+        match status {
+            Ok(s) if s.success() => Ok(()),
+            other => {
+                let why = format!("cannot start the checkpoint agent for task {task} of step {job}.{step}: {other:?}");
+                log_error(&why);
+                Err(Box::new(AlreadyReported))
+            }
+        }
     }
 }
 
