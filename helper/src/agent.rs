@@ -86,13 +86,13 @@ fn forget_checkpoint(settings: &Settings, t: &Task) {
     let _ = std::fs::remove_dir(job);
 }
 
-/// Whether `path` is readable by the user, checked by the user: a short-lived
-/// process with the user's uid, gid and groups runs `test -r`.
-fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
+/// A command run with the user's uid, gid and groups (never root's rights
+/// on the user's paths).
+fn as_user(uid: u32, gid: u32, program: &str) -> Command {
     let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
     let name = user.map(|u| std::ffi::CString::new(u.name).unwrap_or_default()).unwrap_or_default();
-    let mut cmd = Command::new("/usr/bin/test");
-    cmd.arg("-r").arg(path).env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut cmd = Command::new(program);
+    cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // SAFETY: only async-signal-safe calls in the child.
     unsafe {
         cmd.pre_exec(move || {
@@ -102,24 +102,48 @@ fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
             Ok(())
         });
     }
-    cmd.status().map(|s| s.success()).unwrap_or(false)
+    cmd
 }
 
-/// Asks slurmctld whether the job is being requeued: its restart count is
-/// already past this run's when the task gets the SIGTERM of a requeue or a
-/// preemption, and unchanged for scancel.
-fn is_requeue(t: &Task) -> bool {
+/// Whether `path` is readable by the user, checked by the user.
+fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
+    as_user(uid, gid, "/usr/bin/test").arg("-r").arg(path).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// `scontrol show job` fields of the task's job.
+fn job_info(t: &Task) -> std::collections::HashMap<String, String> {
     let out = Command::new("scontrol")
         .args(["-o", "show", "job", &t.job_id.to_string()])
         .env_clear()
         .env("PATH", SYSTEM_PATH)
         .output();
-    let Ok(out) = out else { return false };
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("Restarts="))
-        .and_then(|v| v.parse::<u32>().ok())
-        .is_some_and(|r| r > t.restart_count)
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+/// Whether the job is being requeued: its restart count is already past this
+/// run's when the task gets the SIGTERM of a requeue or a preemption, and
+/// unchanged for scancel.
+fn is_requeue(t: &Task, info: &std::collections::HashMap<String, String>) -> bool {
+    info.get("Restarts").and_then(|v| v.parse::<u32>().ok()).is_some_and(|r| r > t.restart_count)
+}
+
+/// A line for the user while the job is being requeued: srun's I/O is being
+/// torn down then, so a batch job gets it appended to its stderr file (by
+/// the user, with the user's rights); other jobs on the task's stderr.
+fn tell_requeued_job(t: &Task, info: &std::collections::HashMap<String, String>, stderr: &mut File, msg: &str) {
+    if let (Some("1"), Some(path)) = (info.get("BatchFlag").map(String::as_str), info.get("StdErr")) {
+        let child = as_user(t.uid, t.gid, "/usr/bin/tee").arg("-a").arg(path).stdin(Stdio::piped()).spawn();
+        if let Ok(mut child) = child {
+            let _ = writeln!(child.stdin.take().unwrap(), "checkpoint-container: {msg}");
+            if child.wait().map(|s| s.success()).unwrap_or(false) {
+                return;
+            }
+        }
+    }
+    tell_user(stderr, msg);
 }
 
 /// A line in the job's stderr.
@@ -185,9 +209,8 @@ fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], 
     let m = match storage::open_checkpoint(dir, false) {
         Ok(m) => m,
         Err(e) => {
-            if dir.exists() {
-                tell_user(stderr, &format!("{} starts fresh: {e}", t.name()));
-            }
+            let why = if dir.exists() { e.to_string() } else { "no checkpoint was taken when the job was requeued".into() };
+            tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
             return Ok(None);
         }
     };
@@ -317,7 +340,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 }
             }
             Event::Message(Some(ToAgent::Terminate)) => {
-                if !is_requeue(t) {
+                let info = job_info(t);
+                if !is_requeue(t, &info) {
                     // scancel or the end of the time limit: the program gets
                     // the SIGTERM the task got; its exit ends the task.
                     if let Some(p) = running.payload() {
@@ -326,7 +350,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     continue;
                 }
                 let launch = Launch { argv: &planned, cwd: &cwd, env: policy::clean_env(&env) };
-                checkpoint_for_requeue(settings, t, &mut running, &launch, &ckpt, &mut stderr);
+                let msg = checkpoint_for_requeue(settings, t, &mut running, &launch, &ckpt);
+                eprintln!("{}: {msg}", t.name());
+                tell_requeued_job(t, &info, &mut stderr, &msg);
                 channel.send(&ToTask::Stopped)?;
                 return Ok(());
             }
@@ -348,18 +374,18 @@ struct Launch<'a> {
     env: Vec<(String, String)>,
 }
 
-fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, launch: &Launch, ckpt: &Path, stderr: &mut File) {
+/// Checkpoints the task's container; returns the line for the user.
+fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, launch: &Launch, ckpt: &Path) -> String {
     let planned = launch.argv;
     let Some(pid) = running.payload() else {
-        tell_user(stderr, &format!("{}: no running container to checkpoint", t.name()));
-        return;
+        return format!("{}: no running container to checkpoint", t.name());
     };
     let request = CheckpointRequest {
         pid,
         target: ckpt.to_path_buf(),
         container: match ContainerCommand::parse(planned.to_vec()) {
             Ok(c) => c,
-            Err(e) => return tell_user(stderr, &e.to_string()),
+            Err(e) => return e.to_string(),
         },
         job: JobIds { job_id: Some(t.job_id), step_id: Some(t.step_id), task_id: Some(t.task_id) },
         expected_uid: Some(t.uid),
@@ -367,19 +393,16 @@ fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, 
         started_in: Some((launch.cwd.to_string(), launch.env.clone())),
     };
     match checkpoint(settings, &request) {
-        Ok(m) => tell_user(
-            stderr,
-            &format!(
-                "checkpointed {} ({:.1} MiB in {:.2} s); it resumes from here when the job runs again",
-                t.name(),
-                m.stats.images_bytes as f64 / 1048576.0,
-                m.stats.dump_seconds
-            ),
+        Ok(m) => format!(
+            "checkpointed {} ({:.1} MiB in {:.2} s); it resumes from here when the job runs again",
+            t.name(),
+            m.stats.images_bytes as f64 / 1048576.0,
+            m.stats.dump_seconds
         ),
         Err(e) => {
-            let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
-            tell_user(stderr, &format!("checkpoint of {} failed: {e}; it will run again {from}", t.name()));
             running.kill();
+            let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
+            format!("checkpoint of {} failed: {e}; it will run again {from}", t.name())
         }
     }
 }

@@ -370,3 +370,110 @@ impl Workload {
         let _ = std::fs::remove_dir_all(&self.host_dir);
     }
 }
+
+/// A batch job whose steps run the workload in containers with
+/// `--checkpoint-container`, with its files in a fresh /shared directory.
+pub struct BatchJob {
+    pub id: u32,
+    pub dir: String,
+    pub host_dir: PathBuf,
+    pub mem_mib: u32,
+    pub steps: u32,
+}
+
+impl Cluster {
+    /// Submits, as alice, a batch script whose body runs `srun_lines` (each
+    /// `{W}` is replaced by the containerised workload command writing to
+    /// /data/<name>).
+    pub fn submit_workload_job(&self, sbatch_args: &[&str], srun_lines: &[&str], mem_mib: u32, steps: u32) -> BatchJob {
+        let name = format!("job-{}", unique());
+        let dir = format!("/shared/{name}");
+        self.sh("node1", "root", &format!("install -d -o alice -g alice -m 0755 {dir}")).ok();
+        let workload = format!(
+            "apptainer -s exec --bind /opt/checkpoint-container --bind {dir}:/data {TEST_SIF} {WORKLOAD} --mem-mib {mem_mib} --steps {steps} --interval-ms 100"
+        );
+        let body: Vec<String> = srun_lines.iter().map(|l| l.replace("{W}", &workload)).collect();
+        let script = format!(
+            "#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o {dir}/job.out\n#SBATCH --open-mode=append\n\
+             echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n{}\n",
+            body.join("\n")
+        );
+        let id = self.sbatch("alice", sbatch_args, &script);
+        BatchJob { id, host_dir: self.shared.join(&name), dir, mem_mib, steps }
+    }
+
+    /// Waits until the job is in one of `states`.
+    pub fn wait_state(&self, job: u32, states: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.job_field(job, "JobState").unwrap_or_default();
+            if states.contains(&state.as_str()) {
+                return state;
+            }
+            assert!(Instant::now() < deadline, "job {job} is {state}, not {states:?}, after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Lets a requeued job start now instead of after Slurm's requeue delay,
+    /// optionally on other nodes.
+    pub fn release(&self, job: u32, nodes: Option<&str>) {
+        self.wait_state(job, &["PENDING"], Duration::from_secs(90));
+        let id = job.to_string();
+        if let Some(nodes) = nodes {
+            self.exec("ctl", "root", &["scontrol", "update", &format!("jobid={id}"), &format!("NodeList={nodes}")]).ok();
+        }
+        self.exec("ctl", "root", &["scontrol", "update", &format!("jobid={id}"), "StartTime=now"]).ok();
+    }
+}
+
+impl BatchJob {
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.host_dir.join("job.out")).unwrap_or_default()
+    }
+
+    pub fn lines(&self, file: &str) -> Vec<String> {
+        std::fs::read_to_string(self.host_dir.join(file)).unwrap_or_default().lines().map(String::from).collect()
+    }
+
+    /// Waits until `file` has at least `n` lines.
+    pub fn wait_lines(&self, file: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.lines(file).len() < n {
+            assert!(Instant::now() < deadline, "{file} stuck at {} lines; job output:\n{}", self.lines(file).len(), self.output());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The checkpoint directory of one task, as the nodes see it.
+    pub fn checkpoint_of(&self, step: u32, task: u32) -> String {
+        format!("/shared/checkpoints/{}/step{step}.task{task}", self.id)
+    }
+
+    pub fn expected_done(&self) -> String {
+        let bin = repo_root().join("target/release/ckpt-workload");
+        let out = Command::new(bin)
+            .args(["--expect", "--mem-mib", &self.mem_mib.to_string(), "--steps", &self.steps.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// `file` holds every step exactly once, in order, and the final line of
+    /// an uninterrupted run: the program went on from its saved state.
+    #[track_caller]
+    pub fn assert_continued(&self, file: &str) {
+        let lines = self.lines(file);
+        let steps = self.steps as usize;
+        assert_eq!(lines.len(), steps + 1, "{file}: {} lines; job output:\n{}", lines.len(), self.output());
+        for (i, line) in lines[..steps].iter().enumerate() {
+            assert!(line.starts_with(&format!("counter={} ", i + 1)), "{file} line {}: {line}", i + 1);
+        }
+        assert_eq!(lines[steps], self.expected_done(), "{file}");
+    }
+
+    pub fn cleanup(&self, cluster: &Cluster) {
+        cluster.exec("ctl", "root", &["scancel", &self.id.to_string()]);
+        let _ = std::fs::remove_dir_all(&self.host_dir);
+    }
+}

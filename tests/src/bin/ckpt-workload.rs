@@ -37,7 +37,8 @@ fn parse_args() -> Args {
             "--mem-mib" => a.mem_mib = value().parse().unwrap_or_else(|_| usage("bad --mem-mib")),
             "--steps" => a.steps = value().parse().unwrap_or_else(|_| usage("bad --steps")),
             "--interval-ms" => a.interval_ms = value().parse().unwrap_or_else(|_| usage("bad --interval-ms")),
-            "--out" => a.out = Some(value()),
+            // "%t" becomes the Slurm task id, for multi-task steps.
+            "--out" => a.out = Some(value().replace("%t", &std::env::var("SLURM_PROCID").unwrap_or_default())),
             "--expect" => a.expect = true,
             _ => usage(&format!("unknown argument {arg}")),
         }

@@ -1,0 +1,178 @@
+//! Checkpoint on preemption and `scontrol requeue`, restore on the requeued
+//! run, with real slurmctld/slurmd, munge, Apptainer and CRIU.
+
+use cluster_tests::{cluster, BatchJob, Cluster};
+use std::time::Duration;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const ONE_STEP: &[&str] = &["srun {W} --out /data/out.txt"];
+
+fn requeue(c: &Cluster, job: &BatchJob) {
+    c.exec("ctl", "root", &["scontrol", "requeue", &job.id.to_string()]).ok();
+}
+
+/// Requeues once the program has made progress; returns the lines written
+/// before the checkpoint.
+fn requeue_after(c: &Cluster, job: &BatchJob, file: &str, lines: usize) -> usize {
+    job.wait_lines(file, lines);
+    requeue(c, job);
+    c.wait_state(job.id, &["PENDING"], MINUTE);
+    job.lines(file).len()
+}
+
+fn assert_restored_and_cleaned(c: &Cluster, job: &BatchJob, restarts: u32) {
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    assert_eq!(c.job_field(job.id, "Restarts").as_deref(), Some(restarts.to_string().as_str()));
+    let out = job.output();
+    assert_eq!(out.matches("checkpoint-container: checkpointed task 0 of step").count(), restarts as usize, "{out}");
+    assert_eq!(out.matches("checkpoint-container: restored process").count(), restarts as usize, "{out}");
+    // Finished for good: nothing of the job is left in the checkpoint area.
+    let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
+    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
+}
+
+#[test]
+fn scontrol_requeue_checkpoints_and_the_requeued_job_restores() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 256, 80);
+    let saved = requeue_after(c, &job, "out.txt", 10);
+    assert!(saved < 80, "checkpointed mid-run");
+    let manifest = c.exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "inspect", "--verify", &job.checkpoint_of(0, 0)]).ok().stdout;
+    assert!(manifest.contains(&format!("job_id = {}", job.id)), "{manifest}");
+    c.release(job.id, None);
+    assert_restored_and_cleaned(c, &job, 1);
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}
+
+#[test]
+fn requeued_job_restores_on_the_other_node() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 256, 80);
+    requeue_after(c, &job, "out.txt", 10);
+    c.release(job.id, Some("node2"));
+    assert_restored_and_cleaned(c, &job, 1);
+    assert!(job.output().contains("run restart=1 on node2"), "{}", job.output());
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}
+
+#[test]
+fn job_requeued_twice_finishes_correctly() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 80);
+    let first = requeue_after(c, &job, "out.txt", 10);
+    c.release(job.id, None);
+    c.wait_state(job.id, &["RUNNING"], MINUTE);
+    requeue_after(c, &job, "out.txt", first + 10);
+    c.release(job.id, Some("node2"));
+    assert_restored_and_cleaned(c, &job, 2);
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}
+
+#[test]
+fn preemption_by_a_high_priority_job_checkpoints_and_restores() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1", "-c", "2"], ONE_STEP, 256, 80);
+    job.wait_lines("out.txt", 10);
+    let high = c.sbatch("bob", &["-p", "high", "-w", "node1", "-c", "2"], "#!/bin/bash\nsleep 3\n");
+    assert_eq!(c.wait_job(high, 2 * MINUTE), "COMPLETED");
+    assert!(job.output().contains("DUE TO PREEMPTION"), "{}", job.output());
+    c.release(job.id, None);
+    assert_restored_and_cleaned(c, &job, 1);
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}
+
+#[test]
+fn scancel_takes_no_checkpoint_and_leaves_nothing() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node2"], ONE_STEP, 64, 600);
+    job.wait_lines("out.txt", 5);
+    c.exec("node1", "alice", &["scancel", &job.id.to_string()]).ok();
+    assert_eq!(c.wait_job(job.id, MINUTE), "CANCELLED");
+    std::thread::sleep(Duration::from_secs(2));
+    let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
+    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
+    assert!(!job.output().contains("checkpointed"), "{}", job.output());
+    let ps = c.exec("node2", "root", &["pgrep", "-u", "alice", "-f", "ckpt-workload"]);
+    assert!(!ps.success(), "the container outlived scancel: {}", ps.stdout);
+    job.cleanup(c);
+}
+
+#[test]
+fn multi_task_steps_and_two_steps_all_restore() {
+    let c = cluster();
+    let job = c.submit_workload_job(
+        &["-N2", "-n4", "--ntasks-per-node=2"],
+        &[
+            "srun -N2 -n2 --ntasks-per-node=1 {W} --out /data/a-%t.txt &",
+            "sleep 2",
+            "srun -N2 -n2 --ntasks-per-node=1 {W} --out /data/b-%t.txt &",
+            "wait",
+        ],
+        64,
+        120,
+    );
+    for f in ["a-0.txt", "a-1.txt", "b-0.txt", "b-1.txt"] {
+        job.wait_lines(f, 5);
+    }
+    requeue(c, &job);
+    c.release(job.id, None);
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    let out = job.output();
+    assert_eq!(out.matches("checkpoint-container: restored process").count(), 4, "{out}");
+    for f in ["a-0.txt", "a-1.txt", "b-0.txt", "b-1.txt"] {
+        job.assert_continued(f);
+    }
+    job.cleanup(c);
+}
+
+#[test]
+fn another_user_cannot_read_or_restore_the_images() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 600);
+    requeue_after(c, &job, "out.txt", 5);
+    let images = job.checkpoint_of(0, 0);
+    let out = c.exec("node1", "bob", &["cat", &format!("{images}/manifest.toml")]).failed();
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    let out = c.exec("node1", "bob", &["ls", &images]).failed();
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    // Not even alice can take her images outside Slurm: only root restores.
+    let out = c.exec("node1", "alice", &["/opt/checkpoint-container/bin/checkpoint-container", "restore", "--images", &images]).failed();
+    assert!(out.stderr.contains("Permission denied") || out.stderr.contains("not permitted"), "{}", out.stderr);
+    // And root refuses it for bob.
+    let out = c.exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "restore", "--images", &images, "--uid", "2002"]).failed();
+    assert!(out.stderr.contains("belongs to uid 2001, not to uid 2002"), "{}", out.stderr);
+    job.cleanup(c);
+}
+
+#[test]
+fn failed_checkpoint_still_requeues_and_the_job_starts_fresh() {
+    let c = cluster();
+    // A checkpoint area too small for the container: the dump fails.
+    let small = "/var/tmp/small-checkpoints";
+    c.sh("node1", "root", &format!("mkdir -p {small} && mount -t tmpfs -o size=16m,mode=755 tmpfs {small}")).ok();
+    let job = {
+        let _guard = cluster_tests::PlugstackOverride::new(c, |line| line.replace("checkpoint_dir=/shared/checkpoints", &format!("checkpoint_dir={small}")));
+        let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 40);
+        job.wait_lines("out.txt", 5);
+        requeue(c, &job);
+        c.wait_state(job.id, &["PENDING"], MINUTE);
+        job
+    };
+    c.sh("node1", "root", &format!("umount {small}")).ok();
+    let out = job.output();
+    assert!(out.contains(&format!("checkpoint-container: checkpoint of task 0 of step {}.0 failed", job.id)), "{out}");
+    assert!(out.contains("it will run again from the start"), "{out}");
+    c.release(job.id, None);
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    let out = job.output();
+    assert!(out.contains(&format!("task 0 of step {}.0 starts fresh: no checkpoint was taken", job.id)), "{out}");
+    // Started over: the counter restarted from 1, and the run ended right.
+    let lines = job.lines("out.txt");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("counter=1 ")).count(), 2, "{lines:?}");
+    assert_eq!(lines.last().unwrap(), &job.expected_done());
+    job.cleanup(c);
+}
