@@ -130,11 +130,28 @@ fn is_requeue(t: &Task, info: &std::collections::HashMap<String, String>) -> boo
     info.get("Restarts").and_then(|v| v.parse::<u32>().ok()).is_some_and(|r| r > t.restart_count)
 }
 
+/// The job's fields once a SIGTERM arrived. When srun forwards the SIGTERM
+/// of a preemption, the task can get it before slurmctld has counted the
+/// requeue: ask again for a few seconds before taking it for a scancel.
+fn requeue_info(t: &Task) -> std::collections::HashMap<String, String> {
+    const SETTLE: Duration = Duration::from_secs(5);
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let info = job_info(t);
+        if is_requeue(t, &info) || Instant::now() > deadline {
+            return info;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A line for the user while the job is being requeued: srun's I/O is being
 /// torn down then, so a batch job gets it appended to its stderr file (by
 /// the user, with the user's rights); other jobs on the task's stderr.
 fn tell_requeued_job(t: &Task, info: &std::collections::HashMap<String, String>, stderr: &mut File, msg: &str) {
-    if let (Some("1"), Some(path)) = (info.get("BatchFlag").map(String::as_str), info.get("StdErr")) {
+    // StdErr is empty when stderr goes where stdout goes.
+    let file = info.get("StdErr").filter(|p| !p.is_empty()).or_else(|| info.get("StdOut"));
+    if let (Some("1"), Some(path)) = (info.get("BatchFlag").map(String::as_str), file) {
         let child = as_user(t.uid, t.gid, "/usr/bin/tee").arg("-a").arg(path).stdin(Stdio::piped()).spawn();
         if let Ok(mut child) = child {
             let _ = writeln!(child.stdin.take().unwrap(), "checkpoint-container: {msg}");
@@ -340,7 +357,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 }
             }
             Event::Message(Some(ToAgent::Terminate)) => {
-                let info = job_info(t);
+                let info = requeue_info(t);
                 if !is_requeue(t, &info) {
                     // scancel or the end of the time limit: the program gets
                     // the SIGTERM the task got; its exit ends the task.

@@ -105,6 +105,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     }
     let (image_size, image_blake3) = storage::digest(std::path::Path::new(image))?;
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
+    let ids = procfs::threads(&pids);
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
     let externals = external_files(req.pid, &pids)?;
     let (cwd, env) = match &req.started_in {
@@ -172,7 +173,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
             image_size,
             image_blake3,
         },
-        process: manifest::Process { root_pid: req.pid, comm, pids, stdio },
+        process: manifest::Process { root_pid: req.pid, comm, pids: ids, stdio },
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
         files,
     };

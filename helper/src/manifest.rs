@@ -60,7 +60,7 @@ pub struct Container {
 pub struct Process {
     pub root_pid: i32,
     pub comm: String,
-    /// Every pid of the dumped tree: restore needs them free.
+    /// Every pid and thread id of the dumped tree: restore needs them free.
     pub pids: Vec<i32>,
     /// What fds 0, 1 and 2 of the root process pointed to.
     pub stdio: Vec<String>,

@@ -103,3 +103,18 @@ pub fn regular_file_fd(pid: Pid, fd: i32) -> io::Result<Option<(u64, u64)>> {
         .ok_or_else(|| io::Error::other(format!("no mnt_id in /proc/{pid}/fdinfo/{fd}")))?;
     Ok(Some((mnt_id, meta.ino())))
 }
+
+/// Every thread id of the given processes (a process's own pid included):
+/// restore needs all of them free.
+pub fn threads(pids: &[Pid]) -> Vec<Pid> {
+    let mut out = Vec::new();
+    for &pid in pids {
+        match fs::read_dir(proc_path(pid, "task")) {
+            Ok(tasks) => out.extend(tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<Pid>().ok())),
+            Err(_) => out.push(pid),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
