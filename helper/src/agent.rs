@@ -123,11 +123,15 @@ fn job_info(t: &Task) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
-/// Whether the job is being requeued: its restart count is already past this
-/// run's when the task gets the SIGTERM of a requeue or a preemption, and
-/// unchanged for scancel.
+/// Whether the job is being requeued. `scontrol requeue` counts the restart
+/// before the task gets its SIGTERM; a preemption marks the job with a
+/// PreemptTime first and requeues it (if it may be requeued) when the grace
+/// time is over. scancel does neither.
 fn is_requeue(t: &Task, info: &std::collections::HashMap<String, String>) -> bool {
-    info.get("Restarts").and_then(|v| v.parse::<u32>().ok()).is_some_and(|r| r > t.restart_count)
+    let restarted = info.get("Restarts").and_then(|v| v.parse::<u32>().ok()).is_some_and(|r| r > t.restart_count);
+    let preempted = info.get("PreemptTime").is_some_and(|v| !matches!(v.as_str(), "None" | "Unknown" | ""))
+        && info.get("Requeue").map(String::as_str) == Some("1");
+    restarted || preempted
 }
 
 /// The job's fields once a SIGTERM arrived. When srun forwards the SIGTERM
