@@ -33,6 +33,35 @@ for job in "${jobs[@]}"; do
   as_alice "cat demo-$job.out"
 done
 
+step "preemption: alice's job is checkpointed, requeued, and restored on the other node"
+dir=/shared/demo-$$
+"$DC" exec node1 -- install -d -o alice -g alice "$dir"
+WL="/opt/checkpoint-container/bin/ckpt-workload --mem-mib 256 --steps 100 --interval-ms 100"
+job=$(as_alice "cat > demo-preempt.sh <<'EOS'
+#!/bin/bash
+#SBATCH --checkpoint-container
+#SBATCH -o $dir/job.out
+#SBATCH --open-mode=append
+#SBATCH -c 2
+echo \"run \${SLURM_RESTART_COUNT:-0} on \$(hostname)\"
+srun apptainer -s exec --bind /opt/checkpoint-container --bind $dir:/data $SIF $WL --out /data/out.txt
+EOS
+sbatch --parsable -p low -w node1 demo-preempt.sh")
+state() { "$DC" exec ctl -- scontrol -o show job "$1" | grep -o 'JobState=[A-Z]*' | cut -d= -f2; }
+until [[ $("$DC" exec node1 -- sh -c "wc -l < $dir/out.txt 2>/dev/null || echo 0") -ge 20 ]]; do sleep 0.5; done
+echo "alice's job $job is at step $("$DC" exec node1 -- sh -c "wc -l < $dir/out.txt"); bob submits to the high partition:"
+"$DC" exec node1 --user bob -- sbatch -p high -w node1 -c 2 --wrap "sleep 5"
+until [[ $(state "$job") == PENDING ]]; do sleep 0.5; done
+echo "job $job was preempted and requeued; sending it to node2 without the usual requeue delay"
+"$DC" exec ctl -- scontrol update jobid="$job" NodeList=node2
+"$DC" exec ctl -- scontrol update jobid="$job" StartTime=now
+until [[ $(state "$job") =~ COMPLETED|FAILED|CANCELLED ]]; do sleep 0.5; done
+echo "--- job $job: $(state "$job"); its output:"
+"$DC" exec node1 -- grep -v '^counter=' "$dir/job.out"
+echo "--- steps written: $("$DC" exec node1 -- grep -c '^counter=' "$dir/out.txt") (each exactly once)"
+echo "--- last line:      $("$DC" exec node1 -- tail -n 1 "$dir/out.txt")"
+echo "--- uninterrupted:  $("$DC" exec node1 -- $WL --expect)"
+
 step "the cluster stays up: try it yourself"
 cat <<MSG
   cluster/devcluster exec node1 --user alice -- srun --checkpoint-container apptainer exec $SIF hostname

@@ -179,6 +179,17 @@ pub fn unique() -> String {
 /// The test SIF image every node sees.
 pub const TEST_SIF: &str = "/shared/images/test.sif";
 
+/// What an uninterrupted run of the workload prints last (computed by the
+/// same program with `--expect`).
+pub fn expected_done(mem_mib: u32, steps: u32) -> String {
+    let bin = repo_root().join("target/release/ckpt-workload");
+    let out = Command::new(bin)
+        .args(["--expect", "--mem-mib", &mem_mib.to_string(), "--steps", &steps.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// The helper as installed on every node.
 pub const HELPER: &str = "/opt/checkpoint-container/bin/checkpoint-container";
 const WORKLOAD: &str = "/opt/checkpoint-container/bin/ckpt-workload";
@@ -297,14 +308,8 @@ impl Workload {
         }
     }
 
-    /// What an uninterrupted run prints last (computed by the same program).
     pub fn expected_done(&self) -> String {
-        let bin = repo_root().join("target/release/ckpt-workload");
-        let out = Command::new(bin)
-            .args(["--expect", "--mem-mib", &self.spec.mem_mib.to_string(), "--steps", &self.spec.steps.to_string()])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        expected_done(self.spec.mem_mib, self.spec.steps)
     }
 
     /// Asserts out.txt holds every step exactly once, in order, then the done
@@ -451,12 +456,7 @@ impl BatchJob {
     }
 
     pub fn expected_done(&self) -> String {
-        let bin = repo_root().join("target/release/ckpt-workload");
-        let out = Command::new(bin)
-            .args(["--expect", "--mem-mib", &self.mem_mib.to_string(), "--steps", &self.steps.to_string()])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        expected_done(self.mem_mib, self.steps)
     }
 
     /// `file` holds every step exactly once, in order, and the final line of
