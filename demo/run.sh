@@ -14,6 +14,7 @@ as_alice "srun --checkpoint-container -N2 -n2 --ntasks-per-node=1 apptainer -s e
   sh -c 'echo \"rank \$SLURM_PROCID: container on \$(hostname), \$(. /etc/os-release; echo \$PRETTY_NAME)\"'"
 
 step "sbatch with '#SBATCH --checkpoint-container', one job per node"
+as_alice "rm -f demo-*.out"
 jobs=()
 for node in node1 node2; do
   jobs+=("$(as_alice "cat > demo-job.sh <<'EOS'
@@ -48,8 +49,9 @@ srun apptainer -s exec --bind /opt/checkpoint-container --bind $dir:/data $SIF $
 EOS
 sbatch --parsable -p low -w node1 demo-preempt.sh")
 state() { "$DC" exec ctl -- scontrol -o show job "$1" | grep -o 'JobState=[A-Z]*' | cut -d= -f2; }
-until [[ $("$DC" exec node1 -- sh -c "wc -l < $dir/out.txt 2>/dev/null || echo 0") -ge 20 ]]; do sleep 0.5; done
-echo "alice's job $job is at step $("$DC" exec node1 -- sh -c "wc -l < $dir/out.txt"); bob submits to the high partition:"
+steps_done() { "$DC" exec node1 -- sh -c "cat $dir/out.txt 2>/dev/null | wc -l"; }
+until [[ $(steps_done) -ge 20 ]]; do sleep 0.5; done
+echo "alice's job $job is at step $(steps_done); bob submits to the high partition:"
 "$DC" exec node1 --user bob -- sbatch -p high -w node1 -c 2 --wrap "sleep 5"
 until [[ $(state "$job") == PENDING ]]; do sleep 0.5; done
 echo "job $job was preempted and requeued; sending it to node2 without the usual requeue delay"
