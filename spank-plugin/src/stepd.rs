@@ -48,6 +48,9 @@ fn is_container_command(argv: &[&str]) -> bool {
 pub struct StepState {
     /// Why checkpointing cannot work for this step, if it cannot.
     failure: Option<String>,
+    /// Why this node cannot checkpoint (no usable CRIU, untrusted helper):
+    /// the task then runs unprotected, and says so.
+    unprotected: Option<String>,
     settings: Option<Settings>,
     /// What the node check found (e.g. the CRIU version), for the user's line.
     node_report: String,
@@ -56,19 +59,26 @@ pub struct StepState {
 impl StepState {
     pub fn init_post_opt(&mut self, spank: &mut SpankHandle, settings: &Result<Settings, ConfigError>) {
         let step = step_name(spank);
-        let result = match settings {
-            Err(e) => Err(crate::refusal(e)),
-            Ok(s) => check_node(s),
+        let settings = match settings {
+            Err(e) => {
+                // A broken site configuration refuses the job (srun and
+                // sbatch already refused it where they read the same file).
+                let why = crate::refusal(e);
+                log_error(&format!("step {step}: {why}"));
+                self.failure = Some(why);
+                return;
+            }
+            Ok(s) => s,
         };
-        match result {
+        match check_node(settings) {
             Ok(report) => {
                 log_info(&format!("enabled for step {step}: {report}"));
                 self.node_report = report;
-                self.settings = settings.as_ref().ok().cloned();
+                self.settings = Some(settings.clone());
             }
             Err(why) => {
-                log_error(&format!("step {step}: {why}"));
-                self.failure = Some(why);
+                log_error(&format!("step {step} runs without checkpointing: {why}"));
+                self.unprotected = Some(why);
             }
         }
     }
@@ -79,6 +89,14 @@ impl StepState {
             // and the task fails instead of running unprotected.
             eprintln!("{LOG_PREFIX}: error: {why}");
             return Err(Box::new(AlreadyReported));
+        }
+        if let Some(why) = &self.unprotected {
+            // A node fault must not cost the user the job: it runs, fresh and
+            // unprotected, and the job's stderr and the slurmd log say why.
+            if spank.task_global_id()? == 0 {
+                eprintln!("{LOG_PREFIX}: warning: {why}; this step runs without checkpointing");
+            }
+            return Ok(());
         }
         spank.setenv(TASK_ENV, "1", true)?;
         if spank.task_global_id()? == 0 {
