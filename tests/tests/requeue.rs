@@ -177,3 +177,25 @@ fn failed_checkpoint_still_requeues_and_the_job_starts_fresh() {
     assert_eq!(lines.last().unwrap(), &job.expected_done());
     job.cleanup(c);
 }
+
+#[test]
+fn restore_failure_on_the_requeued_run_starts_fresh_and_says_why() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 40);
+    requeue_after(c, &job, "out.txt", 5);
+    // The checkpoint is damaged while the job waits (one byte of memory).
+    let pages = c
+        .sh("node1", "root", &format!("ls {}/pages-*.img | head -1", job.checkpoint_of(0, 0)))
+        .ok()
+        .stdout;
+    c.sh("node1", "root", &format!("printf '\\xff' | dd of={} bs=1 seek=4096 conv=notrunc status=none", pages.trim())).ok();
+    c.release(job.id, Some("node2"));
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    let out = job.output();
+    assert!(out.contains("was tampered with: digest of pages-"), "{out}");
+    assert!(out.contains(&format!("task 0 of step {}.0 starts fresh after the failed restore", job.id)), "{out}");
+    let lines = job.lines("out.txt");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("counter=1 ")).count(), 2, "started over: {lines:?}");
+    assert_eq!(lines.last().unwrap(), &job.expected_done());
+    job.cleanup(c);
+}
