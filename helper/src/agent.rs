@@ -79,6 +79,42 @@ fn task_checkpoint_dir(settings: &Settings, t: &Task) -> Result<PathBuf> {
     Ok(job_dir(settings, t.job_id)?.join(format!("step{}.task{}", t.step_id, t.task_id)))
 }
 
+/// Removes the checkpoints of jobs that are over for good: the user
+/// cancelled a requeued job before it ran again, or the agent that would
+/// have cleaned up never ran. A job slurmctld still knows as pending,
+/// running or requeued keeps its checkpoints; if slurmctld cannot be asked,
+/// nothing is removed. Returns the job ids removed.
+pub fn collect_garbage(settings: &Settings) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(&settings.checkpoint_dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let Some(job) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let path = entry.path();
+        // Only directories the agent made (root, private) are ever removed.
+        let ours = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o077 == 0);
+        if ours && job_is_over(job) && std::fs::remove_dir_all(&path).is_ok() {
+            removed.push(job);
+        }
+    }
+    removed
+}
+
+/// Whether slurmctld says the job will not run again.
+fn job_is_over(job: u32) -> bool {
+    let out = Command::new("scontrol")
+        .args(["-o", "show", "job", &job.to_string()])
+        .env_clear()
+        .env("PATH", SYSTEM_PATH)
+        .output();
+    let Ok(out) = out else { return false };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if text.contains("Invalid job id") {
+        return true;
+    }
+    let state = text.split_whitespace().find_map(|kv| kv.strip_prefix("JobState=")).unwrap_or("");
+    matches!(state, "COMPLETED" | "CANCELLED" | "FAILED" | "TIMEOUT" | "OUT_OF_MEMORY" | "DEADLINE" | "BOOT_FAIL" | "NODE_FAIL")
+}
+
 /// Removes the task's checkpoint, and the job's directory once it is empty.
 fn forget_checkpoint(settings: &Settings, t: &Task) {
     let job = settings.checkpoint_dir.join(t.job_id.to_string());
@@ -296,6 +332,10 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         return fail(format!("{}: refused a client with uid {} pid {} (expected the task, pid {})", t.name(), cred.uid(), cred.pid(), t.task_pid));
     }
     let stdio = protocol::recv_stdio(&stream)?;
+    // Every new task also sweeps what finished jobs left behind.
+    for job in collect_garbage(settings) {
+        eprintln!("{}: removed the checkpoints of job {job}, which is over", t.name());
+    }
     let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
     let mut channel = Channel::new(stream.try_clone().context(|| "dup".into())?)?;
     let Some(ToAgent::Start { argv, cwd, env }) = channel.recv()? else {

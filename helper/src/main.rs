@@ -75,6 +75,9 @@ enum Command {
         #[arg(long, value_name = "FD")]
         status_fd: Option<i32>,
     },
+    /// Remove the checkpoints of jobs that will not run again (agents also
+    /// do this whenever a task starts); prints the job ids removed
+    Gc,
     /// Run a --checkpoint-container task (the plugin puts this in front of
     /// the task's apptainer command; runs as the job user)
     Task {
@@ -225,6 +228,12 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 }
             })?;
             Ok(done.exit_code.clamp(0, 255) as u8)
+        }
+        Command::Gc => {
+            for job in agent::collect_garbage(&settings) {
+                println!("{job}");
+            }
+            Ok(0)
         }
         Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
         Command::Agent { socket, job_id, step_id, task_id, uid, gid, restart_count, task_pid, log } => {

@@ -199,3 +199,23 @@ fn restore_failure_on_the_requeued_run_starts_fresh_and_says_why() {
     assert_eq!(lines.last().unwrap(), &job.expected_done());
     job.cleanup(c);
 }
+
+#[test]
+fn checkpoints_of_a_requeued_job_cancelled_while_pending_are_collected() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 600);
+    let waiting = c.submit_workload_job(&["-w", "node2"], ONE_STEP, 64, 600);
+    requeue_after(c, &job, "out.txt", 5);
+    requeue_after(c, &waiting, "out.txt", 5);
+    let gc = ["/opt/checkpoint-container/bin/checkpoint-container", "--checkpoint-dir", "/shared/checkpoints", "gc"];
+    // Both are pending: their checkpoints stay.
+    assert_eq!(c.exec("node1", "root", &gc).ok().stdout, "");
+    c.exec("node1", "alice", &["scancel", &job.id.to_string()]).ok();
+    c.wait_state(job.id, &["CANCELLED"], MINUTE);
+    assert_eq!(c.exec("node1", "root", &gc).ok().stdout, format!("{}\n", job.id));
+    let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
+    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "{left}");
+    assert!(left.split_whitespace().any(|d| d == waiting.id.to_string()), "the pending job lost its checkpoint: {left}");
+    job.cleanup(c);
+    waiting.cleanup(c);
+}
