@@ -244,6 +244,16 @@ fn restored_stdio(m: &Manifest, args: &mut Vec<String>) -> Result<([File; 2], Ve
     Ok(([out, err], relays))
 }
 
+/// Whether CRIU has let go of the restored root task: it writes its pid file
+/// before the final resume, while the task is still traced.
+fn released(pid: Pid) -> bool {
+    match std::fs::read_to_string(procfs::proc_path(pid, "status")) {
+        Ok(status) => status.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|v| v.trim() == "0"),
+        // Already gone: it ran and ended.
+        Err(_) => true,
+    }
+}
+
 /// How the restored program ended, once it has.
 pub struct Restored {
     pub exit_code: i32,
@@ -306,7 +316,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         if let Some(status) = criu_child.try_wait().context(|| "waiting for CRIU".into())? {
             break status;
         }
-        if !announced && pidfile.exists() {
+        if !announced && pidfile.exists() && released(m.process.root_pid) {
             announced = true;
             if let Some(f) = on_restored.take() {
                 f(&m, started.elapsed().as_secs_f64());
@@ -318,6 +328,13 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         std::thread::sleep(Duration::from_millis(if announced { 200 } else { 5 }));
     };
     let restore_seconds = started.elapsed().as_secs_f64();
+    if !announced && status.success() {
+        // The program ran and ended between two polls.
+        announced = true;
+        if let Some(f) = on_restored.take() {
+            f(&m, restore_seconds);
+        }
+    }
     for r in relays {
         let _ = r.join();
     }
