@@ -1,4 +1,5 @@
-//! Checkpoint directories: written aside, sealed, then swapped in atomically,
+//! Checkpoint directories: written aside (behind a root-only directory),
+//! sealed, then swapped in atomically,
 //! so a failed or interrupted checkpoint never replaces a good one and a
 //! half-written one is never used.
 //!
@@ -40,22 +41,31 @@ fn checked_target(path: &Path) -> Result<(PathBuf, String)> {
 }
 
 pub struct Staging {
+    /// Root-only directory around the images while they are written: the
+    /// user's other processes cannot reach them (and keep a writable fd to
+    /// change them after sealing). Removed on drop, with whatever it holds
+    /// then: a partial dump, or the checkpoint a commit replaced.
+    fence: PathBuf,
+    /// Where CRIU writes, owned by the user it runs as.
     pub path: PathBuf,
     target: PathBuf,
-    committed: bool,
 }
 
 impl Staging {
-    /// A fresh directory next to `target`, owned by the user CRIU runs as.
+    /// A fresh directory next to `target`, for CRIU running as `uid`.
     pub fn create(target: &Path, uid: u32, gid: u32) -> Result<Staging> {
         let (parent, name) = checked_target(target)?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let path = parent.join(format!(".{name}.partial-{}-{nanos}", std::process::id()));
+        let fence = parent.join(format!(".{name}.partial-{}-{nanos}", std::process::id()));
         fs::DirBuilder::new()
             .mode(0o700)
-            .create(&path)
-            .context(|| format!("cannot create {}", path.display()))?;
-        let staging = Staging { path, target: target.to_path_buf(), committed: false };
+            .create(&fence)
+            .context(|| format!("cannot create {}", fence.display()))?;
+        let staging = Staging { path: fence.join("images"), fence, target: target.to_path_buf() };
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging.path)
+            .context(|| format!("cannot create {}", staging.path.display()))?;
         nix::unistd::chown(&staging.path, Some(uid.into()), Some(gid.into()))
             .context(|| format!("cannot hand {} to uid {uid}", staging.path.display()))?;
         Ok(staging)
@@ -107,27 +117,18 @@ impl Staging {
 
     /// Puts the sealed directory in place of `target`, atomically: an earlier
     /// checkpoint there is swapped out and deleted only afterwards.
-    pub fn commit(mut self) -> Result<()> {
-        let exchange = self.target.exists();
-        let flags = if exchange { libc::RENAME_EXCHANGE } else { libc::RENAME_NOREPLACE };
+    pub fn commit(self) -> Result<()> {
+        let flags = if self.target.exists() { libc::RENAME_EXCHANGE } else { libc::RENAME_NOREPLACE };
         nix::fcntl::renameat2(None, &self.path, None, &self.target, nix::fcntl::RenameFlags::from_bits_truncate(flags))
             .context(|| format!("cannot move the checkpoint into {}", self.target.display()))?;
         let parent = self.target.parent().unwrap_or(Path::new("/"));
-        File::open(parent).and_then(|d| d.sync_all()).context(|| format!("cannot flush {}", parent.display()))?;
-        if exchange {
-            // self.path now holds the previous checkpoint; Drop removes it.
-            return Ok(());
-        }
-        self.committed = true;
-        Ok(())
+        File::open(parent).and_then(|d| d.sync_all()).context(|| format!("cannot flush {}", parent.display()))
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_dir_all(&self.path);
-        }
+        let _ = fs::remove_dir_all(&self.fence);
     }
 }
 
