@@ -37,6 +37,18 @@ criu_as_user() {
     "$root/usr/sbin/criu" "$@"
 }
 
+# Each sets t to its start time.
+dump_ours() {
+  t=$(now)
+  "$HELPER" checkpoint --pid "$pid" --images "$TARGET/bench-ours" --leave-running -- "${CMD[@]}" 2>/dev/null
+}
+dump_plain() {
+  install -d -o alice "$TARGET/bench-plain"
+  t=$(now)
+  criu_as_user "$pid" dump --unprivileged --shell-job --manage-cgroups=ignore --leave-running -t "$pid" \
+    -D "$TARGET/bench-plain" -o dump.log > /dev/null 2>&1
+}
+
 install -d -o alice -g alice "$dir"
 mkdir -p "$TARGET"
 trap 'stop_container; rm -rf "$dir" "$TARGET"/bench-*' EXIT
@@ -53,17 +65,20 @@ for rep in $(seq 0 "$REPS"); do   # rep 0 warms memory and caches up
   t=$(now); dd if="$TARGET/bench-raw" of=/dev/null bs=16M status=none
   out+=("restore raw $(elapsed "$t")")
   rm -f "$TARGET/bench-raw"
-  # ours
-  t=$(now); "$HELPER" checkpoint --pid "$pid" --images "$TARGET/bench-ours" --leave-running -- "${CMD[@]}" 2>/dev/null
+  # ours, then plain CRIU, each alone on the target (no memory pressure
+  # from the other's images)
+  dump_ours
   out+=("dump ours $(elapsed "$t")")
   bytes=$(du -sb "$TARGET/bench-ours" | cut -f1)
-  # plain CRIU
-  install -d -o alice "$TARGET/bench-plain"
-  t=$(now); criu_as_user "$pid" dump --unprivileged --shell-job --manage-cgroups=ignore --leave-running -t "$pid" \
-    -D "$TARGET/bench-plain" -o dump.log > /dev/null 2>&1
+  rm -rf "$TARGET/bench-ours"
+  dump_plain
   out+=("dump plain $(elapsed "$t")")
+  rm -rf "$TARGET/bench-plain"
   ((rep > 0)) && for o in "${out[@]}"; do report $o; done
 done
+# One image of each kind for the restores.
+dump_ours
+dump_plain
 # Restores need the pids free: the container goes, and comes back each time.
 stop_container
 for rep in $(seq 0 "$REPS"); do
