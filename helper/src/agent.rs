@@ -99,19 +99,33 @@ pub fn collect_garbage(settings: &Settings) -> Vec<u32> {
     removed
 }
 
-/// Whether slurmctld says the job will not run again.
-fn job_is_over(job: u32) -> bool {
+/// What `scontrol show job` says of a job, stdout and stderr together
+/// (empty when scontrol cannot be run).
+fn show_job(job: u32) -> String {
     let out = Command::new("scontrol")
         .args(["-o", "show", "job", &job.to_string()])
         .env_clear()
         .env("PATH", SYSTEM_PATH)
         .output();
-    let Ok(out) = out else { return false };
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        .unwrap_or_default()
+}
+
+/// The `key=value` fields of `scontrol show job` output.
+fn job_fields(text: &str) -> std::collections::HashMap<String, String> {
+    text.split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+/// Whether slurmctld says the job will not run again.
+fn job_is_over(job: u32) -> bool {
+    let text = show_job(job);
     if text.contains("Invalid job id") {
         return true;
     }
-    let state = text.split_whitespace().find_map(|kv| kv.strip_prefix("JobState=")).unwrap_or("");
+    let fields = job_fields(&text);
+    let state = fields.get("JobState").map(String::as_str).unwrap_or("");
     matches!(state, "COMPLETED" | "CANCELLED" | "FAILED" | "TIMEOUT" | "OUT_OF_MEMORY" | "DEADLINE" | "BOOT_FAIL" | "NODE_FAIL")
 }
 
@@ -148,15 +162,7 @@ fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
 
 /// `scontrol show job` fields of the task's job.
 fn job_info(t: &Task) -> std::collections::HashMap<String, String> {
-    let out = Command::new("scontrol")
-        .args(["-o", "show", "job", &t.job_id.to_string()])
-        .env_clear()
-        .env("PATH", SYSTEM_PATH)
-        .output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    text.split_whitespace()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect()
+    job_fields(&show_job(t.job_id))
 }
 
 /// Whether the job is being requeued. `scontrol requeue` counts the restart

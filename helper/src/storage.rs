@@ -78,11 +78,7 @@ impl Staging {
             let entry = entry.context(|| format!("cannot list {}", self.path.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            let file = File::options()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .context(|| format!("cannot open {}", path.display()))?;
+            let file = open_nofollow(&path).context(|| format!("cannot open {}", path.display()))?;
             let meta = file.metadata().context(|| format!("cannot stat {}", path.display()))?;
             if !meta.is_file() {
                 return fail(format!("unexpected non-file {} in the checkpoint", path.display()));
@@ -93,7 +89,7 @@ impl Staging {
             if name == DUMP_LOG {
                 continue;
             }
-            let (size, blake3) = digest(&path)?;
+            let (size, blake3) = digest_open(file, &path)?;
             files.push(ImageFile { name, size, blake3 });
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -132,12 +128,20 @@ impl Drop for Staging {
     }
 }
 
+/// Opens a file for reading, refusing a symlink in its last component.
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
 pub fn digest(path: &Path) -> Result<(u64, String)> {
-    let mut f = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .context(|| format!("cannot open {}", path.display()))?;
+    let f = open_nofollow(path).context(|| format!("cannot open {}", path.display()))?;
+    digest_open(f, path)
+}
+
+/// Size and BLAKE3 digest of a file already open (`path` names it in errors).
+fn digest_open(mut f: File, path: &Path) -> Result<(u64, String)> {
+    use std::io::Seek;
+    f.rewind().context(|| format!("cannot read {}", path.display()))?;
     let mut hasher = blake3::Hasher::new();
     let size = std::io::copy(&mut f, &mut hasher).context(|| format!("cannot read {}", path.display()))?;
     Ok((size, hasher.finalize().to_hex().to_string()))
@@ -160,11 +164,7 @@ pub fn open_checkpoint(dir: &Path, verify_images: bool) -> Result<Manifest> {
         ));
     }
     let manifest_path = dir.join(FILE_NAME);
-    let mf = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&manifest_path)
-        .context(|| format!("checkpoint {} is incomplete: no manifest", dir.display()))?;
+    let mf = open_nofollow(&manifest_path).context(|| format!("checkpoint {} is incomplete: no manifest", dir.display()))?;
     let mmeta = mf.metadata().context(|| format!("cannot stat {}", manifest_path.display()))?;
     if !mmeta.is_file() || mmeta.uid() != 0 {
         return fail(format!("{} is not a root-owned file", manifest_path.display()));
