@@ -29,8 +29,42 @@ pub struct Settings {
     pub helper: PathBuf,
     pub checkpoint_dir: PathBuf,
     pub criu: PathBuf,
+    /// How page images are stored.
+    pub compression: Compression,
+    /// Node-local directory (tmpfs) where a checkpoint is written first and
+    /// then moved to `checkpoint_dir` once the container is released; none:
+    /// written to `checkpoint_dir` directly.
+    pub staging_dir: Option<PathBuf>,
     /// The TOML file these settings were read from, if one was read.
     pub config_file: Option<PathBuf>,
+}
+
+/// How page images are stored: as CRIU writes them, or compressed with
+/// multi-threaded zstd (smaller images, fewer bytes to a slow shared
+/// filesystem, more CPU).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    Zstd,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    fn parse(key: &str, value: &str) -> Result<Compression, ConfigError> {
+        match value {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            _ => Err(ConfigError::BadValue { key: key.to_string(), value: value.to_string(), why: "expected none or zstd" }),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -39,6 +73,8 @@ impl Default for Settings {
             helper: DEFAULT_HELPER.into(),
             checkpoint_dir: DEFAULT_CHECKPOINT_DIR.into(),
             criu: DEFAULT_CRIU.into(),
+            compression: Compression::None,
+            staging_dir: None,
             config_file: None,
         }
     }
@@ -56,6 +92,8 @@ pub enum ConfigError {
     Duplicate { key: String },
     /// A value that is empty, relative, or contains `..`.
     BadPath { key: String, value: String, why: &'static str },
+    /// A value that is not one of the allowed words.
+    BadValue { key: String, value: String, why: &'static str },
     /// The TOML file could not be read (only an error when named by `config=`).
     Unreadable { path: PathBuf, why: String },
     /// The TOML file is not valid or has unknown keys.
@@ -78,7 +116,7 @@ impl fmt::Display for ConfigError {
             ConfigError::Duplicate { key } => {
                 write!(f, "plugstack.conf argument \"{key}\" is given more than once")
             }
-            ConfigError::BadPath { key, value, why } => {
+            ConfigError::BadPath { key, value, why } | ConfigError::BadValue { key, value, why } => {
                 write!(f, "setting {key}=\"{value}\" is invalid: {why}")
             }
             ConfigError::Unreadable { path, why } => {
@@ -95,7 +133,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const KEYS: [&str; 4] = ["helper", "checkpoint_dir", "criu", "config"];
+const KEYS: [&str; 6] = ["helper", "checkpoint_dir", "criu", "compression", "staging_dir", "config"];
 
 /// The admin TOML file. Unknown keys are refused, like unknown arguments.
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +142,8 @@ struct TomlFile {
     helper: Option<String>,
     checkpoint_dir: Option<String>,
     criu: Option<String>,
+    compression: Option<Compression>,
+    staging_dir: Option<String>,
 }
 
 /// Arguments from the plugstack.conf line, validated but not yet merged.
@@ -112,6 +152,8 @@ struct PlugstackArgs {
     helper: Option<PathBuf>,
     checkpoint_dir: Option<PathBuf>,
     criu: Option<PathBuf>,
+    compression: Option<Compression>,
+    staging_dir: Option<PathBuf>,
     config: Option<PathBuf>,
 }
 
@@ -122,8 +164,15 @@ fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, Conf
         let (key, value) = arg
             .split_once('=')
             .ok_or_else(|| ConfigError::Malformed { arg: arg.to_string() })?;
+        if key == "compression" {
+            if out.compression.replace(Compression::parse(key, value)?).is_some() {
+                return Err(ConfigError::Duplicate { key: key.to_string() });
+            }
+            continue;
+        }
         let slot = match key {
             "helper" => &mut out.helper,
+            "staging_dir" => &mut out.staging_dir,
             "checkpoint_dir" => &mut out.checkpoint_dir,
             "criu" => &mut out.criu,
             "config" => &mut out.config,
@@ -199,6 +248,12 @@ impl Settings {
         if let Some(p) = args.criu {
             settings.criu = p;
         }
+        if let Some(c) = args.compression {
+            settings.compression = c;
+        }
+        if let Some(p) = args.staging_dir {
+            settings.staging_dir = Some(p);
+        }
         Ok(settings)
     }
 
@@ -215,6 +270,12 @@ impl Settings {
         }
         if let Some(v) = file.criu {
             self.criu = checked_path("criu", &v)?;
+        }
+        if let Some(c) = file.compression {
+            self.compression = c;
+        }
+        if let Some(v) = file.staging_dir {
+            self.staging_dir = Some(checked_path("staging_dir", &v)?);
         }
         Ok(())
     }
@@ -252,6 +313,20 @@ mod tests {
         assert_eq!(s.helper, PathBuf::from("/opt/h"));
         assert_eq!(s.checkpoint_dir, PathBuf::from("/shared/ckpt"));
         assert_eq!(s.criu, PathBuf::from("/opt/criu"));
+    }
+
+    #[test]
+    fn performance_options_are_parsed_strictly() {
+        let s = load(&["compression=zstd", "staging_dir=/dev/shm/ckpt"]).unwrap();
+        assert_eq!(s.compression, Compression::Zstd);
+        assert_eq!(s.staging_dir, Some(PathBuf::from("/dev/shm/ckpt")));
+        let e = load(&["compression=gzip"]).unwrap_err();
+        assert_eq!(e.to_string(), "setting compression=\"gzip\" is invalid: expected none or zstd");
+        assert!(matches!(load(&["compression=none", "compression=zstd"]), Err(ConfigError::Duplicate { .. })));
+        assert!(matches!(load(&["staging_dir=shm"]), Err(ConfigError::BadPath { .. })));
+        let read = |_: &Path| Ok(Some("compression = \"zstd\"\nstaging_dir = \"/run/ckpt\"\n".to_string()));
+        let s = Settings::load(&["compression=none"], read).unwrap();
+        assert_eq!((s.compression, s.staging_dir), (Compression::None, Some(PathBuf::from("/run/ckpt"))));
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Dumping a running container's process tree.
 
 use crate::apptainer::ContainerCommand;
-use crate::criu::{self, Invocation, DUMP_CAPS, IMAGES_FD};
+use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
 use crate::error::{fail, Context, Result};
 use crate::manifest::{self, JobIds, Manifest, Owner};
 use crate::procfs::{self, Pid};
 use crate::storage::{self, Staging, DUMP_LOG};
 use ckpt_config::Settings;
-use std::path::PathBuf;
+use crate::streamer::Capture;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub struct CheckpointRequest {
@@ -103,7 +106,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     if !image.starts_with('/') {
         return fail(format!("container image {image} must be given as an absolute path"));
     }
-    let (image_size, image_blake3) = storage::digest(std::path::Path::new(image))?;
+    let image_stamp = storage::stamp(Path::new(image))?;
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
     let ids = procfs::threads(&pids);
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
@@ -119,9 +122,14 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
         })
         .collect();
 
-    let staging = Staging::create(&req.target, uid, gid)?;
-    let images_dir = std::fs::File::open(&staging.path).context(|| format!("cannot open {}", staging.path.display()))?;
-    let mut args: Vec<String> = ["dump", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", DUMP_LOG]
+    let expected_bytes = procfs::memory_bytes(&pids);
+    let (staging, fallback) = Staging::create(&req.target, uid, gid, settings.staging_dir.as_deref(), expected_bytes)?;
+    if let Some(why) = fallback {
+        log::warn!("{why}");
+    }
+    let criu_dir = File::open(&staging.work).context(|| format!("cannot open {}", staging.work.display()))?;
+    let listener = Capture::bind(&staging.work, uid, gid)?;
+    let mut args: Vec<String> = ["dump", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", DUMP_LOG]
         .map(String::from)
         .into();
     args.extend(["-t".into(), req.pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
@@ -138,17 +146,34 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
         mnt_ns_of: req.pid,
         uid,
         gid,
-        caps: DUMP_CAPS,
-        images_dir: &images_dir,
+        caps: CRIU_CAPS,
+        images_dir: &criu_dir,
         work_dir: None,
         args,
     };
     let started = Instant::now();
-    let out = invocation.command()?.stdin(std::process::Stdio::null()).output().context(|| "cannot run CRIU".into())?;
+    let child = invocation
+        .command()?
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context(|| "cannot run CRIU".into())?;
+    // Threads only once CRIU is forked: the images, and meanwhile the
+    // container image's digest (the manifest pins what restore must find).
+    let capture = Capture::start(listener, staging.images.clone(), settings.compression);
+    let image_path = PathBuf::from(image);
+    let image_digest = std::thread::spawn(move || storage::digest(&image_path));
+    let out = child.wait_with_output().context(|| "cannot run CRIU".into());
+    let streamed = capture.finish();
     let dump_seconds = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        let log = std::fs::read_to_string(staging.path.join(DUMP_LOG)).unwrap_or_default();
-        let why = criu::first_error(&log)
+    let out = out?;
+    if !out.status.success() || streamed.is_err() {
+        let log = std::fs::read_to_string(staging.work.join(DUMP_LOG)).unwrap_or_default();
+        let why = streamed
+            .err()
+            .map(|e| e.0)
+            .or_else(|| criu::first_error(&log))
             .or_else(|| String::from_utf8_lossy(&out.stderr).lines().last().map(str::to_string))
             .unwrap_or_else(|| format!("exit status {}", out.status));
         return fail(format!(
@@ -157,7 +182,12 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
             req.target.display()
         ));
     }
-    let files = staging.seal()?;
+    let files = streamed?;
+    let (image_size, image_blake3) = image_digest.join().unwrap_or_else(|_| fail("image digest thread panicked"))?;
+    if storage::stamp(Path::new(image))? != image_stamp {
+        return fail(format!("container image {image} changed while the checkpoint was taken"));
+    }
+    staging.seal(&files)?;
     let manifest = Manifest {
         format: manifest::FORMAT,
         job: req.job.clone(),
@@ -172,6 +202,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
             image: image.to_string(),
             image_size,
             image_blake3,
+            image_stamp,
         },
         process: manifest::Process { root_pid: req.pid, comm, pids: ids, stdio },
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },

@@ -96,14 +96,9 @@ pub fn check(criu: &Path) -> Result<Version, CriuError> {
 
 /// Capabilities CRIU keeps when it runs as the job user (`--unprivileged`):
 /// enough to seize and dump that user's processes, restore their pids and
-/// memory layout, and nothing more.
-pub const DUMP_CAPS: &[caps::Capability] = &[caps::Capability::CAP_CHECKPOINT_RESTORE, caps::Capability::CAP_SYS_PTRACE];
-/// Restore also reads the sealed, root-owned images.
-pub const RESTORE_CAPS: &[caps::Capability] = &[
-    caps::Capability::CAP_CHECKPOINT_RESTORE,
-    caps::Capability::CAP_SYS_PTRACE,
-    caps::Capability::CAP_DAC_READ_SEARCH,
-];
+/// memory layout, and nothing more. Images pass through the helper's
+/// streamer, so CRIU never reads or writes the checkpoint directory.
+pub const CRIU_CAPS: &[caps::Capability] = &[caps::Capability::CAP_CHECKPOINT_RESTORE, caps::Capability::CAP_SYS_PTRACE];
 
 /// fd numbers at which CRIU receives the directories it works in; it is told
 /// `-D /proc/self/fd/IMAGES_FD`, which resolves in any mount namespace.

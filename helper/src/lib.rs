@@ -13,4 +13,5 @@ pub mod procfs;
 pub mod protocol;
 pub mod restore;
 pub mod storage;
+pub mod streamer;
 pub mod task;

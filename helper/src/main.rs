@@ -26,6 +26,13 @@ struct Cli {
     /// Root of the per-job checkpoint directories (overrides the configuration)
     #[arg(long, global = true, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
+    /// How page images are stored: none or zstd (overrides the configuration)
+    #[arg(long, global = true, value_name = "HOW")]
+    compression: Option<String>,
+    /// Node-local directory (tmpfs) to write checkpoints to first (overrides
+    /// the configuration)
+    #[arg(long, global = true, value_name = "DIR")]
+    staging_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -165,10 +172,17 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
-    let args: Vec<String> = match &cli.config {
+    let mut args: Vec<String> = match &cli.config {
         Some(p) => vec![format!("config={}", p.display())],
         None => vec![],
     };
+    // Command-line overrides are checked exactly like plugstack.conf arguments.
+    if let Some(c) = &cli.compression {
+        args.push(format!("compression={c}"));
+    }
+    if let Some(p) = &cli.staging_dir {
+        args.push(format!("staging_dir={}", p.display()));
+    }
     let mut settings = Settings::load(&args, read_optional_file)?;
     // What the agent passes on to the commands it runs.
     let mut settings_args = Vec::new();
@@ -182,6 +196,12 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     if let Some(p) = cli.checkpoint_dir {
         settings_args.extend(["--checkpoint-dir".to_string(), p.display().to_string()]);
         settings.checkpoint_dir = ckpt_config::checked_path("checkpoint_dir", &p.to_string_lossy())?;
+    }
+    if let Some(c) = cli.compression {
+        settings_args.extend(["--compression".to_string(), c]);
+    }
+    if let Some(p) = cli.staging_dir {
+        settings_args.extend(["--staging-dir".to_string(), p.display().to_string()]);
     }
     match cli.command {
         Command::Check { criu } => {

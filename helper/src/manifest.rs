@@ -53,6 +53,10 @@ pub struct Container {
     pub image: String,
     pub image_size: u64,
     pub image_blake3: String,
+    /// Inode, size, mtime and ctime of the image when dumped: a restore that
+    /// finds the same needs not re-digest it (only root can set a ctime).
+    #[serde(default)]
+    pub image_stamp: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,8 +81,12 @@ pub struct Stats {
 #[serde(deny_unknown_fields)]
 pub struct ImageFile {
     pub name: String,
+    /// Bytes as stored, and their digest.
     pub size: u64,
     pub blake3: String,
+    /// Stored as one zstd stream (page images with `compression = "zstd"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zstd: bool,
 }
 
 impl Manifest {
@@ -114,10 +122,14 @@ mod tests {
                 image: "/x.sif".into(),
                 image_size: 3,
                 image_blake3: "ab".into(),
+                image_stamp: "1:3:4:5".into(),
             },
             process: Process { root_pid: 42, comm: "sim".into(), pids: vec![42, 43], stdio: vec!["/dev/null".into()] },
             stats: Stats { dump_seconds: 0.5, images_bytes: 10 },
-            files: vec![ImageFile { name: "core-42.img".into(), size: 10, blake3: "cd".into() }],
+            files: vec![
+                ImageFile { name: "core-42.img".into(), size: 10, blake3: "cd".into(), zstd: false },
+                ImageFile { name: "pages-1.img".into(), size: 5, blake3: "ef".into(), zstd: true },
+            ],
         }
     }
 

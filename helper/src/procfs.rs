@@ -118,3 +118,16 @@ pub fn threads(pids: &[Pid]) -> Vec<Pid> {
     out.dedup();
     out
 }
+
+/// Resident memory of a process tree (bytes): about what its page images
+/// will take, before compression.
+pub fn memory_bytes(pids: &[Pid]) -> u64 {
+    pids.iter()
+        .filter_map(|&pid| std::fs::read_to_string(proc_path(pid, "status")).ok())
+        .filter_map(|status| {
+            let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .sum::<u64>()
+        << 10
+}

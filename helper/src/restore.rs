@@ -2,11 +2,12 @@
 //! then CRIU restores the process tree into its mount namespace.
 
 use crate::apptainer::ContainerCommand;
-use crate::criu::{self, Invocation, IMAGES_FD, RESTORE_CAPS, WORK_FD};
+use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
 use crate::error::{fail, Context, EngineError, Result};
 use crate::manifest::Manifest;
 use crate::procfs::{self, Pid};
 use crate::storage;
+use crate::streamer::Serve;
 use ckpt_config::Settings;
 use std::fs::File;
 use std::io::Read;
@@ -33,7 +34,8 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Checks everything that can be checked before anything is started.
 pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
     criu::check(&settings.criu)?;
-    let m = storage::open_checkpoint(&req.images, true)?;
+    // Digests are verified while the images are served.
+    let m = storage::open_checkpoint(&req.images, false)?;
     if let Some(uid) = req.expected_uid {
         if m.owner.uid != uid {
             return fail(format!(
@@ -56,8 +58,7 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
     if !image.exists() {
         return fail(format!("container image {} of the checkpoint is missing on this node", image.display()));
     }
-    let (_, digest) = storage::digest(image)?;
-    if digest != m.container.image_blake3 {
+    if storage::stamp(image)? != m.container.image_stamp && storage::digest(image)?.1 != m.container.image_blake3 {
         return fail(format!(
             "container image {} changed since the checkpoint (digest differs): refusing to restore",
             image.display()
@@ -266,16 +267,16 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let mut on_restored = Some(on_restored);
     let m = verify(settings, req)?;
     let started = Instant::now();
-    let images_dir = File::open(&req.images).context(|| format!("cannot open {}", req.images.display()))?;
     let work = work_dir(m.owner.uid, m.owner.gid)?;
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
+    let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
     reserve_pids(&m.process.pids)?;
     let placeholder = Placeholder::start(&m)?;
 
-    let mut args: Vec<String> = ["restore", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", "restore.log", "--pidfile", "restore.pid"]
+    let mut args: Vec<String> = ["restore", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", "restore.log", "--pidfile", "restore.pid"]
         .map(String::from)
         .into();
-    args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}"), "-W".into(), format!("/proc/self/fd/{WORK_FD}")]);
+    args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
     let (stdio, relay_ends) = match restored_stdio(&m, &mut args) {
         Ok(x) => x,
         Err(e) => {
@@ -288,9 +289,9 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         mnt_ns_of: placeholder.payload,
         uid: m.owner.uid,
         gid: m.owner.gid,
-        caps: RESTORE_CAPS,
-        images_dir: &images_dir,
-        work_dir: Some(&work_file),
+        caps: CRIU_CAPS,
+        images_dir: &work_file,
+        work_dir: None,
         args,
     };
     let spawned = invocation.command().map_err(EngineError::from).and_then(|mut c| {
@@ -304,6 +305,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             return Err(e);
         }
     };
+    let serve = Serve::start(listener, req.images.clone(), &m.files);
     let relays: Vec<_> = relay_ends
         .into_iter()
         .map(|(fd, r)| if fd == 1 { relay(r, Box::new(std::io::stdout())) } else { relay(r, Box::new(std::io::stderr())) })
@@ -338,9 +340,14 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     for r in relays {
         let _ = r.join();
     }
+    let served = serve.finish();
     if !announced && !status.success() {
         placeholder.kill();
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
+        if let Err(e) = served {
+            let _ = std::fs::remove_dir_all(&work);
+            return fail(format!("{e} (nothing was left running)"));
+        }
         let why = criu::first_error(&log).unwrap_or_else(|| format!("CRIU exited with {status}"));
         return fail(format!(
             "CRIU could not restore {}: {why} (nothing was left running; log in {})",

@@ -5,19 +5,19 @@
 //!
 //! Layout of a committed checkpoint directory (root:root, 0700):
 //!   manifest.toml   what was dumped, by whom, and a BLAKE3 digest per file
-//!   *.img           CRIU's images (root:root, 0600)
+//!   *.img           CRIU's images (root:root, 0600), `pages-*` possibly zstd
 //!   dump.log        CRIU's log of the dump
 //!
-//! CRIU writes the images as the job user; sealing hands every file to root
-//! so that the user cannot change images between dump and restore (a
-//! tampered image would be restored by a CRIU holding capabilities).
+//! CRIU runs as the job user but never writes an image: it streams them to
+//! the helper (streamer.rs), which writes them as root, so the user cannot
+//! change images between dump and restore (a tampered image would be
+//! restored by a CRIU holding capabilities).
 
 use crate::error::{fail, Context, Result};
 use crate::manifest::{ImageFile, Manifest, FILE_NAME};
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 pub const DUMP_LOG: &str = "dump.log";
@@ -41,84 +41,132 @@ fn checked_target(path: &Path) -> Result<(PathBuf, String)> {
 }
 
 pub struct Staging {
-    /// Root-only directory around the images while they are written: the
-    /// user's other processes cannot reach them (and keep a writable fd to
-    /// change them after sealing). Removed on drop, with whatever it holds
-    /// then: a partial dump, or the checkpoint a commit replaced.
+    /// Root-only directory around the checkpoint while it is written:
+    /// nothing of the user's can reach into it. Removed on drop, with
+    /// whatever it holds then: a partial dump, or the checkpoint a commit
+    /// replaced.
     fence: PathBuf,
-    /// Where CRIU writes, owned by the user it runs as.
-    pub path: PathBuf,
+    /// CRIU's directory (`-D`), owned by the user it runs as: the streamer
+    /// socket and CRIU's log; never an image.
+    pub work: PathBuf,
+    /// The checkpoint being built (root only): the images the streamer
+    /// writes, then the manifest.
+    pub images: PathBuf,
     target: PathBuf,
+    /// Written on node-local staging storage: commit copies it next to
+    /// `target` first.
+    staged: bool,
+}
+
+/// Room staging must leave free besides the images: tmpfs pages are RAM,
+/// and the node's jobs need theirs.
+const STAGING_RESERVE: u64 = 512 << 20;
+
+/// Whether `dir` can take `bytes` of images now: free space on its
+/// filesystem, and, since tmpfs is RAM, available memory too.
+fn staging_room(dir: &Path, bytes: u64) -> std::result::Result<(), String> {
+    let fs = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
+    let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+    let need = bytes + STAGING_RESERVE;
+    if free < need {
+        return Err(format!("{} has {} MiB free, {} MiB needed", dir.display(), free >> 20, need >> 20));
+    }
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(u64::MAX, |kib| kib << 10);
+    if available < need {
+        return Err(format!("the node has {} MiB of memory available, {} MiB needed", available >> 20, need >> 20));
+    }
+    Ok(())
+}
+
+fn private_dir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(path).context(|| format!("cannot create {}", path.display()))
+}
+
+/// `.NAME.partial-PID-NANOS` in `dir`: a fence directory name no other
+/// checkpoint uses.
+fn fence_in(dir: &Path, name: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    dir.join(format!(".{name}.partial-{}-{nanos}", std::process::id()))
 }
 
 impl Staging {
-    /// A fresh directory next to `target`, for CRIU running as `uid`.
-    pub fn create(target: &Path, uid: u32, gid: u32) -> Result<Staging> {
+    /// A fresh checkpoint under construction for `target`, dumped by CRIU
+    /// running as `uid`. With `staging_dir`, it is written there first if
+    /// `expected_bytes` fit (else directly, and the reason is returned).
+    pub fn create(target: &Path, uid: u32, gid: u32, staging_dir: Option<&Path>, expected_bytes: u64) -> Result<(Staging, Option<String>)> {
         let (parent, name) = checked_target(target)?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let fence = parent.join(format!(".{name}.partial-{}-{nanos}", std::process::id()));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&fence)
-            .context(|| format!("cannot create {}", fence.display()))?;
-        let staging = Staging { path: fence.join("images"), fence, target: target.to_path_buf() };
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&staging.path)
-            .context(|| format!("cannot create {}", staging.path.display()))?;
-        nix::unistd::chown(&staging.path, Some(uid.into()), Some(gid.into()))
-            .context(|| format!("cannot hand {} to uid {uid}", staging.path.display()))?;
-        Ok(staging)
+        let mut fallback = None;
+        let mut at = parent.clone();
+        if let Some(dir) = staging_dir {
+            match staging_room(dir, expected_bytes) {
+                Ok(()) => at = dir.to_path_buf(),
+                Err(why) => fallback = Some(format!("not staging the checkpoint in {}: {why}; writing it to {} directly", dir.display(), parent.display())),
+            }
+        }
+        let fence = fence_in(&at, &name);
+        private_dir(&fence)?;
+        let staging = Staging { work: fence.join("work"), images: fence.join("images"), fence, target: target.to_path_buf(), staged: at != parent };
+        private_dir(&staging.images)?;
+        private_dir(&staging.work)?;
+        nix::unistd::chown(&staging.work, Some(uid.into()), Some(gid.into()))
+            .context(|| format!("cannot hand {} to uid {uid}", staging.work.display()))?;
+        Ok((staging, fallback))
     }
 
-    /// Hands every file to root (0600), flushes it to disk and digests it.
-    pub fn seal(&self) -> Result<Vec<ImageFile>> {
-        let mut files = Vec::new();
-        for entry in fs::read_dir(&self.path).context(|| format!("cannot list {}", self.path.display()))? {
-            let entry = entry.context(|| format!("cannot list {}", self.path.display()))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            let file = open_nofollow(&path).context(|| format!("cannot open {}", path.display()))?;
-            let meta = file.metadata().context(|| format!("cannot stat {}", path.display()))?;
-            if !meta.is_file() {
-                return fail(format!("unexpected non-file {} in the checkpoint", path.display()));
+    /// Completes the image set the streamer wrote: checks the directory
+    /// holds exactly those files, and adds CRIU's log.
+    pub fn seal(&self, streamed: &[ImageFile]) -> Result<()> {
+        for entry in fs::read_dir(&self.images).context(|| format!("cannot list {}", self.images.display()))? {
+            let name = entry.context(|| format!("cannot list {}", self.images.display()))?.file_name();
+            if !streamed.iter().any(|f| f.name.as_str() == name) {
+                return fail(format!("unexpected file {} in the checkpoint", name.to_string_lossy()));
             }
-            nix::unistd::fchown(file.as_raw_fd(), Some(0.into()), Some(0.into())).context(|| format!("cannot chown {}", path.display()))?;
-            file.set_permissions(fs::Permissions::from_mode(0o600)).context(|| format!("cannot chmod {}", path.display()))?;
-            file.sync_all().context(|| format!("cannot flush {} to disk", path.display()))?;
-            if name == DUMP_LOG {
-                continue;
-            }
-            let (size, blake3) = digest_open(file, &path)?;
-            files.push(ImageFile { name, size, blake3 });
         }
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        nix::unistd::chown(&self.path, Some(0.into()), Some(0.into())).context(|| format!("cannot chown {}", self.path.display()))?;
-        Ok(files)
+        // The log is the user's file (CRIU wrote it): copied, never moved,
+        // and only if it is a plain file of a sane size.
+        if let Ok(log) = open_nofollow(&self.work.join(DUMP_LOG)) {
+            if log.metadata().is_ok_and(|m| m.is_file() && m.len() < 64 << 20) {
+                let mut copy = create_private(&self.images.join(DUMP_LOG))?;
+                std::io::copy(&mut &log, &mut copy).context(|| "cannot copy CRIU's log".into())?;
+            }
+        }
+        Ok(())
     }
 
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
-        let path = self.path.join(FILE_NAME);
-        let mut f = File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .context(|| format!("cannot create {}", path.display()))?;
+        let path = self.images.join(FILE_NAME);
+        let mut f = create_private(&path)?;
         f.write_all(manifest.to_toml().as_bytes())
             .and_then(|_| f.sync_all())
             .context(|| format!("cannot write {}", path.display()))?;
-        File::open(&self.path).and_then(|d| d.sync_all()).context(|| format!("cannot flush {}", self.path.display()))
+        sync_dir(&self.images)
     }
 
-    /// Puts the sealed directory in place of `target`, atomically: an earlier
-    /// checkpoint there is swapped out and deleted only afterwards.
-    pub fn commit(self) -> Result<()> {
+    /// Puts the sealed checkpoint in place of `target`, atomically: an
+    /// earlier checkpoint there is swapped out and deleted only afterwards.
+    /// A staged checkpoint is first copied next to `target` (same
+    /// filesystem, so the swap stays atomic).
+    pub fn commit(mut self) -> Result<()> {
+        if self.staged {
+            let (parent, name) = checked_target(&self.target)?;
+            let fence = fence_in(&parent, &name);
+            private_dir(&fence)?;
+            let copy = fence.join("images");
+            let staged_fence = std::mem::replace(&mut self.fence, fence);
+            let copied = copy_dir(&self.images, &copy);
+            let _ = fs::remove_dir_all(&staged_fence);
+            copied?;
+            self.images = copy;
+        }
         let flags = if self.target.exists() { libc::RENAME_EXCHANGE } else { libc::RENAME_NOREPLACE };
-        nix::fcntl::renameat2(None, &self.path, None, &self.target, nix::fcntl::RenameFlags::from_bits_truncate(flags))
+        nix::fcntl::renameat2(None, &self.images, None, &self.target, nix::fcntl::RenameFlags::from_bits_truncate(flags))
             .context(|| format!("cannot move the checkpoint into {}", self.target.display()))?;
-        let parent = self.target.parent().unwrap_or(Path::new("/"));
-        File::open(parent).and_then(|d| d.sync_all()).context(|| format!("cannot flush {}", parent.display()))
+        sync_dir(self.target.parent().unwrap_or(Path::new("/")))
     }
 }
 
@@ -128,9 +176,47 @@ impl Drop for Staging {
     }
 }
 
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("cannot flush {}", dir.display()))
+}
+
+/// A new root-only file; never follows or reuses an existing one.
+fn create_private(path: &Path) -> Result<File> {
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .context(|| format!("cannot create {}", path.display()))
+}
+
+/// Copies a sealed checkpoint's files (all plain files) into a new private
+/// directory, durably.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    private_dir(to)?;
+    for entry in fs::read_dir(from).context(|| format!("cannot list {}", from.display()))? {
+        let entry = entry.context(|| format!("cannot list {}", from.display()))?;
+        let src = open_nofollow(&entry.path()).context(|| format!("cannot open {}", entry.path().display()))?;
+        let dst_path = to.join(entry.file_name());
+        let mut dst = create_private(&dst_path)?;
+        std::io::copy(&mut &src, &mut dst)
+            .and_then(|_| dst.sync_all())
+            .context(|| format!("cannot copy the checkpoint to {}", dst_path.display()))?;
+    }
+    sync_dir(to)
+}
+
 /// Opens a file for reading, refusing a symlink in its last component.
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
     File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Inode, size, mtime and ctime of a file: what any change to it changes
+/// (ctime cannot be set by users).
+pub fn stamp(path: &Path) -> Result<String> {
+    let m = fs::metadata(path).context(|| format!("cannot stat {}", path.display()))?;
+    Ok(format!("{}:{}:{}.{:09}:{}.{:09}", m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 pub fn digest(path: &Path) -> Result<(u64, String)> {
@@ -148,9 +234,10 @@ fn digest_open(mut f: File, path: &Path) -> Result<(u64, String)> {
 }
 
 /// Opens a committed checkpoint for restore or inspection and proves it is
-/// whole and untouched: root-owned and private, manifest readable, every
-/// image file present with its recorded size and digest, nothing extra.
-pub fn open_checkpoint(dir: &Path, verify_images: bool) -> Result<Manifest> {
+/// whole: root-owned and private, manifest readable, every image file
+/// present with its recorded size, nothing extra; with `verify_digests`,
+/// every file's digest too (restore verifies them while serving instead).
+pub fn open_checkpoint(dir: &Path, verify_digests: bool) -> Result<Manifest> {
     let meta = fs::symlink_metadata(dir).context(|| format!("checkpoint {}", dir.display()))?;
     if !meta.is_dir() {
         return fail(format!("checkpoint {} is not a directory", dir.display()));
@@ -171,9 +258,6 @@ pub fn open_checkpoint(dir: &Path, verify_images: bool) -> Result<Manifest> {
     }
     let text = std::io::read_to_string(mf).context(|| format!("cannot read {}", manifest_path.display()))?;
     let manifest = Manifest::parse(&manifest_path, &text)?;
-    if !verify_images {
-        return Ok(manifest);
-    }
     for f in &manifest.files {
         let path = dir.join(&f.name);
         if f.name.contains('/') || f.name == FILE_NAME {
@@ -190,8 +274,7 @@ pub fn open_checkpoint(dir: &Path, verify_images: bool) -> Result<Manifest> {
                 dir.display(), f.name, fmeta.len(), f.size
             ));
         }
-        let (_, blake3) = digest(&path)?;
-        if blake3 != f.blake3 {
+        if verify_digests && digest(&path)?.1 != f.blake3 {
             return fail(format!("checkpoint {} was tampered with: digest of {} does not match the manifest", dir.display(), f.name));
         }
     }

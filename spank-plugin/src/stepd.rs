@@ -127,6 +127,10 @@ impl StepState {
             cmd.arg("--config").arg(config);
         }
         cmd.arg("--criu-path").arg(&settings.criu).arg("--checkpoint-dir").arg(&settings.checkpoint_dir);
+        cmd.arg("--compression").arg(settings.compression.as_str());
+        if let Some(dir) = &settings.staging_dir {
+            cmd.arg("--staging-dir").arg(dir);
+        }
         cmd.args(["agent", "--socket", &socket_path(job, step, task)]);
         cmd.args(["--job-id", &job.to_string(), "--step-id", &step.to_string(), "--task-id", &task.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);

@@ -6,11 +6,14 @@ use cluster_tests::{cluster, Mode, Stdout, Workload, WorkloadSpec, HELPER};
 
 const GIB: u32 = 1024;
 
-fn checkpoint_then_restore_on(node: &str, stdout: Stdout) {
+/// Site options the dump runs with: `--compression`, `--staging-dir`.
+fn checkpoint_then_restore_on(node: &str, stdout: Stdout, options: &[&str]) {
     let c = cluster();
     let w = c.start_workload("node1", WorkloadSpec { mem_mib: GIB, steps: 60, stdout, ..Default::default() });
     w.wait_steps(10);
-    let out = w.checkpoint(c, &["--job-id", "42", "--step-id", "0", "--task-id", "0"]).ok();
+    let mut args = vec!["--job-id", "42", "--step-id", "0", "--task-id", "0"];
+    args.extend_from_slice(options);
+    let out = w.checkpoint(c, &args).ok();
     assert!(out.stderr.contains(&format!("checkpointed process {}", w.pid)), "{}", out.stderr);
     let saved = w.out_lines().len();
     assert!(!w.is_running(c), "CRIU should have ended the container after the dump");
@@ -19,6 +22,23 @@ fn checkpoint_then_restore_on(node: &str, stdout: Stdout) {
     let manifest = c.exec(node, "root", &[HELPER, "inspect", "--verify", &w.checkpoint_dir()]).ok().stdout;
     for field in ["job_id = 42", "uid = 2001", "node = \"node1\"", "criu_version = \"4.", "image = \"/shared/images/test.sif\""] {
         assert!(manifest.contains(field), "manifest lacks {field}:\n{manifest}");
+    }
+    // Page images compressed only when asked; half the workload's memory is
+    // a repeating pattern, so compression must shrink the checkpoint.
+    let images_bytes: u64 = manifest.lines().find_map(|l| l.strip_prefix("images_bytes = ")).unwrap().parse().unwrap();
+    if options.contains(&"zstd") {
+        assert!(manifest.contains("zstd = true"), "{manifest}");
+        assert!(images_bytes < 800 << 20, "compressed 1 GiB to {images_bytes} bytes");
+    } else {
+        assert!(!manifest.contains("zstd"), "{manifest}");
+        assert!(images_bytes > 1 << 30, "{images_bytes} bytes");
+    }
+    // Written by root alone, and nothing left behind in the staging area.
+    let owners = c.sh(node, "root", &format!("stat -c %U:%a {}/* | sort -u", w.checkpoint_dir())).ok().stdout;
+    assert_eq!(owners.trim(), "root:600");
+    if let Some(i) = options.iter().position(|o| *o == "--staging-dir") {
+        assert!(!out.stderr.contains("not staging"), "{}", out.stderr);
+        assert_eq!(c.sh("node1", "root", &format!("ls -A {}", options[i + 1])).ok().stdout, "");
     }
 
     let out = w.restore(c, node, "--uid 2001 --job-id 42");
@@ -33,12 +53,19 @@ fn checkpoint_then_restore_on(node: &str, stdout: Stdout) {
 
 #[test]
 fn one_gib_container_restores_on_the_same_node_as_if_never_stopped() {
-    checkpoint_then_restore_on("node1", Stdout::Pipe);
+    checkpoint_then_restore_on("node1", Stdout::Pipe, &[]);
 }
 
 #[test]
 fn one_gib_container_restores_on_the_other_node_from_shared() {
-    checkpoint_then_restore_on("node2", Stdout::File);
+    checkpoint_then_restore_on("node2", Stdout::File, &[]);
+}
+
+#[test]
+fn compressed_checkpoint_staged_in_tmpfs_restores_on_the_other_node() {
+    let c = cluster();
+    c.exec("node1", "root", &["mkdir", "-p", "/dev/shm/ckpt-staging"]).ok();
+    checkpoint_then_restore_on("node2", Stdout::File, &["--compression", "zstd", "--staging-dir", "/dev/shm/ckpt-staging"]);
 }
 
 fn small(c: &cluster_tests::Cluster) -> Workload {
@@ -97,6 +124,7 @@ fn restore_refuses_missing_truncated_tampered_and_foreign_images() {
     tampered[original.len() / 2] ^= 0xff;
     std::fs::write(&pages, &tampered).unwrap();
     restore_fails_with("--uid 2001", "was tampered with: digest of pages-");
+
     // Truncated.
     std::fs::write(&pages, &original[..original.len() / 2]).unwrap();
     restore_fails_with("--uid 2001", "is truncated or altered: pages-");
@@ -108,6 +136,23 @@ fn restore_refuses_missing_truncated_tampered_and_foreign_images() {
     // Missing.
     std::fs::rename(&dir, w.host_dir.join("moved")).unwrap();
     restore_fails_with("--uid 2001", "ckpt: No such file or directory");
+    w.cleanup(c);
+}
+
+#[test]
+fn compressed_images_are_verified_while_they_are_decompressed() {
+    let c = cluster();
+    let w = small(c);
+    w.checkpoint(c, &["--compression", "zstd"]).ok();
+    let pages = std::fs::read_dir(w.host_dir.join("ckpt")).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("pages-")).unwrap();
+    let mut tampered = std::fs::read(&pages).unwrap();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0xff;
+    std::fs::write(&pages, &tampered).unwrap();
+    let out = w.restore(c, "node1", "--uid 2001").failed();
+    assert!(out.stderr.contains("was tampered with: digest of pages-"), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
+    assert!(w.pids_on(c, "node1").is_empty(), "a refused restore left processes running");
     w.cleanup(c);
 }
 

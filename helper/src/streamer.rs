@@ -1,0 +1,479 @@
+//! CRIU's image-streamer protocol (`criu --stream`), spoken by the helper.
+//!
+//! On dump CRIU hands over one pipe per image file and root writes, digests
+//! and (optionally) compresses the bytes as they arrive; on restore root
+//! serves them back from the sealed checkpoint, verifying them as it goes.
+//! Why: every byte is touched once (the digest is taken from the chunk just
+//! written, still in the CPU cache, instead of re-reading the images to seal
+//! them), the user never writes an image file, and CRIU, which runs as the
+//! user, never needs access to the checkpoint directory.
+//!
+//! Wire format (criu/img-streamer.c): per file, CRIU sends a length-prefixed
+//! (u32, little endian) `img_streamer_request_entry`; on restore the streamer
+//! answers with a length-prefixed `img_streamer_reply_entry`, and only if the
+//! file exists CRIU then passes one end of a fresh pipe with SCM_RIGHTS on a
+//! one-byte message.
+
+use crate::error::{fail, Context, EngineError, Result};
+use crate::manifest::ImageFile;
+use ckpt_config::Compression;
+use prost::Message;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
+pub const SERVE_SOCKET: &str = "streamer-serve.sock";
+/// Unit of copying and digesting: small enough to stay in the CPU cache
+/// between the write and the digest, large enough to keep syscalls rare.
+const CHUNK: usize = 4 << 20;
+/// Pipe buffer asked for (the unprivileged maximum): fewer wake-ups of CRIU.
+const PIPE_SIZE: libc::c_int = 1 << 20;
+/// zstd level for page images: the fastest that still shrinks compressible
+/// pages well (measured in docs/benchmark.md).
+const ZSTD_LEVEL: i32 = 1;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FileRequest {
+    #[prost(string, required, tag = "1")]
+    filename: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FileReply {
+    #[prost(bool, required, tag = "1")]
+    exists: bool,
+}
+
+fn protocol_error(why: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why.into())
+}
+
+/// The next file CRIU asks for, or None once it hangs up.
+fn read_request(sock: &mut UnixStream) -> io::Result<Option<String>> {
+    let mut len = [0u8; 4];
+    match sock.read_exact(&mut len) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        r => r?,
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > 4096 {
+        return Err(protocol_error(format!("request of {len} bytes")));
+    }
+    let mut buf = vec![0; len];
+    sock.read_exact(&mut buf)?;
+    let name = FileRequest::decode(&buf[..]).map_err(|e| protocol_error(e.to_string()))?.filename;
+    // Only plain names: the file is created or opened in a directory of root's.
+    if name.is_empty() || name.starts_with('.') || name.contains('/') || name.len() > 255 {
+        return Err(protocol_error(format!("bad image name {name:?}")));
+    }
+    Ok(Some(name))
+}
+
+fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
+    let body = FileReply { exists }.encode_to_vec();
+    let mut msg = (body.len() as u32).to_le_bytes().to_vec();
+    msg.extend(body);
+    sock.write_all(&msg)
+}
+
+/// The pipe end CRIU passes after a request.
+fn receive_pipe(sock: &UnixStream) -> io::Result<File> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds: Vec<RawFd> = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(got) = cmsg {
+            fds.extend(got);
+        }
+    }
+    // SAFETY: SCM_RIGHTS delivered these fds to us; each is owned once.
+    let mut files: Vec<File> = fds.into_iter().map(|fd| unsafe { File::from_raw_fd(fd) }).collect();
+    let pipe = files.pop().filter(|_| files.is_empty()).ok_or_else(|| protocol_error("expected one pipe"))?;
+    if !std::os::unix::fs::FileTypeExt::is_fifo(&pipe.metadata()?.file_type()) {
+        return Err(protocol_error("passed descriptor is not a pipe"));
+    }
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    Ok(pipe)
+}
+
+/// A listening socket in the directory CRIU is given with `-D`, connectable
+/// by CRIU running as `uid`, served by one thread until `finish`.
+struct Server<R> {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<R>>,
+}
+
+fn bind(criu_dir: &Path, name: &str, uid: u32, gid: u32) -> Result<UnixListener> {
+    let path = criu_dir.join(name);
+    let listener = UnixListener::bind(&path).context(|| format!("cannot create {}", path.display()))?;
+    nix::unistd::chown(&path, Some(uid.into()), Some(gid.into())).context(|| format!("cannot hand {} to uid {uid}", path.display()))?;
+    listener.set_nonblocking(true).context(|| format!("cannot set up {}", path.display()))?;
+    Ok(listener)
+}
+
+impl<R: Send + 'static> Server<R> {
+    /// Accepts CRIU's one connection and hands it to `serve` on a thread.
+    fn start(listener: UnixListener, serve: impl FnOnce(UnixStream) -> Result<R> + Send + 'static) -> Server<R>
+    where
+        R: Default,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || loop {
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    sock.set_nonblocking(false).context(|| "image streamer socket".into())?;
+                    return serve(sock);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stopped.load(Ordering::Relaxed) {
+                        return Ok(R::default());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return fail(format!("image streamer: {e}")),
+            }
+        });
+        Server { stop, thread }
+    }
+
+    /// Waits for CRIU's files to be done; call once CRIU has exited (a CRIU
+    /// that never connected is then no longer waited for).
+    fn finish(self) -> Result<R> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|_| fail("image streamer thread panicked"))
+    }
+}
+
+/// Runs one worker per open image (CRIU keeps several open at once) and
+/// collects them when CRIU hangs up; the first failure is the result.
+fn per_file<T: Send + 'static>(
+    mut sock: UnixStream,
+    mut on_request: impl FnMut(&mut UnixStream, String) -> io::Result<Option<Box<dyn FnOnce() -> Result<T> + Send>>>,
+) -> Result<Vec<T>> {
+    let mut workers = Vec::new();
+    let mut error = None;
+    loop {
+        match read_request(&mut sock) {
+            Ok(None) => break,
+            Ok(Some(name)) => match on_request(&mut sock, name) {
+                Ok(Some(work)) => workers.push(std::thread::spawn(work)),
+                Ok(None) => {}
+                Err(e) => {
+                    error = Some(EngineError(format!("image streamer: {e}")));
+                    break;
+                }
+            },
+            Err(e) => {
+                error = Some(EngineError(format!("image streamer: {e}")));
+                break;
+            }
+        }
+    }
+    drop(sock);
+    let mut out = Vec::new();
+    for w in workers {
+        match w.join().unwrap_or_else(|_| fail("image streamer worker panicked")) {
+            Ok(x) => out.push(x),
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// Receives the images of one dump into `images` (a directory only root can
+/// reach), digesting them as they are written.
+pub struct Capture(Server<Vec<ImageFile>>);
+
+impl Capture {
+    /// Listens in `criu_dir` (what CRIU gets as `-D`); call before starting
+    /// CRIU, then `start` after (no thread may run while CRIU is forked).
+    pub fn bind(criu_dir: &Path, uid: u32, gid: u32) -> Result<UnixListener> {
+        bind(criu_dir, CAPTURE_SOCKET, uid, gid)
+    }
+
+    pub fn start(listener: UnixListener, images: PathBuf, compression: Compression) -> Capture {
+        Capture(Server::start(listener, move |sock| {
+            per_file(sock, |sock, name| {
+                let pipe = receive_pipe(sock)?;
+                let path = images.join(&name);
+                let zstd = compression == Compression::Zstd && name.starts_with("pages-");
+                Ok(Some(Box::new(move || capture_file(pipe, &path, name, zstd))))
+            })
+        }))
+    }
+
+    /// Every image written, sorted by name.
+    pub fn finish(self) -> Result<Vec<ImageFile>> {
+        let mut files = self.0.finish()?;
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(files)
+    }
+}
+
+/// A writer that digests what it writes.
+struct Digesting<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Digesting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result<ImageFile> {
+    let err = |e: io::Error| EngineError(format!("cannot write image {}: {e}", path.display()));
+    let file = File::options()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(err)?;
+    let (size, blake3) = if zstd {
+        let sink = Digesting { inner: io::BufWriter::with_capacity(CHUNK, &file), hasher: blake3::Hasher::new(), bytes: 0 };
+        let mut encoder = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL).map_err(err)?;
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        encoder.multithread(workers).map_err(err)?;
+        io::copy(&mut pipe, &mut encoder).map_err(err)?;
+        let mut sink = encoder.finish().map_err(err)?;
+        sink.flush().map_err(err)?;
+        (sink.bytes, sink.hasher.finalize())
+    } else {
+        splice_digesting(&pipe, &file).map_err(err)?
+    };
+    file.sync_all().map_err(err)?;
+    Ok(ImageFile { name, size, blake3: blake3.to_hex().to_string(), zstd })
+}
+
+/// Moves the pipe's bytes into the file with splice (one copy, in the
+/// kernel), then digests each chunk right after writing it, while it is
+/// still in the CPU cache.
+fn splice_digesting(pipe: &File, file: &File) -> io::Result<(u64, blake3::Hash)> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset: u64 = 0;
+    loop {
+        let mut chunk = 0usize;
+        while chunk < CHUNK {
+            let mut off = (offset + chunk as u64) as i64;
+            let n = splice(pipe, None, file, Some(&mut off), CHUNK - chunk, SpliceFFlags::SPLICE_F_MOVE).map_err(io::Error::from)?;
+            if n == 0 {
+                break;
+            }
+            chunk += n;
+        }
+        if chunk == 0 {
+            return Ok((offset, hasher.finalize()));
+        }
+        file.read_exact_at(&mut buf[..chunk], offset)?;
+        hasher.update(&buf[..chunk]);
+        offset += chunk as u64;
+    }
+}
+
+/// Serves the images of a sealed checkpoint to a restoring CRIU.
+pub struct Serve(Server<Vec<String>>);
+
+impl Serve {
+    pub fn bind(criu_dir: &Path, uid: u32, gid: u32) -> Result<UnixListener> {
+        bind(criu_dir, SERVE_SOCKET, uid, gid)
+    }
+
+    /// Serves the files `files` lists from `dir`; anything else is reported
+    /// missing to CRIU (it asks for optional images too).
+    pub fn start(listener: UnixListener, dir: PathBuf, files: &[ImageFile]) -> Serve {
+        let files: HashMap<String, ImageFile> = files.iter().map(|f| (f.name.clone(), f.clone())).collect();
+        Serve(Server::start(listener, move |sock| {
+            per_file(sock, |sock, name| {
+                let Some(expected) = files.get(&name).cloned() else {
+                    send_reply(sock, false)?;
+                    return Ok(None);
+                };
+                send_reply(sock, true)?;
+                let pipe = receive_pipe(sock)?;
+                let dir = dir.clone();
+                Ok(Some(Box::new(move || serve_file(&dir, &expected, pipe).map(|_| name))))
+            })
+        }))
+    }
+
+    /// The names of the files served, once CRIU is done.
+    pub fn finish(self) -> Result<Vec<String>> {
+        self.0.finish()
+    }
+}
+
+/// Holds back the last bytes written until `release`: whatever reads the
+/// other end never sees the whole file before its digest is known good.
+struct HoldBack<'a> {
+    pipe: &'a File,
+    held: Vec<u8>,
+}
+
+impl Write for HoldBack<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.held.len() >= CHUNK {
+            (&*self.pipe).write_all(&self.held)?;
+            self.held.clear();
+        }
+        self.held.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A reader that digests what it reads.
+struct DigestingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<R: Read> Read for DigestingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
+    let path = &dir.join(&expected.name);
+    let file = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path).context(|| format!("cannot open {}", path.display()))?;
+    let meta = file.metadata().context(|| format!("cannot stat {}", path.display()))?;
+    if !meta.is_file() || meta.uid() != 0 || meta.len() != expected.size {
+        return fail(format!(
+            "checkpoint {} is truncated or altered: {} is {} bytes, the manifest says {}",
+            dir.display(),
+            expected.name,
+            meta.len(),
+            expected.size
+        ));
+    }
+    let tampered =
+        || EngineError(format!("checkpoint {} was tampered with: digest of {} does not match the manifest", dir.display(), expected.name));
+    let result = if expected.zstd {
+        let mut reader = DigestingReader { inner: io::BufReader::with_capacity(CHUNK, &file), hasher: blake3::Hasher::new(), bytes: 0 };
+        let mut out = HoldBack { pipe: &pipe, held: Vec::with_capacity(2 * CHUNK) };
+        zstd::stream::copy_decode(&mut reader, &mut out).and_then(|_| io::copy(&mut reader, &mut io::sink())).map(|_| ()).map_err(
+            |e| EngineError(format!("cannot decompress {}: {e}", path.display())),
+        )?;
+        if reader.bytes != expected.size || reader.hasher.finalize().to_hex().as_str() != expected.blake3 {
+            return Err(tampered());
+        }
+        (&pipe).write_all(&out.held)
+    } else {
+        splice_verified(&file, expected, &pipe, tampered)?
+    };
+    match result {
+        // CRIU read what it needed and closed its end.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context(|| format!("cannot serve {}", path.display())),
+    }
+}
+
+/// Digests each chunk, then splices it into the pipe (no copy: the page
+/// cache pages are passed by reference); the last chunk goes only once the
+/// whole file's digest matches.
+fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, tampered: impl Fn() -> EngineError) -> Result<io::Result<()>> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK.min(expected.size as usize)];
+    let mut offset = 0u64;
+    while offset < expected.size {
+        let chunk = CHUNK.min((expected.size - offset) as usize);
+        file.read_exact_at(&mut buf[..chunk], offset).context(|| "cannot read an image".into())?;
+        hasher.update(&buf[..chunk]);
+        if offset + chunk as u64 == expected.size && hasher.finalize().to_hex().as_str() != expected.blake3 {
+            return Err(tampered());
+        }
+        let mut off = offset as i64;
+        let end = offset as i64 + chunk as i64;
+        while off < end {
+            let len = (end - off) as usize;
+            match splice(file, Some(&mut off), pipe, None, len, SpliceFFlags::SPLICE_F_MOVE) {
+                Ok(0) => return Ok(Err(io::Error::from(io::ErrorKind::UnexpectedEof))),
+                Ok(_) => {}
+                Err(e) => return Ok(Err(e.into())),
+            }
+        }
+        offset += chunk as u64;
+    }
+    if expected.size == 0 && hasher.finalize().to_hex().as_str() != expected.blake3 {
+        return Err(tampered());
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_matches_criu() {
+        // protobuf-c encoding of img_streamer_request_entry{filename="pages-1.img"}
+        let body = FileRequest { filename: "pages-1.img".into() }.encode_to_vec();
+        assert_eq!(body[..2], [0x0a, 11]);
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let mut msg = (body.len() as u32).to_le_bytes().to_vec();
+        msg.extend(&body);
+        a.write_all(&msg).unwrap();
+        assert_eq!(read_request(&mut b).unwrap().as_deref(), Some("pages-1.img"));
+        drop(a);
+        assert_eq!(read_request(&mut b).unwrap(), None);
+    }
+
+    #[test]
+    fn names_that_leave_the_directory_are_refused() {
+        for bad in ["../x", "a/b", ".hidden", ""] {
+            let body = FileRequest { filename: bad.into() }.encode_to_vec();
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            let mut msg = (body.len() as u32).to_le_bytes().to_vec();
+            msg.extend(&body);
+            a.write_all(&msg).unwrap();
+            assert!(read_request(&mut b).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reply_is_a_length_prefixed_bool() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        send_reply(&mut a, true).unwrap();
+        let mut got = [0u8; 6];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, [2, 0, 0, 0, 0x08, 1]);
+    }
+}
