@@ -26,7 +26,10 @@ start_container() {
   until [[ -s $dir/out.txt ]]; do sleep 0.2; done
   pid=$(pgrep -u alice -o -f "^$WORKLOAD --mem-mib $SIZE_MIB ")
 }
-stop_container() { pkill -KILL -u alice -f "^$WORKLOAD " || true; while pgrep -u alice -f "^$WORKLOAD " > /dev/null; do sleep 0.1; done; }
+# Ends every process of the bench user and waits until they are gone (exiting
+# ones too: their pids are not free yet).
+
+stop_container() { while pgrep -u alice > /dev/null; do pkill -KILL -u alice || true; sleep 0.1; done; }
 
 # CRIU exactly as the engine starts it, for the plain measurements.
 criu_as_user() {
@@ -85,8 +88,8 @@ for rep in $(seq 0 "$REPS"); do
   # ours: until the tree runs again
   rm -f "$dir/status"; mkfifo "$dir/status"
   t=$(now)
-  "$HELPER" restore --images "$TARGET/bench-ours" --status-fd 3 3> "$dir/status" > /dev/null 2>&1 &
-  read -r _ < "$dir/status"
+  "$HELPER" restore --images "$TARGET/bench-ours" --status-fd 3 3> "$dir/status" > /dev/null 2>> "$dir/restore.err" &
+  read -r _ < "$dir/status" || { echo "bench: our restore failed: $(cat "$dir/restore.err")" >&2; exit 1; }
   d_ours=$(elapsed "$t")
   stop_container
   wait
@@ -96,6 +99,6 @@ for rep in $(seq 0 "$REPS"); do
   t=$(now); criu_as_user "$ph" restore --unprivileged --shell-job --manage-cgroups=ignore -d -D "$TARGET/bench-plain" \
     -o restore.log > /dev/null 2>&1 || true
   d_plain=$(elapsed "$t")
-  stop_container; pkill -u alice -x sleep || true
+  stop_container
   if ((rep > 0)); then report restore ours "$d_ours"; report restore plain "$d_plain"; fi
 done

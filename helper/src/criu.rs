@@ -166,6 +166,10 @@ impl Invocation<'_> {
             }
             None => std::process::Command::new(&criu_path),
         };
+        // CRIU reads /etc/criu/default.conf of the mount namespace it runs
+        // in, which is the user's container: a user's config there could
+        // name an action script that CRIU would run with its capabilities.
+        cmd.arg("--no-default-config");
         cmd.args(&self.args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         let mnt = std::fs::File::open(format!("/proc/{}/ns/mnt", self.mnt_ns_of))
             .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;

@@ -221,11 +221,14 @@ pub struct WorkloadSpec {
     pub stdout: Stdout,
     /// Image to run (default: the test SIF).
     pub image: String,
+    /// Extra `--bind` arguments, relative sources taken in the workload's
+    /// directory ("criu-conf:/etc/criu").
+    pub binds: Vec<String>,
 }
 
 impl Default for WorkloadSpec {
     fn default() -> Self {
-        WorkloadSpec { mem_mib: 64, steps: 60, interval_ms: 100, mode: Mode::RootStarted, stdout: Stdout::Pipe, image: TEST_SIF.into() }
+        WorkloadSpec { mem_mib: 64, steps: 60, interval_ms: 100, mode: Mode::RootStarted, stdout: Stdout::Pipe, image: TEST_SIF.into(), binds: vec![] }
     }
 }
 
@@ -261,6 +264,10 @@ impl Cluster {
             argv.extend(["--security".into(), "uid:2001,gid:2001".into()]);
         }
         argv.extend(["--bind".into(), "/opt/checkpoint-container".into(), "--bind".into(), format!("{dir}:/data")]);
+        for bind in &spec.binds {
+            self.sh(node, "root", &format!("install -d -o alice -g alice {dir}/{}", bind.split(':').next().unwrap())).ok();
+            argv.extend(["--bind".into(), format!("{dir}/{bind}")]);
+        }
         argv.push(spec.image.clone());
         argv.extend([WORKLOAD.into(), "--mem-mib".into(), spec.mem_mib.to_string(), "--steps".into(), spec.steps.to_string()]);
         argv.extend(["--interval-ms".into(), spec.interval_ms.to_string(), "--out".into(), "/data/out.txt".into()]);

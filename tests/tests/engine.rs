@@ -209,6 +209,21 @@ fn failed_dump_keeps_the_container_running_and_the_earlier_checkpoint() {
 }
 
 #[test]
+fn criu_ignores_a_configuration_file_inside_the_container() {
+    // CRIU runs in the container's mount namespace, where the user decides
+    // what /etc/criu/default.conf says; an action script named there would
+    // run with CRIU's capabilities.
+    let c = cluster();
+    let spec = WorkloadSpec { mem_mib: 16, steps: 600, interval_ms: 50, binds: vec!["criu-conf:/etc/criu".into()], ..Default::default() };
+    let w = c.start_workload("node1", spec);
+    let script = "#!/bin/sh\ngrep Cap /proc/self/status > /data/action-script-ran\n";
+    c.sh("node1", "alice", &format!("printf '{script}' > {0}/evil.sh; chmod 755 {0}/evil.sh; echo 'action-script /data/evil.sh' > {0}/criu-conf/default.conf", w.dir)).ok();
+    w.checkpoint(c, &["--leave-running"]).ok();
+    assert!(!w.host_dir.join("action-script-ran").exists(), "CRIU ran the user's action script");
+    w.cleanup(c);
+}
+
+#[test]
 fn checkpoint_refuses_other_users_processes_and_old_criu() {
     let c = cluster();
     let w = small(c);
