@@ -41,9 +41,9 @@ criu_as_user() {
 }
 
 # Each sets t to its start time.
-dump_ours() {
+dump_ours() {  # OURS_OPTIONS: site options (--compression zstd, --staging-dir DIR)
   t=$(now)
-  "$HELPER" checkpoint --pid "$pid" --images "$TARGET/bench-ours" --leave-running -- "${CMD[@]}" 2>/dev/null
+  "$HELPER" $OURS_OPTIONS checkpoint --pid "$pid" --images "$TARGET/bench-ours" --leave-running -- "${CMD[@]}" 2>/dev/null
 }
 dump_plain() {
   install -d -o alice "$TARGET/bench-plain"

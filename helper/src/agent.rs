@@ -370,6 +370,12 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
     };
 
+    // Hash the container image now, while nothing waits for it: the
+    // checkpoint then finds the digest in the node's cache.
+    if let Ok(container) = ContainerCommand::parse(planned.clone()) {
+        let image = PathBuf::from(container.image());
+        std::thread::spawn(move || storage::image_digest(&image));
+    }
     let (tx, rx) = mpsc::channel();
     let messages = tx.clone();
     let mut reader = Channel::new(stream).context(|| "socket".into())?;

@@ -100,6 +100,8 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
 }
 
 pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manifest> {
+    let entered = Instant::now();
+    let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
     let version = criu::check(&settings.criu)?;
     let (uid, gid) = check_target(req.pid, req.expected_uid)?;
     let image = req.container.image();
@@ -129,7 +131,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     }
     let criu_dir = File::open(&staging.work).context(|| format!("cannot open {}", staging.work.display()))?;
     let listener = Capture::bind(&staging.work, uid, gid)?;
-    let mut args: Vec<String> = ["dump", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", DUMP_LOG]
+    let mut args: Vec<String> = ["dump", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", DUMP_LOG]
         .map(String::from)
         .into();
     args.extend(["-t".into(), req.pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
@@ -138,8 +140,11 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     for key in keys {
         args.extend(["--external".into(), key.clone()]);
     }
+    // The streamer may still be reading the last pages (pipes hold
+    // references to the tree's own pages) when CRIU lets go of the tree: it
+    // stays stopped until every image is written.
     if req.leave_running {
-        args.push("--leave-running".into());
+        args.push("--leave-stopped".into());
     }
     let invocation = Invocation {
         criu: &settings.criu,
@@ -151,6 +156,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
         work_dir: None,
         args,
     };
+    phase("CRIU starts");
     let started = Instant::now();
     let child = invocation
         .command()?
@@ -163,9 +169,17 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     // container image's digest (the manifest pins what restore must find).
     let capture = Capture::start(listener, staging.images.clone(), settings.compression);
     let image_path = PathBuf::from(image);
-    let image_digest = std::thread::spawn(move || storage::digest(&image_path));
+    let image_digest = std::thread::spawn(move || storage::image_digest(&image_path));
     let out = child.wait_with_output().context(|| "cannot run CRIU".into());
+    phase("CRIU done");
+    criu::remember_kdat(&settings.criu, &staging.work);
     let streamed = capture.finish();
+    phase("images written");
+    if req.leave_running {
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
+        }
+    }
     let dump_seconds = started.elapsed().as_secs_f64();
     let out = out?;
     if !out.status.success() || streamed.is_err() {
@@ -187,6 +201,7 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     if storage::stamp(Path::new(image))? != image_stamp {
         return fail(format!("container image {image} changed while the checkpoint was taken"));
     }
+    phase("image digest done");
     staging.seal(&files)?;
     let manifest = Manifest {
         format: manifest::FORMAT,
@@ -210,5 +225,6 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
     };
     staging.write_manifest(&manifest)?;
     staging.commit()?;
+    phase("committed");
     Ok(manifest)
 }

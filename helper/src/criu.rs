@@ -171,6 +171,7 @@ impl Invocation<'_> {
         // name an action script that CRIU would run with its capabilities.
         cmd.arg("--no-default-config");
         cmd.args(&self.args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        cmd.env("XDG_RUNTIME_DIR", kdat_location(self.criu));
         let mnt = std::fs::File::open(format!("/proc/{}/ns/mnt", self.mnt_ns_of))
             .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;
         let (uid, gid) = (self.uid, self.gid);
@@ -203,6 +204,56 @@ impl Invocation<'_> {
             });
         }
         Ok(cmd)
+    }
+}
+
+/// Where CRIU keeps its kernel-feature cache (`criu.kdat`, looked for in
+/// `$XDG_RUNTIME_DIR` when not root), per CRIU binary and boot: CRIU probes
+/// the kernel for 20-30 ms at every start without it.
+fn kdat_dir(criu: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(criu).ok()?;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let mut key = crate::manifest::Checksum::default();
+    key.update(format!("{}:{}:{}:{}:{}", m.ino(), m.size(), m.mtime(), m.ctime(), boot.trim()).as_bytes());
+    Some(Path::new(KDAT_CACHE).join(key.hex()))
+}
+
+/// Root-owned, in /run so that a reboot (a new kernel) drops it.
+const KDAT_CACHE: &str = "/run/checkpoint-container/criu-kdat";
+const KDAT_FILE: &str = "criu.kdat";
+
+/// `$XDG_RUNTIME_DIR` for a CRIU run: the cached file, through this
+/// helper's root (CRIU runs in the container's mount namespace), or else
+/// CRIU's own directory (`-D`, the user's), from which `remember_kdat`
+/// takes the file CRIU writes there into the cache. The user never writes
+/// the cache: only CRIU, behind the helper's root-only directories.
+fn kdat_location(criu: &Path) -> String {
+    match kdat_dir(criu) {
+        Some(dir) if dir.join(KDAT_FILE).is_file() => format!("/proc/{}/root{}", std::process::id(), dir.display()),
+        _ => format!("/proc/self/fd/{IMAGES_FD}"),
+    }
+}
+
+/// After a CRIU run without a cached `criu.kdat`: caches the one CRIU wrote
+/// in `criu_dir`, if it is a plain file of the right kind.
+pub fn remember_kdat(criu: &Path, criu_dir: &Path) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let Some(dir) = kdat_dir(criu) else { return };
+    if dir.join(KDAT_FILE).exists() {
+        return;
+    }
+    let Ok(written) = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(criu_dir.join(KDAT_FILE)) else { return };
+    if !written.metadata().is_ok_and(|m| m.is_file() && m.len() < 1 << 20) {
+        return;
+    }
+    let mut bytes = Vec::new();
+    if std::io::Read::read_to_end(&mut &written, &mut bytes).is_err() || std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(".{KDAT_FILE}.{}", std::process::id()));
+    if std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, dir.join(KDAT_FILE))).is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
 }
 

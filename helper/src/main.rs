@@ -141,7 +141,7 @@ struct JobArgs {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp_micros().init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => ExitCode::from(code),

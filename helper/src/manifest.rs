@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub const FILE_NAME: &str = "manifest.toml";
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -81,12 +81,28 @@ pub struct Stats {
 #[serde(deny_unknown_fields)]
 pub struct ImageFile {
     pub name: String,
-    /// Bytes as stored, and their digest.
+    /// Bytes as stored, and their checksum.
     pub size: u64,
-    pub blake3: String,
+    pub xxh3: String,
     /// Stored as one zstd stream (page images with `compression = "zstd"`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zstd: bool,
+}
+
+/// XXH3-128 of an image file as stored, the checksum the manifest records.
+/// It detects damage (truncation, flipped bits, a partial copy) at memory
+/// speed; keeping images from being changed on purpose is the job of their
+/// ownership (root only), not of a checksum stored next to them.
+#[derive(Default)]
+pub struct Checksum(xxhash_rust::xxh3::Xxh3);
+
+impl Checksum {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    pub fn hex(&self) -> String {
+        format!("{:032x}", self.0.digest128())
+    }
 }
 
 impl Manifest {
@@ -127,8 +143,8 @@ mod tests {
             process: Process { root_pid: 42, comm: "sim".into(), pids: vec![42, 43], stdio: vec!["/dev/null".into()] },
             stats: Stats { dump_seconds: 0.5, images_bytes: 10 },
             files: vec![
-                ImageFile { name: "core-42.img".into(), size: 10, blake3: "cd".into(), zstd: false },
-                ImageFile { name: "pages-1.img".into(), size: 5, blake3: "ef".into(), zstd: true },
+                ImageFile { name: "core-42.img".into(), size: 10, xxh3: "cd".into(), zstd: false },
+                ImageFile { name: "pages-1.img".into(), size: 5, xxh3: "ef".into(), zstd: true },
             ],
         }
     }
@@ -141,7 +157,7 @@ mod tests {
 
     #[test]
     fn refuses_unknown_fields_and_formats() {
-        let text = sample().to_toml().replace("format = 1", "format = 9");
+        let text = sample().to_toml().replace(&format!("format = {FORMAT}"), "format = 9");
         assert!(Manifest::parse(Path::new("m"), &text).unwrap_err().0.contains("format 9"));
         let text = format!("extra = 1\n{}", sample().to_toml());
         assert!(Manifest::parse(Path::new("m"), &text).is_err());

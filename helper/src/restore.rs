@@ -265,15 +265,19 @@ pub struct Restored {
 /// called once the tree runs again (with the seconds the restore took).
 pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOnce(&Manifest, f64)) -> Result<Restored> {
     let mut on_restored = Some(on_restored);
+    let entered = Instant::now();
+    let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
     let m = verify(settings, req)?;
+    phase("verified");
     let started = Instant::now();
     let work = work_dir(m.owner.uid, m.owner.gid)?;
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
     reserve_pids(&m.process.pids)?;
     let placeholder = Placeholder::start(&m)?;
+    phase("placeholder runs");
 
-    let mut args: Vec<String> = ["restore", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v4", "-o", "restore.log", "--pidfile", "restore.pid"]
+    let mut args: Vec<String> = ["restore", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", "restore.log", "--pidfile", "restore.pid"]
         .map(String::from)
         .into();
     args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
@@ -305,6 +309,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             return Err(e);
         }
     };
+    phase("CRIU starts");
     let serve = Serve::start(listener, req.images.clone(), &m.files);
     let relays: Vec<_> = relay_ends
         .into_iter()
@@ -321,6 +326,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         if !announced && pidfile.exists() && released(m.process.root_pid) {
             announced = true;
             if let Some(f) = on_restored.take() {
+                phase("restored tree runs");
                 f(&m, started.elapsed().as_secs_f64());
             }
         }
@@ -341,6 +347,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         let _ = r.join();
     }
     let served = serve.finish();
+    criu::remember_kdat(&settings.criu, &work);
     if !announced && !status.success() {
         placeholder.kill();
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();

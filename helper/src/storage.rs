@@ -4,7 +4,7 @@
 //! half-written one is never used.
 //!
 //! Layout of a committed checkpoint directory (root:root, 0700):
-//!   manifest.toml   what was dumped, by whom, and a BLAKE3 digest per file
+//!   manifest.toml   what was dumped, by whom, and a checksum per file
 //!   *.img           CRIU's images (root:root, 0600), `pages-*` possibly zstd
 //!   dump.log        CRIU's log of the dump
 //!
@@ -219,9 +219,54 @@ pub fn stamp(path: &Path) -> Result<String> {
     Ok(format!("{}:{}:{}.{:09}:{}.{:09}", m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
+/// Where digests of container images are kept per node (root only), keyed
+/// by path and stamp: an image is hashed once, not at every checkpoint.
+const IMAGE_DIGESTS: &str = "/var/cache/checkpoint-container/image-digests";
+
+/// Size and BLAKE3 digest of a container image, from the node's cache when
+/// the image has not changed since it was hashed.
+pub fn image_digest(path: &Path) -> Result<(u64, String)> {
+    let stamp = stamp(path)?;
+    let mut key = crate::manifest::Checksum::default();
+    key.update(path.as_os_str().as_encoded_bytes());
+    key.update(b"\0");
+    key.update(stamp.as_bytes());
+    let cached = Path::new(IMAGE_DIGESTS).join(key.hex());
+    if let Ok(f) = open_nofollow(&cached) {
+        if f.metadata().is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0) {
+            let text = std::io::read_to_string(f).unwrap_or_default();
+            if let Some((size, digest)) = text.trim().split_once(' ').and_then(|(s, d)| Some((s.parse().ok()?, d.to_string()))) {
+                return Ok((size, digest));
+            }
+        }
+    }
+    let (size, digest) = digest(path)?;
+    // Only if the image did not change while it was read.
+    if self::stamp(path)? == stamp && fs::DirBuilder::new().recursive(true).mode(0o700).create(IMAGE_DIGESTS).is_ok() {
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        if fs::write(&tmp, format!("{size} {digest}\n")).and_then(|_| fs::rename(&tmp, &cached)).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+    Ok((size, digest))
+}
+
 pub fn digest(path: &Path) -> Result<(u64, String)> {
     let f = open_nofollow(path).context(|| format!("cannot open {}", path.display()))?;
     digest_open(f, path)
+}
+
+/// The manifest's checksum of an image file.
+pub fn checksum(path: &Path) -> Result<String> {
+    let mut f = open_nofollow(path).context(|| format!("cannot open {}", path.display()))?;
+    let mut sum = crate::manifest::Checksum::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut f, &mut buf).context(|| format!("cannot read {}", path.display()))? {
+            0 => return Ok(sum.hex()),
+            n => sum.update(&buf[..n]),
+        }
+    }
 }
 
 /// Size and BLAKE3 digest of a file already open (`path` names it in errors).
@@ -274,8 +319,8 @@ pub fn open_checkpoint(dir: &Path, verify_digests: bool) -> Result<Manifest> {
                 dir.display(), f.name, fmeta.len(), f.size
             ));
         }
-        if verify_digests && digest(&path)?.1 != f.blake3 {
-            return fail(format!("checkpoint {} was tampered with: digest of {} does not match the manifest", dir.display(), f.name));
+        if verify_digests && checksum(&path)? != f.xxh3 {
+            return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.name));
         }
     }
     for entry in fs::read_dir(dir).context(|| format!("cannot list {}", dir.display()))? {

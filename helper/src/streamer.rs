@@ -1,9 +1,9 @@
 //! CRIU's image-streamer protocol (`criu --stream`), spoken by the helper.
 //!
-//! On dump CRIU hands over one pipe per image file and root writes, digests
+//! On dump CRIU hands over one pipe per image file and root writes, checksums
 //! and (optionally) compresses the bytes as they arrive; on restore root
 //! serves them back from the sealed checkpoint, verifying them as it goes.
-//! Why: every byte is touched once (the digest is taken from the chunk just
+//! Why: every byte is touched once (the checksum is taken from the chunk just
 //! written, still in the CPU cache, instead of re-reading the images to seal
 //! them), the user never writes an image file, and CRIU, which runs as the
 //! user, never needs access to the checkpoint directory.
@@ -15,7 +15,7 @@
 //! one-byte message.
 
 use crate::error::{fail, Context, EngineError, Result};
-use crate::manifest::ImageFile;
+use crate::manifest::{Checksum, ImageFile};
 use ckpt_config::Compression;
 use prost::Message;
 use std::collections::HashMap;
@@ -32,13 +32,14 @@ use std::time::Duration;
 
 pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
 pub const SERVE_SOCKET: &str = "streamer-serve.sock";
-/// Unit of copying and digesting: small enough to stay in the CPU cache
-/// between the write and the digest, large enough to keep syscalls rare.
-const CHUNK: usize = 4 << 20;
-/// Pipe buffer asked for (the unprivileged maximum): fewer wake-ups of CRIU.
+/// Unit of splicing and checksumming: fits the CPU cache (measured best
+/// among 64 KiB to 4 MiB, docs/benchmark.md).
+const CHUNK: usize = 256 << 10;
+/// Pipe buffer asked for: CRIU can queue a few chunks while the previous one
+/// is written. Larger pipes measured markedly slower (docs/benchmark.md).
 const PIPE_SIZE: libc::c_int = 1 << 20;
-/// zstd level for page images: the fastest that still shrinks compressible
-/// pages well (measured in docs/benchmark.md).
+/// zstd level for page images: level 1 measured faster than the negative
+/// (fast) levels on half-random memory, and than higher ones.
 const ZSTD_LEVEL: i32 = 1;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -169,7 +170,7 @@ fn per_file<T: Send + 'static>(
     loop {
         match read_request(&mut sock) {
             Ok(None) => break,
-            Ok(Some(name)) => match on_request(&mut sock, name) {
+            Ok(Some(name)) => match { log::debug!("image streamer: {name} requested"); on_request(&mut sock, name) } {
                 Ok(Some(work)) => workers.push(std::thread::spawn(work)),
                 Ok(None) => {}
                 Err(e) => {
@@ -200,7 +201,7 @@ fn per_file<T: Send + 'static>(
 }
 
 /// Receives the images of one dump into `images` (a directory only root can
-/// reach), digesting them as they are written.
+/// reach), checksumming them as they are written.
 pub struct Capture(Server<Vec<ImageFile>>);
 
 impl Capture {
@@ -229,14 +230,14 @@ impl Capture {
     }
 }
 
-/// A writer that digests what it writes.
-struct Digesting<W> {
+/// A writer that checksums what it writes.
+struct SummingWriter<W> {
     inner: W,
-    hasher: blake3::Hasher,
+    hasher: Checksum,
     bytes: u64,
 }
 
-impl<W: Write> Write for Digesting<W> {
+impl<W: Write> Write for SummingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
@@ -258,47 +259,59 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(err)?;
-    let (size, blake3) = if zstd {
-        let sink = Digesting { inner: io::BufWriter::with_capacity(CHUNK, &file), hasher: blake3::Hasher::new(), bytes: 0 };
+    let (size, xxh3) = if zstd {
+        let sink = SummingWriter { inner: io::BufWriter::with_capacity(CHUNK, &file), hasher: Checksum::default(), bytes: 0 };
         let mut encoder = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL).map_err(err)?;
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         encoder.multithread(workers).map_err(err)?;
         io::copy(&mut pipe, &mut encoder).map_err(err)?;
         let mut sink = encoder.finish().map_err(err)?;
         sink.flush().map_err(err)?;
-        (sink.bytes, sink.hasher.finalize())
+        (sink.bytes, sink.hasher.hex())
     } else {
-        splice_digesting(&pipe, &file).map_err(err)?
+        splice_summing(&pipe, &file).map_err(err)?
     };
     file.sync_all().map_err(err)?;
-    Ok(ImageFile { name, size, blake3: blake3.to_hex().to_string(), zstd })
+    log::debug!("image streamer: {name} written");
+    Ok(ImageFile { name, size, xxh3, zstd })
 }
 
 /// Moves the pipe's bytes into the file with splice (one copy, in the
-/// kernel), then digests each chunk right after writing it, while it is
-/// still in the CPU cache.
-fn splice_digesting(pipe: &File, file: &File) -> io::Result<(u64, blake3::Hash)> {
+/// kernel) while a second thread checksums what has been written so far,
+/// reading it back from the page cache just behind.
+fn splice_summing(pipe: &File, file: &File) -> io::Result<(u64, String)> {
     use nix::fcntl::{splice, SpliceFFlags};
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut offset: u64 = 0;
-    loop {
-        let mut chunk = 0usize;
-        while chunk < CHUNK {
-            let mut off = (offset + chunk as u64) as i64;
-            let n = splice(pipe, None, file, Some(&mut off), CHUNK - chunk, SpliceFFlags::SPLICE_F_MOVE).map_err(io::Error::from)?;
-            if n == 0 {
-                break;
+    let (written, to_sum) = std::sync::mpsc::channel::<u64>();
+    std::thread::scope(|scope| {
+        let summer = scope.spawn(move || -> io::Result<String> {
+            let mut sum = Checksum::default();
+            let mut buf = vec![0u8; CHUNK];
+            let mut done = 0u64;
+            while let Ok(upto) = to_sum.recv() {
+                while done < upto {
+                    let n = CHUNK.min((upto - done) as usize);
+                    file.read_exact_at(&mut buf[..n], done)?;
+                    sum.update(&buf[..n]);
+                    done += n as u64;
+                }
             }
-            chunk += n;
-        }
-        if chunk == 0 {
-            return Ok((offset, hasher.finalize()));
-        }
-        file.read_exact_at(&mut buf[..chunk], offset)?;
-        hasher.update(&buf[..chunk]);
-        offset += chunk as u64;
-    }
+            Ok(sum.hex())
+        });
+        let mut offset: u64 = 0;
+        let spliced = loop {
+            let mut off = offset as i64;
+            match splice(pipe, None, file, Some(&mut off), CHUNK, SpliceFFlags::SPLICE_F_MOVE) {
+                Ok(0) => break Ok(()),
+                Ok(n) => offset += n as u64,
+                Err(e) => break Err(io::Error::from(e)),
+            }
+            let _ = written.send(offset);
+        };
+        drop(written);
+        let sum = summer.join().unwrap_or_else(|_| Err(io::Error::other("checksum thread panicked")));
+        spliced?;
+        Ok((offset, sum?))
+    })
 }
 
 /// Serves the images of a sealed checkpoint to a restoring CRIU.
@@ -322,7 +335,11 @@ impl Serve {
                 send_reply(sock, true)?;
                 let pipe = receive_pipe(sock)?;
                 let dir = dir.clone();
-                Ok(Some(Box::new(move || serve_file(&dir, &expected, pipe).map(|_| name))))
+                Ok(Some(Box::new(move || {
+                    serve_file(&dir, &expected, pipe)?;
+                    log::debug!("image streamer: {name} served");
+                    Ok(name)
+                })))
             })
         }))
     }
@@ -334,7 +351,7 @@ impl Serve {
 }
 
 /// Holds back the last bytes written until `release`: whatever reads the
-/// other end never sees the whole file before its digest is known good.
+/// other end never sees the whole file before its checksum is known good.
 struct HoldBack<'a> {
     pipe: &'a File,
     held: Vec<u8>,
@@ -354,14 +371,14 @@ impl Write for HoldBack<'_> {
     }
 }
 
-/// A reader that digests what it reads.
-struct DigestingReader<R> {
+/// A reader that checksums what it reads.
+struct SummingReader<R> {
     inner: R,
-    hasher: blake3::Hasher,
+    hasher: Checksum,
     bytes: u64,
 }
 
-impl<R: Read> Read for DigestingReader<R> {
+impl<R: Read> Read for SummingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
@@ -383,20 +400,20 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
             expected.size
         ));
     }
-    let tampered =
-        || EngineError(format!("checkpoint {} was tampered with: digest of {} does not match the manifest", dir.display(), expected.name));
+    let damaged =
+        || EngineError(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), expected.name));
     let result = if expected.zstd {
-        let mut reader = DigestingReader { inner: io::BufReader::with_capacity(CHUNK, &file), hasher: blake3::Hasher::new(), bytes: 0 };
+        let mut reader = SummingReader { inner: io::BufReader::with_capacity(CHUNK, &file), hasher: Checksum::default(), bytes: 0 };
         let mut out = HoldBack { pipe: &pipe, held: Vec::with_capacity(2 * CHUNK) };
         zstd::stream::copy_decode(&mut reader, &mut out).and_then(|_| io::copy(&mut reader, &mut io::sink())).map(|_| ()).map_err(
             |e| EngineError(format!("cannot decompress {}: {e}", path.display())),
         )?;
-        if reader.bytes != expected.size || reader.hasher.finalize().to_hex().as_str() != expected.blake3 {
-            return Err(tampered());
+        if reader.bytes != expected.size || reader.hasher.hex() != expected.xxh3 {
+            return Err(damaged());
         }
         (&pipe).write_all(&out.held)
     } else {
-        splice_verified(&file, expected, &pipe, tampered)?
+        splice_verified(&file, expected, &pipe, damaged)?
     };
     match result {
         // CRIU read what it needed and closed its end.
@@ -405,37 +422,61 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
     }
 }
 
-/// Digests each chunk, then splices it into the pipe (no copy: the page
-/// cache pages are passed by reference); the last chunk goes only once the
-/// whole file's digest matches.
-fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, tampered: impl Fn() -> EngineError) -> Result<io::Result<()>> {
+/// Splices the file into the pipe (no copy: page cache pages are passed by
+/// reference) behind a thread that checksums it from the page cache; the
+/// last chunk goes only once the whole file's checksum matches.
+fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, damaged: impl Fn() -> EngineError) -> Result<io::Result<()>> {
     use nix::fcntl::{splice, SpliceFFlags};
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK.min(expected.size as usize)];
-    let mut offset = 0u64;
-    while offset < expected.size {
-        let chunk = CHUNK.min((expected.size - offset) as usize);
-        file.read_exact_at(&mut buf[..chunk], offset).context(|| "cannot read an image".into())?;
-        hasher.update(&buf[..chunk]);
-        if offset + chunk as u64 == expected.size && hasher.finalize().to_hex().as_str() != expected.blake3 {
-            return Err(tampered());
-        }
-        let mut off = offset as i64;
-        let end = offset as i64 + chunk as i64;
-        while off < end {
-            let len = (end - off) as usize;
-            match splice(file, Some(&mut off), pipe, None, len, SpliceFFlags::SPLICE_F_MOVE) {
-                Ok(0) => return Ok(Err(io::Error::from(io::ErrorKind::UnexpectedEof))),
-                Ok(_) => {}
-                Err(e) => return Ok(Err(e.into())),
+    let size = expected.size;
+    // The last chunk is released only once the whole file checks out.
+    let held_back = size.saturating_sub(CHUNK as u64);
+    let (progress, summed) = std::sync::mpsc::channel::<io::Result<u64>>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let mut sum = Checksum::default();
+            let mut buf = vec![0u8; CHUNK.min(size as usize)];
+            let mut done = 0u64;
+            while done < size {
+                let n = CHUNK.min((size - done) as usize);
+                if let Err(e) = file.read_exact_at(&mut buf[..n], done) {
+                    let _ = progress.send(Err(e));
+                    return;
+                }
+                sum.update(&buf[..n]);
+                done += n as u64;
+                if done < size && progress.send(Ok(done)).is_err() {
+                    return;
+                }
             }
+            let verdict = if sum.hex() == expected.xxh3 { Ok(size) } else { Err(io::Error::from(io::ErrorKind::InvalidData)) };
+            let _ = progress.send(verdict);
+        });
+        let mut sent = 0u64;
+        while sent < size || size == 0 {
+            let upto = match summed.recv() {
+                Ok(Ok(upto)) if upto == size => size,
+                Ok(Ok(upto)) => upto.min(held_back),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => return Err(damaged()),
+                Ok(Err(e)) => return Err(EngineError(format!("cannot read an image: {e}"))),
+                Err(_) => return Err(EngineError("checksum thread ended early".into())),
+            };
+            if size == 0 {
+                break;
+            }
+            let mut off = sent as i64;
+            while (off as u64) < upto {
+                let len = (upto - off as u64) as usize;
+                match splice(file, Some(&mut off), pipe, None, len, SpliceFFlags::SPLICE_F_MOVE) {
+                    Ok(0) => return Ok(Err(io::Error::from(io::ErrorKind::UnexpectedEof))),
+                    Ok(_) => {}
+                    // CRIU closed its end: dropping `summed` stops the thread.
+                    Err(e) => return Ok(Err(e.into())),
+                }
+            }
+            sent = upto;
         }
-        offset += chunk as u64;
-    }
-    if expected.size == 0 && hasher.finalize().to_hex().as_str() != expected.blake3 {
-        return Err(tampered());
-    }
-    Ok(Ok(()))
+        Ok(Ok(()))
+    })
 }
 
 #[cfg(test)]

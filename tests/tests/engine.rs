@@ -123,7 +123,7 @@ fn restore_refuses_missing_truncated_tampered_and_foreign_images() {
     let mut tampered = original.clone();
     tampered[original.len() / 2] ^= 0xff;
     std::fs::write(&pages, &tampered).unwrap();
-    restore_fails_with("--uid 2001", "was tampered with: digest of pages-");
+    restore_fails_with("--uid 2001", "is damaged: checksum of pages-");
 
     // Truncated.
     std::fs::write(&pages, &original[..original.len() / 2]).unwrap();
@@ -150,7 +150,7 @@ fn compressed_images_are_verified_while_they_are_decompressed() {
     tampered[middle] ^= 0xff;
     std::fs::write(&pages, &tampered).unwrap();
     let out = w.restore(c, "node1", "--uid 2001").failed();
-    assert!(out.stderr.contains("was tampered with: digest of pages-"), "{}", out.stderr);
+    assert!(out.stderr.contains("is damaged: checksum of pages-"), "{}", out.stderr);
     assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
     assert!(w.pids_on(c, "node1").is_empty(), "a refused restore left processes running");
     w.cleanup(c);

@@ -192,7 +192,7 @@ fn restore_failure_on_the_requeued_run_starts_fresh_and_says_why() {
     c.release(job.id, Some("node2"));
     assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
     let out = job.output();
-    assert!(out.contains("was tampered with: digest of pages-"), "{out}");
+    assert!(out.contains("is damaged: checksum of pages-"), "{out}");
     assert!(out.contains(&format!("task 0 of step {}.0 starts fresh after the failed restore", job.id)), "{out}");
     let lines = job.lines("out.txt");
     assert_eq!(lines.iter().filter(|l| l.starts_with("counter=1 ")).count(), 2, "started over: {lines:?}");
