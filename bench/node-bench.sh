@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Runs inside a dev-cluster node as root (bench/run.sh puts it there): for one
 # container size, measures side by side, on the same container and the same
-# storage target,
-#   raw    writing / reading the image's number of bytes with dd (the bound),
-#   plain  `criu dump` / `criu restore` from the command line, with the same
-#          way of running CRIU the engine uses (as the user, in the
-#          container's mount namespace, two capabilities),
-#   ours   `checkpoint-container checkpoint` / `restore`.
-# Prints one line per measurement: SIZE_MIB OP KIND SECONDS.
+# storage target TARGET,
+#   raw         writing (made durable) / reading back with dd as many bytes
+#               as plain CRIU's image holds: the storage bound;
+#   plain       `criu dump` + sync / start an empty container + `criu restore`
+#               into it (CRIU alone cannot re-create Apptainer's mounts), with
+#               the engine's way of running CRIU (as the user, in the
+#               container's mount namespace, two capabilities);
+#   ours        `checkpoint-container checkpoint` / `restore` (images streamed
+#               straight to TARGET);
+#   ours-zstd   the same with compression = "zstd";
+#   ours-staged the same with staging_dir = STAGING (node-local tmpfs), when
+#               TARGET is not itself tmpfs.
+# Every image is alone on the target when it is written (no memory pressure
+# from another). Prints one line per measurement: SIZE_MIB OP KIND SECONDS,
+# and SIZE_MIB size KIND BYTES for image sizes.
 set -euo pipefail
-SIZE_MIB=$1 REPS=$2 TARGET=$3
+SIZE_MIB=$1 REPS=$2 TARGET=$3 STAGING=${4:-/dev/shm/ckpt-staging}
 HELPER=/opt/checkpoint-container/bin/checkpoint-container
 WORKLOAD=/opt/checkpoint-container/bin/ckpt-workload
 SIF=/shared/images/test.sif
@@ -18,7 +26,7 @@ CMD=(apptainer -s exec --security uid:2001,gid:2001 --bind /opt/checkpoint-conta
      "$WORKLOAD" --mem-mib "$SIZE_MIB" --steps 1000000000 --interval-ms 200 --out /data/out.txt)
 now() { date +%s.%N; }
 elapsed() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.4f", a - b }'; }
-report() { printf '%s %s %s %.3f\n' "$SIZE_MIB" "$1" "$2" "$3"; }
+report() { printf '%s %s %s %s\n' "$SIZE_MIB" "$1" "$2" "$3"; }
 
 start_container() {
   rm -f "$dir/out.txt"
@@ -28,10 +36,10 @@ start_container() {
 }
 # Ends every process of the bench user and waits until they are gone (exiting
 # ones too: their pids are not free yet).
-
 stop_container() { while pgrep -u alice > /dev/null; do pkill -KILL -u alice || true; sleep 0.1; done; }
 
-# CRIU exactly as the engine starts it, for the plain measurements.
+# CRIU exactly as the engine starts it, for the plain measurements. Paths are
+# given through /proc/$$/root: CRIU runs in the container's mount namespace.
 criu_as_user() {
   local ns_pid=$1; shift
   local root=/proc/$$/root caps=+checkpoint_restore,+sys_ptrace,+dac_read_search
@@ -40,65 +48,95 @@ criu_as_user() {
     "$root/usr/sbin/criu" "$@"
 }
 
-# Each sets t to its start time.
-dump_ours() {  # OURS_OPTIONS: site options (--compression zstd, --staging-dir DIR)
-  t=$(now)
-  "$HELPER" $OURS_OPTIONS checkpoint --pid "$pid" --images "$TARGET/bench-ours" --leave-running -- "${CMD[@]}" 2>/dev/null
-}
-dump_plain() {
-  install -d -o alice "$TARGET/bench-plain"
-  t=$(now)
-  criu_as_user "$pid" dump --unprivileged --shell-job --manage-cgroups=ignore --leave-running -t "$pid" \
-    -D "$TARGET/bench-plain" -o dump.log > /dev/null 2>&1
+options_of() {
+  case $1 in
+    ours) ;;
+    ours-zstd) echo --compression zstd ;;
+    ours-staged) echo --staging-dir "$STAGING" ;;
+  esac
 }
 
-install -d -o alice -g alice "$dir"
+# dump KIND [--leave-running]: one checkpoint into $TARGET/bench-KIND; sets t
+# to its start.
+dump() {
+  local kind=$1; shift
+  rm -rf "${TARGET:?}/bench-$kind"
+  if [[ $kind == plain ]]; then
+    install -d -o alice "$TARGET/bench-plain"
+    t=$(now)
+    criu_as_user "$pid" dump --unprivileged --shell-job --manage-cgroups=ignore "$@" -t "$pid" \
+      -D "/proc/$$/root$TARGET/bench-plain" -o dump.log > /dev/null 2>&1
+    frozen=$(elapsed "$t")
+    sync "$TARGET/bench-plain"/*
+  else
+    # shellcheck disable=SC2046
+    t=$(now); "$HELPER" $(options_of "$kind") checkpoint --pid "$pid" --images "$TARGET/bench-$kind" "$@" -- "${CMD[@]}" 2>/dev/null
+  fi
+}
+
+# restore KIND: until the tree runs again; the container is gone afterwards.
+restore() {
+  local kind=$1
+  if [[ $kind == plain ]]; then
+    t=$(now)
+    setsid -f "${CMD[@]:0:10}" /bin/sh -c 'sleep 1000000' < /dev/null > /dev/null 2>&1
+    until ph=$(pgrep -n -u alice -x sleep); do sleep 0.01; done
+    criu_as_user "$ph" restore --unprivileged --shell-job --manage-cgroups=ignore -d -D "/proc/$$/root$TARGET/bench-plain" \
+      -o restore.log > /dev/null 2>&1 || { echo "bench: plain restore failed" >&2; exit 1; }
+    d=$(elapsed "$t")
+  else
+    rm -f "$dir/status"; mkfifo "$dir/status"
+    t=$(now)
+    "$HELPER" restore --images "$TARGET/bench-$kind" --status-fd 3 3> "$dir/status" > /dev/null 2>> "$dir/restore.err" &
+    read -r _ < "$dir/status" || { echo "bench: our restore failed: $(cat "$dir/restore.err")" >&2; exit 1; }
+    d=$(elapsed "$t")
+  fi
+  stop_container
+  wait
+}
+
 mkdir -p "$TARGET"
-trap 'stop_container; rm -rf "$dir" "$TARGET"/bench-*' EXIT
+kinds=(ours ours-zstd)
+[[ $(stat -f -c %T "$TARGET") != tmpfs ]] && kinds+=(ours-staged) && mkdir -p "$STAGING"
+install -d -o alice -g alice "$dir"
+trap 'stop_container; rm -rf "$dir" "${TARGET:?}"/bench-* "$STAGING"' EXIT
 start_container
 for rep in $(seq 0 "$REPS"); do   # rep 0 warms memory and caches up
   out=()
-  rm -rf "$TARGET/bench-ours" "$TARGET/bench-plain"
-  # the raw bound first, on an empty target: the bytes of the last image
-  # (the container's size before the first image exists), written and made
-  # durable, then read back
-  bytes=${bytes:-$((SIZE_MIB * 1048576))}
-  t=$(now); dd if=/dev/zero of="$TARGET/bench-raw" bs=16M count=$((bytes / 16777216)) conv=fsync status=none
+  dump plain --leave-running
+  out+=("dump plain $(elapsed "$t")")
+  out+=("frozen plain $frozen")
+  bytes=$(du -sb "$TARGET/bench-plain" | cut -f1)
+  rm -rf "$TARGET/bench-plain"
+  # 1 MiB blocks: measured several times faster than 16 MiB ones here (the
+  # buffer stays in the CPU cache), so the bound is a real bound.
+  t=$(now); dd if=/dev/zero of="$TARGET/bench-raw" bs=1M count=$((bytes / 1048576 + 1)) conv=fsync status=none
   out+=("dump raw $(elapsed "$t")")
-  t=$(now); dd if="$TARGET/bench-raw" of=/dev/null bs=16M status=none
+  t=$(now); dd if="$TARGET/bench-raw" of=/dev/null bs=1M status=none
   out+=("restore raw $(elapsed "$t")")
   rm -f "$TARGET/bench-raw"
-  # ours, then plain CRIU, each alone on the target (no memory pressure
-  # from the other's images)
-  dump_ours
-  out+=("dump ours $(elapsed "$t")")
-  bytes=$(du -sb "$TARGET/bench-ours" | cut -f1)
-  rm -rf "$TARGET/bench-ours"
-  dump_plain
-  out+=("dump plain $(elapsed "$t")")
-  rm -rf "$TARGET/bench-plain"
+  for kind in "${kinds[@]}"; do
+    dump "$kind" --leave-running
+    out+=("dump $kind $(elapsed "$t")")
+    # How long the container was stopped: until CRIU and the streamer were
+    # done (a staged checkpoint is copied to TARGET after that).
+    out+=("frozen $kind $(awk -F' = ' '/^dump_seconds/ { print $2 }' "$TARGET/bench-$kind/manifest.toml")")
+    ((rep == REPS)) && report size "$kind" "$(du -sb "$TARGET/bench-$kind" | cut -f1)"
+    rm -rf "${TARGET:?}/bench-$kind"
+  done
+  ((rep == REPS)) && report size plain "$bytes"
   ((rep > 0)) && for o in "${out[@]}"; do report $o; done
 done
-# One image of each kind for the restores.
-dump_ours
-dump_plain
-# Restores need the pids free: the container goes, and comes back each time.
-stop_container
-for rep in $(seq 0 "$REPS"); do
-  # ours: until the tree runs again
-  rm -f "$dir/status"; mkfifo "$dir/status"
-  t=$(now)
-  "$HELPER" restore --images "$TARGET/bench-ours" --status-fd 3 3> "$dir/status" > /dev/null 2>> "$dir/restore.err" &
-  read -r _ < "$dir/status" || { echo "bench: our restore failed: $(cat "$dir/restore.err")" >&2; exit 1; }
-  d_ours=$(elapsed "$t")
+# Restores: one image at a time; the container goes, and comes back for the
+# next kind's image (the pids must be free).
+for kind in plain ours ours-zstd; do
+  [[ -n ${pid:-} ]] || start_container
+  dump "$kind"
+  pid=
   stop_container
-  wait
-  # plain CRIU, into a container started the same way beforehand
-  setsid -f "${CMD[@]:0:10}" /bin/sh -c 'sleep 1000000' < /dev/null > /dev/null 2>&1
-  until ph=$(pgrep -n -u alice -x sleep); do sleep 0.1; done
-  t=$(now); criu_as_user "$ph" restore --unprivileged --shell-job --manage-cgroups=ignore -d -D "$TARGET/bench-plain" \
-    -o restore.log > /dev/null 2>&1 || true
-  d_plain=$(elapsed "$t")
-  stop_container
-  if ((rep > 0)); then report restore ours "$d_ours"; report restore plain "$d_plain"; fi
+  for rep in $(seq 0 "$REPS"); do
+    restore "$kind"
+    ((rep > 0)) && report restore "$kind" "$d"
+  done
+  rm -rf "${TARGET:?}/bench-$kind"
 done

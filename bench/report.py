@@ -1,31 +1,83 @@
-"""Turns bench/node-bench.sh lines (SIZE_MIB OP KIND SECONDS) into a markdown
-table of min/median/max and the ratios ours/plain CRIU and ours/raw bound,
-and a PNG plot when matplotlib is available."""
+"""Turns the lines of bench/node-bench.sh and bench/e2e.sh into
+bench/results/RESULTS.md (min/median/max, ratios to plain CRIU and to the raw
+storage bound, image sizes, end-to-end downtime in Slurm) and a PNG plot."""
 import statistics
 import sys
 from collections import defaultdict
 
 raw_path, out_dir, machine = sys.argv[1], sys.argv[2], sys.argv[3]
-runs = defaultdict(list)
+runs = defaultdict(list)      # (size, op, kind) -> seconds
+sizes = {}                    # (size, kind) -> image bytes
+cycles = defaultdict(list)    # size -> [(job, t0, t1, t2, t3)]
+signals = defaultdict(list)   # job -> [epoch of each SIGTERM slurmd sent]
 for line in open(raw_path):
-    size, op, kind, secs = line.split()
-    runs[(int(size), op, kind)].append(float(secs))
+    f = line.split()
+    if len(f) < 4:
+        continue
+    size = int(f[0])
+    if f[1] == "size":
+        sizes[(size, f[2])] = int(f[3])
+    elif f[1] == "e2e-cycle":
+        cycles[size].append((f[2], *map(float, f[3:7])))
+    elif f[1] == "e2e-signal":
+        signals[f[2]].append(float(f[3]))
+    else:
+        runs[(size, f[1], f[2])].append(float(f[3]))
+
+# One end-to-end cycle, split at the SIGTERM slurmd sent to the step.
+for size, cs in cycles.items():
+    for job, t0, t1, t2, t3 in cs:
+        sig = min((s for s in signals[job] if s >= t0), default=t0)
+        runs[(size, "e2e", "preempt (Slurm)")].append(sig - t0)
+        runs[(size, "e2e", "checkpoint")].append(t1 - sig)
+        runs[(size, "e2e", "requeue to run (Slurm)")].append(t2 - t1)
+        runs[(size, "e2e", "restore")].append(t3 - t2)
+        runs[(size, "e2e", "downtime (ours)")].append((t1 - sig) + (t3 - t2))
+
+med = statistics.median
+
 
 def cell(values):
-    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+    return f"{min(values):.2f} / {med(values):.2f} / {max(values):.2f}"
 
-rows = ["| size | op | ours (s) min/med/max | plain CRIU (s) | raw bound (s) | ours ÷ plain | ours ÷ raw |",
-        "|---|---|---|---|---|---|---|"]
-for size in sorted({k[0] for k in runs}):
-    for op in ("dump", "restore"):
-        ours, plain, rawb = (runs.get((size, op, k), [float("nan")]) for k in ("ours", "plain", "raw"))
-        m = statistics.median
-        rows.append(f"| {size // 1024} GiB | {op} | {cell(ours)} | {cell(plain)} | {cell(rawb)} | "
-                    f"{m(ours) / m(plain):.2f} | {m(ours) / m(rawb):.2f} |")
+
+def mib(b):
+    return f"{b / 1048576:.0f} MiB" if b else ""
+
+
+all_sizes = sorted({k[0] for k in runs})
+kinds = ["ours", "ours-zstd", "ours-staged", "plain", "raw"]
+rows = ["| size | op | kind | seconds min / med / max | ÷ plain CRIU | ÷ raw bound | raw bound ÷ this | image |",
+        "|---|---|---|---|---|---|---|---|"]
+for size in all_sizes:
+    for op in ("dump", "frozen", "restore"):
+        plain, rawb = runs.get((size, op, "plain")), runs.get((size, op, "raw"))
+        for kind in kinds:
+            v = runs.get((size, op, kind))
+            if not v:
+                continue
+            vs_plain = f"{med(v) / med(plain):.2f}" if plain and kind not in ("plain", "raw") else ""
+            rawb = rawb if op != "frozen" else runs.get((size, "dump", "raw"))
+            vs_raw = f"{med(v) / med(rawb):.2f}" if rawb and kind != "raw" else ""
+            of_raw = f"{med(rawb) / med(v):.0%}" if rawb and kind != "raw" else ""
+            image = mib(sizes.get((size, kind), 0)) if op == "dump" else ""
+            rows.append(f"| {size / 1024:g} GiB | {op} | {kind} | {cell(v)} | {vs_plain} | {vs_raw} | {of_raw} | {image} |")
 table = "\n".join(rows)
+
+e2e_rows = ["| size | phase | seconds min / med / max |", "|---|---|---|"]
+for size in all_sizes:
+    for phase in ("preempt (Slurm)", "checkpoint", "requeue to run (Slurm)", "restore", "downtime (ours)"):
+        v = runs.get((size, "e2e", phase))
+        if v:
+            e2e_rows.append(f"| {size / 1024:g} GiB | {phase} | {cell(v)} |")
+e2e = "\n".join(e2e_rows)
+
 with open(f"{out_dir}/RESULTS.md", "w") as f:
-    f.write(f"# Benchmark results\n\nMachine: {machine}.\n\n{table}\n")
+    f.write(f"# Benchmark results\n\nMachine: {machine}.\n\n{table}\n\n"
+            f"## Preempt -> requeue -> restore in Slurm\n\n{e2e}\n")
 print(table)
+print()
+print(e2e)
 
 try:
     import matplotlib
@@ -34,12 +86,12 @@ try:
 except ImportError:
     print("(matplotlib not installed: no plot)", file=sys.stderr)
     sys.exit(0)
-fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-sizes = sorted({k[0] for k in runs})
+fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 for ax, op in zip(axes, ("dump", "restore")):
-    for kind in ("ours", "plain", "raw"):
-        ys = [statistics.median(runs.get((s, op, kind), [float("nan")])) for s in sizes]
-        ax.plot([s / 1024 for s in sizes], ys, marker="o", label=kind)
+    for kind in kinds:
+        pts = [(s / 1024, med(runs[(s, op, kind)])) for s in all_sizes if runs.get((s, op, kind))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=kind)
     ax.set_title(f"{op} (median seconds)")
     ax.set_xlabel("container memory (GiB)")
     ax.legend()

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The benchmark: ./dev bench (after ./dev build). For containers holding
-# BENCH_SIZES MiB of touched memory (default 1 and 4 GiB; half random, half
-# compressible), measures in one run the checkpoint and restore time of this
-# project, of plain CRIU, and of the raw storage bound (dd of the same bytes
-# to the same target), BENCH_REPS times after a warm-up, and writes
-# bench/results/RESULTS.md (min/median/max and ratios) and bench/results/plot.png.
+# BENCH_SIZES MiB of touched memory (default 1, 4 and 8 GiB; half random,
+# half compressible), measures in one run, BENCH_REPS times after a warm-up:
+# checkpoint and restore of this project (as configured by default, with
+# zstd, with tmpfs staging), of plain CRIU and of the raw storage bound (dd
+# of the same bytes to the same target), image sizes, and the end-to-end
+# downtime of preempt -> requeue -> restore in Slurm. Writes
+# bench/results/RESULTS.md and bench/results/plot.png.
+#
+# BENCH_TARGET is where images go, on node1: /shared (default, a disk, as a
+# shared filesystem would be) or /dev/shm (memory: the fastest bound).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DC="$HERE/../cluster/devcluster"
-# 8 GiB needs a target with room for two 8 GiB images beside the container
-# (BENCH_TARGET=/shared on this 24 GiB machine).
-SIZES=${BENCH_SIZES:-"1024 4096"}
+SIZES=${BENCH_SIZES:-"1024 4096 8192"}
 REPS=${BENCH_REPS:-3}
-TARGET=${BENCH_TARGET:-/dev/shm}
+TARGET=${BENCH_TARGET:-/shared}
 OUT="$HERE/results"
 mkdir -p "$OUT"
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
@@ -21,6 +24,17 @@ raw="$OUT/raw.txt"
 "$DC" up
 for size in $SIZES; do
   echo "bench: $size MiB, $REPS repetitions after a warm-up, images in $TARGET on node1" >&2
-  "$DC" exec node1 -- bash -s "$size" "$REPS" "$TARGET" < "$HERE/node-bench.sh" | tee -a "$raw"
+  "$DC" exec node1 -- bash -s "$size" "$REPS" "$TARGET/bench-images" < "$HERE/node-bench.sh" | tee -a "$raw"
+  echo "bench: $size MiB, preempt -> requeue -> restore in Slurm" >&2
+  "$DC" exec ctl -- bash -s "$size" "$REPS" < "$HERE/e2e.sh" | tee -a "$raw"
 done
-python3 "$HERE/report.py" "$raw" "$OUT" "$(uname -r), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, images in $TARGET"
+# When slurmd sent each preempted step its SIGTERM (the nodes' logs, ms).
+for job in $(awk '$2 == "e2e-cycle" { print $3 }' "$raw" | sort -u); do
+  for node in node1 node2; do
+    "$DC" exec "$node" -- grep -h "Sent signal 15 to StepId=$job.0\$" /var/log/slurm/slurmd.log || true
+  done | sed 's/^\[\([^]]*\)\].*/\1/' | while read -r stamp; do
+    echo "0 e2e-signal $job $(date -d "$stamp" +%s.%N)"
+  done >> "$raw"
+done
+python3 "$HERE/report.py" "$raw" "$OUT" \
+  "$(uname -r), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); images in $TARGET"

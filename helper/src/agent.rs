@@ -34,6 +34,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a checkpointed container may take to exit before the task ends.
+const CONTAINER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, Clone)]
@@ -398,7 +400,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         let _ = tx.send(Event::Exited(code));
     });
 
-    for event in rx {
+    for event in rx.iter() {
         match event {
             Event::Exited(code) => {
                 // The program ended by itself (or by a passed-on signal): the
@@ -426,6 +428,14 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 let msg = checkpoint_for_requeue(settings, t, &mut running, &launch, &ckpt);
                 eprintln!("{}: {msg}", t.name());
                 tell_requeued_job(t, &info, &mut stderr, &msg);
+                // Let Apptainer finish going away first: slurmstepd waits a
+                // whole second more for anything left in the step's cgroups.
+                let deadline = Instant::now() + CONTAINER_EXIT_TIMEOUT;
+                while let Ok(event) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    if matches!(event, Event::Exited(_)) {
+                        break;
+                    }
+                }
                 channel.send(&ToTask::Stopped)?;
                 return Ok(());
             }

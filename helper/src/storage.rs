@@ -119,13 +119,18 @@ impl Staging {
     }
 
     /// Completes the image set the streamer wrote: checks the directory
-    /// holds exactly those files, and adds CRIU's log.
+    /// holds exactly those files, makes them durable (only now: the
+    /// container is already released), and adds CRIU's log.
     pub fn seal(&self, streamed: &[ImageFile]) -> Result<()> {
         for entry in fs::read_dir(&self.images).context(|| format!("cannot list {}", self.images.display()))? {
-            let name = entry.context(|| format!("cannot list {}", self.images.display()))?.file_name();
+            let entry = entry.context(|| format!("cannot list {}", self.images.display()))?;
+            let name = entry.file_name();
             if !streamed.iter().any(|f| f.name.as_str() == name) {
                 return fail(format!("unexpected file {} in the checkpoint", name.to_string_lossy()));
             }
+            open_nofollow(&entry.path())
+                .and_then(|f| f.sync_all())
+                .context(|| format!("cannot flush {} to disk", entry.path().display()))?;
         }
         // The log is the user's file (CRIU wrote it): copied, never moved,
         // and only if it is a plain file of a sane size.

@@ -271,7 +271,6 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result
     } else {
         splice_summing(&pipe, &file).map_err(err)?
     };
-    file.sync_all().map_err(err)?;
     log::debug!("image streamer: {name} written");
     Ok(ImageFile { name, size, xxh3, zstd })
 }
