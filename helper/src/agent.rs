@@ -15,7 +15,8 @@
 //!   this task: its checkpoint is removed.
 
 use crate::apptainer::ContainerCommand;
-use crate::checkpoint::{checkpoint, CheckpointRequest};
+use crate::checkpoint::{dump, CheckpointRequest};
+use crate::storage::Staging;
 use crate::error::{fail, Context, EngineError, Result};
 use crate::manifest::JobIds;
 use crate::procfs::{self, Pid};
@@ -34,6 +35,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a restore waits for a staged checkpoint another node is moving
+/// into checkpoint_dir.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a checkpointed container may take to exit before the task ends.
 const CONTAINER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -271,6 +275,9 @@ fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::
 /// (so the restored tree has a parent of its own in the task's cgroups).
 /// Returns None, after telling the user why, when there is nothing usable.
 fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], stdio: &[OwnedFd; 3], stderr: &mut File) -> Result<Option<Running>> {
+    if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
+        eprintln!("{}: waited for the checkpoint staged on {from}", t.name());
+    }
     let m = match storage::open_checkpoint(dir, false) {
         Ok(m) => m,
         Err(e) => {
@@ -425,7 +432,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     continue;
                 }
                 let launch = Launch { argv: &planned, cwd: &cwd, env: policy::clean_env(&env) };
-                let msg = checkpoint_for_requeue(settings, t, &mut running, &launch, &ckpt);
+                let (msg, to_move) = checkpoint_for_requeue(settings, t, &mut running, &launch, &ckpt);
                 eprintln!("{}: {msg}", t.name());
                 tell_requeued_job(t, &info, &mut stderr, &msg);
                 // Let Apptainer finish going away first: slurmstepd waits a
@@ -437,6 +444,19 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     }
                 }
                 channel.send(&ToTask::Stopped)?;
+                // A staged checkpoint goes to checkpoint_dir now, while the
+                // node is already free for whatever preempted the job.
+                if let Some(staged) = to_move {
+                    let started = Instant::now();
+                    match staged.commit() {
+                        Ok(()) => eprintln!("{}: checkpoint moved to {} in {:.2} s", t.name(), ckpt.display(), started.elapsed().as_secs_f64()),
+                        Err(e) => {
+                            let msg = format!("checkpoint of {} could not be moved to {}: {e}", t.name(), ckpt.display());
+                            eprintln!("{}: {msg}", t.name());
+                            tell_requeued_job(t, &info, &mut stderr, &msg);
+                        }
+                    }
+                }
                 return Ok(());
             }
             Event::Message(Some(ToAgent::Start { .. })) => {}
@@ -457,35 +477,47 @@ struct Launch<'a> {
     env: Vec<(String, String)>,
 }
 
-/// Checkpoints the task's container; returns the line for the user.
-fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, launch: &Launch, ckpt: &Path) -> String {
+/// Checkpoints the task's container; returns the line for the user, and a
+/// staged checkpoint still to be moved into place (announced to restores).
+fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, launch: &Launch, ckpt: &Path) -> (String, Option<Staging>) {
     let planned = launch.argv;
     let Some(pid) = running.payload() else {
-        return format!("{}: no running container to checkpoint", t.name());
+        return (format!("{}: no running container to checkpoint", t.name()), None);
     };
     let request = CheckpointRequest {
         pid,
         target: ckpt.to_path_buf(),
         container: match ContainerCommand::parse(planned.to_vec()) {
             Ok(c) => c,
-            Err(e) => return e.to_string(),
+            Err(e) => return (e.to_string(), None),
         },
         job: JobIds { job_id: Some(t.job_id), step_id: Some(t.step_id), task_id: Some(t.task_id) },
         expected_uid: Some(t.uid),
         leave_running: false,
         started_in: Some((launch.cwd.to_string(), launch.env.clone())),
     };
-    match checkpoint(settings, &request) {
-        Ok(m) => format!(
-            "checkpointed {} ({:.1} MiB in {:.2} s); it resumes from here when the job runs again",
-            t.name(),
-            m.stats.images_bytes as f64 / 1048576.0,
-            m.stats.dump_seconds
+    let sealed = dump(settings, &request).and_then(|(m, sealed)| {
+        if !sealed.staged() {
+            sealed.commit()?;
+            return Ok((m, None));
+        }
+        sealed.announce_move()?;
+        Ok((m, Some(sealed)))
+    });
+    match sealed {
+        Ok((m, to_move)) => (
+            format!(
+                "checkpointed {} ({:.1} MiB in {:.2} s); it resumes from here when the job runs again",
+                t.name(),
+                m.stats.images_bytes as f64 / 1048576.0,
+                m.stats.dump_seconds
+            ),
+            to_move,
         ),
         Err(e) => {
             running.kill();
             let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
-            format!("checkpoint of {} failed: {e}; it will run again {from}", t.name())
+            (format!("checkpoint of {} failed: {e}; it will run again {from}", t.name()), None)
         }
     }
 }

@@ -99,7 +99,16 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
     Ok(out)
 }
 
+/// Dumps and commits: the checkpoint is in place when this returns.
 pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manifest> {
+    let (manifest, sealed) = dump(settings, req)?;
+    sealed.commit()?;
+    Ok(manifest)
+}
+
+/// Dumps into a sealed checkpoint not yet in place: the caller commits it
+/// (a staged one may be moved after the job has let go of the node).
+pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, Staging)> {
     let entered = Instant::now();
     let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
     let version = criu::check(&settings.criu)?;
@@ -224,7 +233,6 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
         files,
     };
     staging.write_manifest(&manifest)?;
-    staging.commit()?;
-    phase("committed");
-    Ok(manifest)
+    phase("sealed");
+    Ok((manifest, staging))
 }

@@ -152,11 +152,32 @@ impl Staging {
         sync_dir(&self.images)
     }
 
+    /// Whether the checkpoint sits on node-local staging storage.
+    pub fn staged(&self) -> bool {
+        self.staged
+    }
+
+    /// Announces that this staged checkpoint is on its way to `target`
+    /// (a restore elsewhere waits for it); `commit` ends the announcement.
+    pub fn announce_move(&self) -> Result<()> {
+        let marker = moving_marker(&self.target);
+        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut f = create_private(&marker)?;
+        writeln!(f, "{host} {}", std::process::id()).and_then(|_| f.sync_all()).context(|| format!("cannot write {}", marker.display()))
+    }
+
     /// Puts the sealed checkpoint in place of `target`, atomically: an
     /// earlier checkpoint there is swapped out and deleted only afterwards.
     /// A staged checkpoint is first copied next to `target` (same
     /// filesystem, so the swap stays atomic).
     pub fn commit(mut self) -> Result<()> {
+        let marker = moving_marker(&self.target);
+        let result = self.commit_inner();
+        let _ = fs::remove_file(marker);
+        result
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
         if self.staged {
             let (parent, name) = checked_target(&self.target)?;
             let fence = fence_in(&parent, &name);
@@ -173,6 +194,35 @@ impl Staging {
             .context(|| format!("cannot move the checkpoint into {}", self.target.display()))?;
         sync_dir(self.target.parent().unwrap_or(Path::new("/")))
     }
+}
+
+/// `TARGET.moving`: a staged checkpoint for TARGET is being copied there.
+fn moving_marker(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_os_string();
+    name.push(".moving");
+    PathBuf::from(name)
+}
+
+/// Waits while a staged checkpoint is on its way to `target` (another
+/// node's agent is copying it), at most `timeout`; returns the node it comes
+/// from if it was waited for.
+pub fn wait_for_move(target: &Path, timeout: std::time::Duration) -> Option<String> {
+    let marker = moving_marker(target);
+    let text = fs::read_to_string(&marker).ok()?;
+    let mut fields = text.split_whitespace();
+    let from = fields.next().unwrap_or("another node").to_string();
+    let mover: Option<i32> = fields.next().and_then(|p| p.parse().ok());
+    let here = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let deadline = std::time::Instant::now() + timeout;
+    while marker.exists() && std::time::Instant::now() < deadline {
+        // A mover of this node that is gone will not finish.
+        if from == here && mover.is_some_and(|p| !crate::procfs::exists(p)) {
+            let _ = fs::remove_file(&marker);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(from)
 }
 
 impl Drop for Staging {
@@ -335,4 +385,49 @@ pub fn open_checkpoint(dir: &Path, verify_digests: bool) -> Result<Manifest> {
         }
     }
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("storage-test-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_restore_waits_while_a_staged_checkpoint_is_moved_in() {
+        let dir = scratch("wait");
+        let target = dir.join("step0.task0");
+        assert_eq!(wait_for_move(&target, Duration::from_secs(5)), None, "nothing announced: no wait");
+        fs::write(moving_marker(&target), "node7 1\n").unwrap();
+        let marker = moving_marker(&target);
+        let mover = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            fs::remove_file(marker).unwrap();
+        });
+        let started = Instant::now();
+        assert_eq!(wait_for_move(&target, Duration::from_secs(5)).as_deref(), Some("node7"));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        mover.join().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_mover_of_this_node_that_died_is_not_waited_for() {
+        let dir = scratch("stale");
+        let target = dir.join("step0.task0");
+        let host = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+        // A pid that cannot be running: above pid_max.
+        fs::write(moving_marker(&target), format!("{host} 99999999\n")).unwrap();
+        let started = Instant::now();
+        assert_eq!(wait_for_move(&target, Duration::from_secs(30)), Some(host));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(!moving_marker(&target).exists(), "the stale marker is removed");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1,7 +1,7 @@
 //! Checkpoint on preemption and `scontrol requeue`, restore on the requeued
 //! run, with real slurmctld/slurmd, munge, Apptainer and CRIU.
 
-use cluster_tests::{cluster, BatchJob, Cluster};
+use cluster_tests::{cluster, BatchJob, Cluster, PlugstackOverride};
 use std::time::Duration;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -83,6 +83,25 @@ fn preemption_by_a_high_priority_job_checkpoints_and_restores() {
     c.release(job.id, None);
     assert_restored_and_cleaned(c, &job, 1);
     job.assert_continued("out.txt");
+    job.cleanup(c);
+}
+
+#[test]
+fn staged_compressed_checkpoint_is_moved_after_the_job_lets_go_and_restores_elsewhere() {
+    let c = cluster();
+    for node in ["node1", "node2"] {
+        c.exec(node, "root", &["mkdir", "-p", "/dev/shm/ckpt-staging"]).ok();
+    }
+    let _site = PlugstackOverride::new(c, |line| format!("{line} staging_dir=/dev/shm/ckpt-staging compression=zstd"));
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 256, 80);
+    let saved = requeue_after(c, &job, "out.txt", 10);
+    assert!(saved < 80, "checkpointed mid-run");
+    c.release(job.id, Some("node2"));
+    assert_restored_and_cleaned(c, &job, 1);
+    job.assert_continued("out.txt");
+    let log = c.exec("node1", "root", &["cat", "/var/log/slurm/checkpoint-container.log"]).ok().stdout;
+    assert!(log.contains(&format!("task 0 of step {}.0: checkpoint moved to /shared/checkpoints/{}/step0.task0", job.id, job.id)), "{log}");
+    assert_eq!(c.exec("node1", "root", &["ls", "-A", "/dev/shm/ckpt-staging"]).ok().stdout, "", "staging area left behind");
     job.cleanup(c);
 }
 
