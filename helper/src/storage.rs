@@ -122,16 +122,16 @@ impl Staging {
     /// holds exactly those files, makes them durable (only now: the
     /// container is already released), and adds CRIU's log.
     pub fn seal(&self, streamed: &[ImageFile]) -> Result<()> {
+        let mut paths = Vec::new();
         for entry in fs::read_dir(&self.images).context(|| format!("cannot list {}", self.images.display()))? {
             let entry = entry.context(|| format!("cannot list {}", self.images.display()))?;
             let name = entry.file_name();
             if !streamed.iter().any(|f| f.name.as_str() == name) {
                 return fail(format!("unexpected file {} in the checkpoint", name.to_string_lossy()));
             }
-            open_nofollow(&entry.path())
-                .and_then(|f| f.sync_all())
-                .context(|| format!("cannot flush {} to disk", entry.path().display()))?;
+            paths.push(entry.path());
         }
+        sync_all(&paths)?;
         // The log is the user's file (CRIU wrote it): copied, never moved,
         // and only if it is a plain file of a sane size.
         if let Ok(log) = open_nofollow(&self.work.join(DUMP_LOG)) {
@@ -231,6 +231,18 @@ impl Drop for Staging {
     }
 }
 
+/// Flushes files to disk all at once: the filesystem can then commit them
+/// in one journal transaction instead of one each.
+fn sync_all(paths: &[PathBuf]) -> Result<()> {
+    std::thread::scope(|scope| {
+        let flushes: Vec<_> = paths
+            .iter()
+            .map(|path| scope.spawn(move || open_nofollow(path).and_then(|f| f.sync_all()).context(|| format!("cannot flush {} to disk", path.display()))))
+            .collect();
+        flushes.into_iter().try_for_each(|f| f.join().unwrap_or_else(|_| fail("flush thread panicked")))
+    })
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).context(|| format!("cannot flush {}", dir.display()))
 }
@@ -250,15 +262,16 @@ fn create_private(path: &Path) -> Result<File> {
 /// directory, durably.
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     private_dir(to)?;
+    let mut copied = Vec::new();
     for entry in fs::read_dir(from).context(|| format!("cannot list {}", from.display()))? {
         let entry = entry.context(|| format!("cannot list {}", from.display()))?;
         let src = open_nofollow(&entry.path()).context(|| format!("cannot open {}", entry.path().display()))?;
         let dst_path = to.join(entry.file_name());
         let mut dst = create_private(&dst_path)?;
-        std::io::copy(&mut &src, &mut dst)
-            .and_then(|_| dst.sync_all())
-            .context(|| format!("cannot copy the checkpoint to {}", dst_path.display()))?;
+        std::io::copy(&mut &src, &mut dst).context(|| format!("cannot copy the checkpoint to {}", dst_path.display()))?;
+        copied.push(dst_path);
     }
+    sync_all(&copied)?;
     sync_dir(to)
 }
 
