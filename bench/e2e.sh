@@ -3,14 +3,15 @@
 # the end-to-end downtime of preempt -> requeue -> restore in Slurm, for one
 # container size. alice's --checkpoint-container job (partition low) runs the
 # workload; bob's job (partition high) preempts it; the requeued job is let
-# run again at once, on the other node, where it restores. Prints, per
-# cycle, "SIZE_MIB e2e-cycle JOB T0 T1 T2 T3" (epoch seconds):
+# run again at once, on the other node, where it restores. KIND names the
+# site configuration bench/run.sh set up. Prints, per cycle,
+# "SIZE_MIB e2e-cycle KIND JOB T0 T1 T2 T3" (epoch seconds):
 #   T0  bob submits             T2  alice's job runs again (released at T1)
 #   T1  alice's job is pending  T3  the program prints its next step
 # bench/run.sh adds when slurmd sent the SIGTERM (from the nodes' logs) and
 # report.py splits each cycle into Slurm's part and ours.
 set -euo pipefail
-SIZE_MIB=$1 REPS=$2
+SIZE_MIB=$1 REPS=$2 KIND=${3:-ours}
 SIF=/shared/images/test.sif
 WORKLOAD=/opt/checkpoint-container/bin/ckpt-workload
 dir=/shared/bench-e2e-$$
@@ -30,8 +31,8 @@ until_() { local n=0; until "$@"; do sleep 0.01; ((++n < 60000)) || { echo "benc
 is() { [[ $(state) == "$1" ]]; }
 grew() { (($(lines) > $1)); }
 
-job=$(cd "$dir" && runuser -u alice -- sbatch --parsable -p low -c 2 -w node1 job.sh)
 trap 'scancel "$job" 2>/dev/null; squeue -h -u bob -o %i | xargs -r scancel; rm -rf "$dir"' EXIT
+job=$(cd "$dir" && runuser -u alice -- sbatch --parsable -p low -c 2 -w node1 job.sh)
 node=node1 other=node2
 until_ is RUNNING
 until_ grew 2
@@ -46,7 +47,7 @@ for rep in $(seq 0 "$REPS"); do
   t2=$(now)
   until_ grew "$saved"
   t3=$(now)
-  ((rep > 0)) && echo "$SIZE_MIB e2e-cycle $job $t0 $t1 $t2 $t3"
+  ((rep > 0)) && echo "$SIZE_MIB e2e-cycle $KIND $job $t0 $t1 $t2 $t3"
   read -r node other <<< "$other $node"
 done
 # The restored run went on from its saved counter: one line per step, in order.

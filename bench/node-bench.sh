@@ -78,6 +78,9 @@ dump() {
 restore() {
   local kind=$1
   if [[ $kind == plain ]]; then
+    # As the engine does: no process the restore starts may take a pid the
+    # tree needs.
+    (($(cat /proc/sys/kernel/ns_last_pid) < maxpid)) && echo "$maxpid" > /proc/sys/kernel/ns_last_pid
     t=$(now)
     setsid -f "${CMD[@]:0:10}" /bin/sh -c 'sleep 1000000' < /dev/null > /dev/null 2>&1
     until ph=$(pgrep -n -u alice -x sleep); do sleep 0.01; done
@@ -131,6 +134,7 @@ done
 # next kind's image (the pids must be free).
 for kind in plain ours ours-zstd; do
   [[ -n ${pid:-} ]] || start_container
+  maxpid=$(ps -L -u alice -o lwp= | sort -n | tail -1)
   dump "$kind"
   pid=
   stop_container

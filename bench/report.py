@@ -8,7 +8,7 @@ from collections import defaultdict
 raw_path, out_dir, machine = sys.argv[1], sys.argv[2], sys.argv[3]
 runs = defaultdict(list)      # (size, op, kind) -> seconds
 sizes = {}                    # (size, kind) -> image bytes
-cycles = defaultdict(list)    # size -> [(job, t0, t1, t2, t3)]
+cycles = defaultdict(list)    # size -> [(kind, job, t0, t1, t2, t3)]
 signals = defaultdict(list)   # job -> [epoch of each SIGTERM slurmd sent]
 for line in open(raw_path):
     f = line.split()
@@ -18,7 +18,7 @@ for line in open(raw_path):
     if f[1] == "size":
         sizes[(size, f[2])] = int(f[3])
     elif f[1] == "e2e-cycle":
-        cycles[size].append((f[2], *map(float, f[3:7])))
+        cycles[size].append((f[2], f[3], *map(float, f[4:8])))
     elif f[1] == "e2e-signal":
         signals[f[2]].append(float(f[3]))
     else:
@@ -26,13 +26,13 @@ for line in open(raw_path):
 
 # One end-to-end cycle, split at the SIGTERM slurmd sent to the step.
 for size, cs in cycles.items():
-    for job, t0, t1, t2, t3 in cs:
+    for kind, job, t0, t1, t2, t3 in cs:
         sig = min((s for s in signals[job] if s >= t0), default=t0)
-        runs[(size, "e2e", "preempt (Slurm)")].append(sig - t0)
-        runs[(size, "e2e", "checkpoint")].append(t1 - sig)
-        runs[(size, "e2e", "requeue to run (Slurm)")].append(t2 - t1)
-        runs[(size, "e2e", "restore")].append(t3 - t2)
-        runs[(size, "e2e", "downtime (ours)")].append((t1 - sig) + (t3 - t2))
+        runs[(size, "e2e", kind, "preempt (Slurm)")].append(sig - t0)
+        runs[(size, "e2e", kind, "checkpoint")].append(t1 - sig)
+        runs[(size, "e2e", kind, "requeue to run (Slurm)")].append(t2 - t1)
+        runs[(size, "e2e", kind, "restore")].append(t3 - t2)
+        runs[(size, "e2e", kind, "downtime (ours)")].append((t1 - sig) + (t3 - t2))
 
 med = statistics.median
 
@@ -64,12 +64,13 @@ for size in all_sizes:
             rows.append(f"| {size / 1024:g} GiB | {op} | {kind} | {cell(v)} | {vs_plain} | {vs_raw} | {of_raw} | {image} |")
 table = "\n".join(rows)
 
-e2e_rows = ["| size | phase | seconds min / med / max |", "|---|---|---|"]
+e2e_rows = ["| size | kind | phase | seconds min / med / max |", "|---|---|---|---|"]
 for size in all_sizes:
-    for phase in ("preempt (Slurm)", "checkpoint", "requeue to run (Slurm)", "restore", "downtime (ours)"):
-        v = runs.get((size, "e2e", phase))
-        if v:
-            e2e_rows.append(f"| {size / 1024:g} GiB | {phase} | {cell(v)} |")
+    for kind in ("ours", "ours-staged"):
+        for phase in ("preempt (Slurm)", "checkpoint", "requeue to run (Slurm)", "restore", "downtime (ours)"):
+            v = runs.get((size, "e2e", kind, phase))
+            if v:
+                e2e_rows.append(f"| {size / 1024:g} GiB | {kind} | {phase} | {cell(v)} |")
 e2e = "\n".join(e2e_rows)
 
 with open(f"{out_dir}/RESULTS.md", "w") as f:

@@ -22,14 +22,25 @@ python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet mat
 raw="$OUT/raw.txt"
 : > "$raw"
 "$DC" up
+plugstack="$("$DC" paths | awk '$1 == "etc" { print $2 }')/plugstack.conf"
+trap '[[ -f $OUT/plugstack.conf.orig ]] && cp "$OUT/plugstack.conf.orig" "$plugstack"; rm -f "$OUT/plugstack.conf.orig"' EXIT
 for size in $SIZES; do
   echo "bench: $size MiB, $REPS repetitions after a warm-up, images in $TARGET on node1" >&2
   "$DC" exec node1 -- bash -s "$size" "$REPS" "$TARGET/bench-images" < "$HERE/node-bench.sh" | tee -a "$raw"
-  echo "bench: $size MiB, preempt -> requeue -> restore in Slurm" >&2
-  "$DC" exec ctl -- bash -s "$size" "$REPS" < "$HERE/e2e.sh" | tee -a "$raw"
+  for kind in ours ours-staged; do
+    echo "bench: $size MiB, preempt -> requeue -> restore in Slurm ($kind)" >&2
+    if [[ $kind == ours-staged ]]; then
+      # Every node's /etc/slurm is this directory; each node has its own /dev/shm.
+      cp "$plugstack" "$OUT/plugstack.conf.orig"
+      sed -i '/spank_checkpoint_container/ s|$| staging_dir=/dev/shm/ckpt-staging|' "$plugstack"
+      for node in node1 node2; do "$DC" exec "$node" -- mkdir -p /dev/shm/ckpt-staging; done
+    fi
+    "$DC" exec ctl -- bash -s "$size" "$REPS" "$kind" < "$HERE/e2e.sh" | tee -a "$raw"
+    [[ $kind == ours-staged ]] && cp "$OUT/plugstack.conf.orig" "$plugstack"
+  done
 done
 # When slurmd sent each preempted step its SIGTERM (the nodes' logs, ms).
-for job in $(awk '$2 == "e2e-cycle" { print $3 }' "$raw" | sort -u); do
+for job in $(awk '$2 == "e2e-cycle" { print $4 }' "$raw" | sort -u); do
   for node in node1 node2; do
     "$DC" exec "$node" -- grep -h "Sent signal 15 to StepId=$job.0\$" /var/log/slurm/slurmd.log || true
   done | sed 's/^\[\([^]]*\)\].*/\1/' | while read -r stamp; do
