@@ -133,6 +133,8 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         })
         .collect();
 
+    // The checkpoint this one replaces is not needed in memory any more.
+    storage::drop_cached_dir(&req.target);
     let expected_bytes = procfs::memory_bytes(&pids);
     let (staging, fallback) = Staging::create(&req.target, uid, gid, settings.staging_dir.as_deref(), expected_bytes)?;
     if let Some(why) = fallback {
