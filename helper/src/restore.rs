@@ -181,13 +181,20 @@ impl Placeholder {
     }
 }
 
-/// A private directory for CRIU's restore log, owned by the user.
-fn work_dir(uid: u32, gid: u32) -> Result<PathBuf> {
+/// A private directory for CRIU (its log, the image streamer's socket),
+/// owned by the user.
+/// It sits in a root-only directory (returned first, removed when done):
+/// CRIU reaches it through its fd, none of the user's other processes can,
+/// so only CRIU can connect to the image streamer's socket in it.
+fn work_dir(uid: u32, gid: u32) -> Result<(PathBuf, PathBuf)> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    let dir = std::env::temp_dir().join(format!("checkpoint-container-restore-{}-{nanos}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).context(|| format!("cannot create {}", dir.display()))?;
+    let fence = std::env::temp_dir().join(format!("checkpoint-container-restore-{}-{nanos}", std::process::id()));
+    let dir = fence.join("work");
+    for d in [&fence, &dir] {
+        std::fs::DirBuilder::new().mode(0o700).create(d).context(|| format!("cannot create {}", d.display()))?;
+    }
     nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).context(|| format!("cannot chown {}", dir.display()))?;
-    Ok(dir)
+    Ok((fence, dir))
 }
 
 /// `--inherit-fd` for a stdio fd whose target was a pipe or a file: the
@@ -270,7 +277,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let m = verify(settings, req)?;
     phase("verified");
     let started = Instant::now();
-    let work = work_dir(m.owner.uid, m.owner.gid)?;
+    let (fence, work) = work_dir(m.owner.uid, m.owner.gid)?;
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
     reserve_pids(&m.process.pids)?;
@@ -352,7 +359,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         placeholder.kill();
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         if let Err(e) = served {
-            let _ = std::fs::remove_dir_all(&work);
+            let _ = std::fs::remove_dir_all(&fence);
             return fail(format!("{e} (nothing was left running)"));
         }
         let why = criu::first_error(&log).unwrap_or_else(|| format!("CRIU exited with {status}"));
@@ -363,7 +370,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         ));
     }
     placeholder.finish();
-    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&fence);
     use std::os::unix::process::ExitStatusExt;
     let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     Ok(Restored { exit_code, restore_seconds })
