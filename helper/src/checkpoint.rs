@@ -164,7 +164,6 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         gid,
         caps: CRIU_CAPS,
         images_dir: &criu_dir,
-        work_dir: None,
         args,
     };
     phase("CRIU starts");

@@ -100,10 +100,10 @@ pub fn check(criu: &Path) -> Result<Version, CriuError> {
 /// streamer, so CRIU never reads or writes the checkpoint directory.
 pub const CRIU_CAPS: &[caps::Capability] = &[caps::Capability::CAP_CHECKPOINT_RESTORE, caps::Capability::CAP_SYS_PTRACE];
 
-/// fd numbers at which CRIU receives the directories it works in; it is told
-/// `-D /proc/self/fd/IMAGES_FD`, which resolves in any mount namespace.
+/// fd number at which CRIU receives the directory it works in (the image
+/// streamer's socket, its log); it is told `-D /proc/self/fd/IMAGES_FD`,
+/// which resolves in any mount namespace.
 pub const IMAGES_FD: i32 = 100;
-pub const WORK_FD: i32 = 101;
 
 /// One CRIU run inside a container's mount namespace, as the container's
 /// user.
@@ -121,7 +121,6 @@ pub struct Invocation<'a> {
     pub gid: u32,
     pub caps: &'a [caps::Capability],
     pub images_dir: &'a std::fs::File,
-    pub work_dir: Option<&'a std::fs::File>,
     pub args: Vec<String>,
 }
 
@@ -177,18 +176,15 @@ impl Invocation<'_> {
         let (uid, gid) = (self.uid, self.gid);
         let caps: caps::CapsHashSet = self.caps.iter().copied().collect();
         let images_fd = self.images_dir.as_raw_fd();
-        let work_fd = self.work_dir.map(|f| f.as_raw_fd());
-        // SAFETY: runs in the forked child before exec; the helper is
-        // single-threaded when it spawns CRIU.
+        // SAFETY: runs in the forked child before exec: syscalls only, no
+        // allocation unless one fails (the agent has other threads, which
+        // may hold the allocator's lock at the fork).
         unsafe {
             cmd.pre_exec(move || {
                 use std::io::Error;
                 let check = |rc: libc::c_int| if rc == -1 { Err(Error::last_os_error()) } else { Ok(()) };
                 check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS))?;
                 check(libc::dup2(images_fd, IMAGES_FD))?;
-                if let Some(fd) = work_fd {
-                    check(libc::dup2(fd, WORK_FD))?;
-                }
                 check(libc::setgroups(1, &gid))?;
                 check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
                 check(libc::setresgid(gid, gid, gid))?;

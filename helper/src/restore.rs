@@ -302,7 +302,6 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         gid: m.owner.gid,
         caps: CRIU_CAPS,
         images_dir: &work_file,
-        work_dir: None,
         args,
     };
     let spawned = invocation.command().map_err(EngineError::from).and_then(|mut c| {
