@@ -234,7 +234,7 @@ fn kdat_location(criu: &Path) -> String {
 /// After a CRIU run without a cached `criu.kdat`: caches the one CRIU wrote
 /// in `criu_dir`, if it is a plain file of the right kind.
 pub fn remember_kdat(criu: &Path, criu_dir: &Path) {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let Some(dir) = kdat_dir(criu) else { return };
     if dir.join(KDAT_FILE).exists() {
         return;
@@ -244,12 +244,8 @@ pub fn remember_kdat(criu: &Path, criu_dir: &Path) {
         return;
     }
     let mut bytes = Vec::new();
-    if std::io::Read::read_to_end(&mut &written, &mut bytes).is_err() || std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).is_err() {
-        return;
-    }
-    let tmp = dir.join(format!(".{KDAT_FILE}.{}", std::process::id()));
-    if std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, dir.join(KDAT_FILE))).is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if std::io::Read::read_to_end(&mut &written, &mut bytes).is_ok() {
+        crate::storage::write_cache_file(&dir, KDAT_FILE, &bytes, 0o755);
     }
 }
 

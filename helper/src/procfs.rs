@@ -124,10 +124,26 @@ pub fn threads(pids: &[Pid]) -> Vec<Pid> {
 pub fn memory_bytes(pids: &[Pid]) -> u64 {
     pids.iter()
         .filter_map(|&pid| std::fs::read_to_string(proc_path(pid, "status")).ok())
-        .filter_map(|status| {
-            let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-            kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-        })
-        .sum::<u64>()
-        << 10
+        .filter_map(|status| kib_field(&status, "VmRSS"))
+        .sum()
+}
+
+/// A `Key:   N kB` line of a /proc file (status, meminfo), in bytes.
+pub fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let value = text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    value.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kib| kib << 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kib_fields_are_read_in_bytes_by_exact_key() {
+        let text = "MemTotal:       24683520 kB\nMemAvailable:   19747560 kB\nVmRSS:\t    2048 kB\n";
+        assert_eq!(kib_field(text, "MemAvailable"), Some(19747560 << 10));
+        assert_eq!(kib_field(text, "VmRSS"), Some(2048 << 10));
+        assert_eq!(kib_field(text, "Mem"), None, "a prefix of a key is not the key");
+        assert_eq!(kib_field(text, "Swap"), None);
+    }
 }

@@ -72,11 +72,7 @@ fn staging_room(dir: &Path, bytes: u64) -> std::result::Result<(), String> {
         return Err(format!("{} has {} MiB free, {} MiB needed", dir.display(), free >> 20, need >> 20));
     }
     let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let available = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(u64::MAX, |kib| kib << 10);
+    let available = crate::procfs::kib_field(&meminfo, "MemAvailable").unwrap_or(u64::MAX);
     if available < need {
         return Err(format!("the node has {} MiB of memory available, {} MiB needed", available >> 20, need >> 20));
     }
@@ -330,13 +326,24 @@ pub fn image_digest(path: &Path) -> Result<(u64, String)> {
     }
     let (size, digest) = digest(path)?;
     // Only if the image did not change while it was read.
-    if self::stamp(path)? == stamp && fs::DirBuilder::new().recursive(true).mode(0o700).create(IMAGE_DIGESTS).is_ok() {
-        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-        if fs::write(&tmp, format!("{size} {digest}\n")).and_then(|_| fs::rename(&tmp, &cached)).is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+    if self::stamp(path)? == stamp {
+        write_cache_file(Path::new(IMAGE_DIGESTS), &key.hex(), format!("{size} {digest}\n").as_bytes(), 0o700);
     }
     Ok((size, digest))
+}
+
+/// Puts a small file into one of root's caches: its directory created with
+/// `dir_mode` if missing, the file written aside and renamed into place so
+/// no reader sees half of it. A cache that cannot be written is only a cache
+/// miss next time.
+pub fn write_cache_file(dir: &Path, name: &str, bytes: &[u8], dir_mode: u32) {
+    if fs::DirBuilder::new().recursive(true).mode(dir_mode).create(dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    if fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, dir.join(name))).is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
 }
 
 pub fn digest(path: &Path) -> Result<(u64, String)> {
