@@ -99,6 +99,17 @@ fn unprivileged_user_namespace_container_is_refused_with_the_reason() {
     w.cleanup(c);
 }
 
+/// Flips the middle byte of the checkpoint's first page image; returns its
+/// path and original bytes.
+fn flip_a_byte_of_the_pages_image(checkpoint: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    let pages = std::fs::read_dir(checkpoint).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("pages-")).unwrap();
+    let original = std::fs::read(&pages).unwrap();
+    let mut damaged = original.clone();
+    damaged[original.len() / 2] ^= 0xff;
+    std::fs::write(&pages, &damaged).unwrap();
+    (pages, original)
+}
+
 #[test]
 fn restore_refuses_missing_truncated_tampered_and_foreign_images() {
     let c = cluster();
@@ -118,11 +129,7 @@ fn restore_refuses_missing_truncated_tampered_and_foreign_images() {
     assert!(!out.stderr.contains("refusing"), "the right user and job pass these checks: {out:#?}");
 
     // Tampered: same size, one byte changed.
-    let pages = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("pages-")).unwrap();
-    let original = std::fs::read(&pages).unwrap();
-    let mut tampered = original.clone();
-    tampered[original.len() / 2] ^= 0xff;
-    std::fs::write(&pages, &tampered).unwrap();
+    let (pages, original) = flip_a_byte_of_the_pages_image(&dir);
     restore_fails_with("--uid 2001", "is damaged: checksum of pages-");
 
     // Truncated.
@@ -144,11 +151,7 @@ fn compressed_images_are_verified_while_they_are_decompressed() {
     let c = cluster();
     let w = small(c);
     w.checkpoint(c, &["--compression", "zstd"]).ok();
-    let pages = std::fs::read_dir(w.host_dir.join("ckpt")).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("pages-")).unwrap();
-    let mut tampered = std::fs::read(&pages).unwrap();
-    let middle = tampered.len() / 2;
-    tampered[middle] ^= 0xff;
-    std::fs::write(&pages, &tampered).unwrap();
+    flip_a_byte_of_the_pages_image(&w.host_dir.join("ckpt"));
     let out = w.restore(c, "node1", "--uid 2001").failed();
     assert!(out.stderr.contains("is damaged: checksum of pages-"), "{}", out.stderr);
     assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);

@@ -31,6 +31,16 @@ fn assert_restored_and_cleaned(c: &Cluster, job: &BatchJob, restarts: u32) {
     assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
 }
 
+/// Waits for the job to complete after a run that started over: the counter
+/// restarted from 1, and the run ended right. Returns the job's output.
+fn completed_from_the_start(c: &Cluster, job: &BatchJob) -> String {
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    let lines = job.lines("out.txt");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("counter=1 ")).count(), 2, "started over: {lines:?}");
+    assert_eq!(lines.last().unwrap(), &job.expected_done());
+    job.output()
+}
+
 #[test]
 fn scontrol_requeue_checkpoints_and_the_requeued_job_restores() {
     let c = cluster();
@@ -187,13 +197,8 @@ fn failed_checkpoint_still_requeues_and_the_job_starts_fresh() {
     assert!(out.contains(&format!("checkpoint-container: checkpoint of task 0 of step {}.0 failed", job.id)), "{out}");
     assert!(out.contains("it will run again from the start"), "{out}");
     c.release(job.id, None);
-    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
-    let out = job.output();
+    let out = completed_from_the_start(c, &job);
     assert!(out.contains(&format!("task 0 of step {}.0 starts fresh: no checkpoint was taken", job.id)), "{out}");
-    // Started over: the counter restarted from 1, and the run ended right.
-    let lines = job.lines("out.txt");
-    assert_eq!(lines.iter().filter(|l| l.starts_with("counter=1 ")).count(), 2, "{lines:?}");
-    assert_eq!(lines.last().unwrap(), &job.expected_done());
     job.cleanup(c);
 }
 
@@ -209,13 +214,9 @@ fn restore_failure_on_the_requeued_run_starts_fresh_and_says_why() {
         .stdout;
     c.sh("node1", "root", &format!("printf '\\xff' | dd of={} bs=1 seek=4096 conv=notrunc status=none", pages.trim())).ok();
     c.release(job.id, Some("node2"));
-    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
-    let out = job.output();
+    let out = completed_from_the_start(c, &job);
     assert!(out.contains("is damaged: checksum of pages-"), "{out}");
     assert!(out.contains(&format!("task 0 of step {}.0 starts fresh after the failed restore", job.id)), "{out}");
-    let lines = job.lines("out.txt");
-    assert_eq!(lines.iter().filter(|l| l.starts_with("counter=1 ")).count(), 2, "started over: {lines:?}");
-    assert_eq!(lines.last().unwrap(), &job.expected_done());
     job.cleanup(c);
 }
 
