@@ -133,8 +133,6 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         })
         .collect();
 
-    // The checkpoint this one replaces is not needed in memory any more.
-    storage::drop_cached_dir(&req.target);
     let expected_bytes = procfs::memory_bytes(&pids);
     let (staging, fallback) = Staging::create(&req.target, uid, gid, settings.staging_dir.as_deref(), expected_bytes)?;
     if let Some(why) = fallback {
@@ -180,6 +178,10 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let capture = Capture::start(listener, staging.images.clone(), settings.compression);
     let image_path = PathBuf::from(image);
     let image_digest = std::thread::spawn(move || storage::image_digest(&image_path));
+    // The checkpoint this one replaces is not needed in memory any more: its
+    // pages leave the cache while CRIU starts, before the new ones arrive.
+    let replaced = req.target.clone();
+    let uncached = std::thread::spawn(move || storage::drop_cached_dir(&replaced));
     let out = child.wait_with_output().context(|| "cannot run CRIU".into());
     phase("CRIU done");
     criu::remember_kdat(&settings.criu, &staging.work);
@@ -212,6 +214,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         return fail(format!("container image {image} changed while the checkpoint was taken"));
     }
     phase("image digest done");
+    let _ = uncached.join();
     staging.seal(&files)?;
     let manifest = Manifest {
         format: manifest::FORMAT,

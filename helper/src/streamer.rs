@@ -230,18 +230,49 @@ impl Capture {
     }
 }
 
+/// Starts writing an image to storage while it is still being received:
+/// the fsync that seals the checkpoint then finds little left to write,
+/// where CRIU's own images (and `dd`) are written back only at the end.
+struct Writeback<'a> {
+    file: &'a File,
+    started: u64,
+}
+
+impl<'a> Writeback<'a> {
+    /// Bytes gathered before their writeback is started: large enough for
+    /// big requests, small enough to overlap most of the dump.
+    const STEP: u64 = 8 << 20;
+
+    fn new(file: &'a File) -> Self {
+        Writeback { file, started: 0 }
+    }
+
+    /// The file is written up to `upto`.
+    fn progress(&mut self, upto: u64) {
+        if upto >= self.started + Self::STEP {
+            // SAFETY: a syscall on an fd we hold. Only starts the writeback
+            // (no wait); a failure surfaces in the sealing fsync.
+            unsafe { libc::sync_file_range(self.file.as_raw_fd(), self.started as i64, (upto - self.started) as i64, libc::SYNC_FILE_RANGE_WRITE) };
+            self.started = upto;
+        }
+    }
+}
+
 /// A writer that checksums what it writes.
-struct SummingWriter<W> {
+struct SummingWriter<'a, W> {
     inner: W,
     hasher: Checksum,
     bytes: u64,
+    writeback: Writeback<'a>,
 }
 
-impl<W: Write> Write for SummingWriter<W> {
+impl<W: Write> Write for SummingWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
+        // What the buffer still holds is not in the file yet: one step behind.
+        self.writeback.progress(self.bytes.saturating_sub(Writeback::STEP));
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -260,7 +291,12 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result
         .open(path)
         .map_err(err)?;
     let (size, xxh3) = if zstd {
-        let sink = SummingWriter { inner: io::BufWriter::with_capacity(CHUNK, &file), hasher: Checksum::default(), bytes: 0 };
+        let sink = SummingWriter {
+            inner: io::BufWriter::with_capacity(CHUNK, &file),
+            hasher: Checksum::default(),
+            bytes: 0,
+            writeback: Writeback::new(&file),
+        };
         let mut encoder = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL).map_err(err)?;
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         encoder.multithread(workers).map_err(err)?;
@@ -277,7 +313,8 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result
 
 /// Moves the pipe's bytes into the file with splice (one copy, in the
 /// kernel) while a second thread checksums what has been written so far,
-/// reading it back from the page cache just behind.
+/// reading it back from the page cache just behind, and starts its
+/// writeback to storage.
 fn splice_summing(pipe: &File, file: &File) -> io::Result<(u64, String)> {
     use nix::fcntl::{splice, SpliceFFlags};
     let (written, to_sum) = std::sync::mpsc::channel::<u64>();
@@ -286,6 +323,7 @@ fn splice_summing(pipe: &File, file: &File) -> io::Result<(u64, String)> {
             let mut sum = Checksum::default();
             let mut buf = vec![0u8; CHUNK];
             let mut done = 0u64;
+            let mut writeback = Writeback::new(file);
             while let Ok(upto) = to_sum.recv() {
                 while done < upto {
                     let n = CHUNK.min((upto - done) as usize);
@@ -293,6 +331,7 @@ fn splice_summing(pipe: &File, file: &File) -> io::Result<(u64, String)> {
                     sum.update(&buf[..n]);
                     done += n as u64;
                 }
+                writeback.progress(done);
             }
             Ok(sum.hex())
         });
