@@ -16,6 +16,7 @@
 
 use crate::error::{fail, Context, EngineError, Result};
 use crate::manifest::{Checksum, ImageFile};
+use crate::storage::Writeback;
 use ckpt_config::Compression;
 use prost::Message;
 use std::collections::HashMap;
@@ -227,34 +228,6 @@ impl Capture {
         let mut files = self.0.finish()?;
         files.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(files)
-    }
-}
-
-/// Starts writing an image to storage while it is still being received:
-/// the fsync that seals the checkpoint then finds little left to write,
-/// where CRIU's own images (and `dd`) are written back only at the end.
-struct Writeback<'a> {
-    file: &'a File,
-    started: u64,
-}
-
-impl<'a> Writeback<'a> {
-    /// Bytes gathered before their writeback is started: large enough for
-    /// big requests, small enough to overlap most of the dump.
-    const STEP: u64 = 8 << 20;
-
-    fn new(file: &'a File) -> Self {
-        Writeback { file, started: 0 }
-    }
-
-    /// The file is written up to `upto`.
-    fn progress(&mut self, upto: u64) {
-        if upto >= self.started + Self::STEP {
-            // SAFETY: a syscall on an fd we hold. Only starts the writeback
-            // (no wait); a failure surfaces in the sealing fsync.
-            unsafe { libc::sync_file_range(self.file.as_raw_fd(), self.started as i64, (upto - self.started) as i64, libc::SYNC_FILE_RANGE_WRITE) };
-            self.started = upto;
-        }
     }
 }
 
