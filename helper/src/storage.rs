@@ -485,6 +485,17 @@ mod tests {
     }
 
     #[test]
+    fn staged_files_are_copied_whole_across_writeback_steps() {
+        let dir = scratch("copy");
+        let bytes: Vec<u8> = (0..(2 * Writeback::STEP + 4097)).map(|i| (i % 251) as u8).collect();
+        fs::write(dir.join("src"), &bytes).unwrap();
+        let dst = File::create(dir.join("dst")).unwrap();
+        copy_file(&File::open(dir.join("src")).unwrap(), &dst).unwrap();
+        assert!(fs::read(dir.join("dst")).unwrap() == bytes);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_restore_waits_while_a_staged_checkpoint_is_moved_in() {
         let dir = scratch("wait");
         let target = dir.join("step0.task0");
