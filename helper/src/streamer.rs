@@ -437,7 +437,6 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
 /// reference) behind a thread that checksums it from the page cache; the
 /// last chunk goes only once the whole file's checksum matches.
 fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, damaged: impl Fn() -> EngineError) -> Result<io::Result<()>> {
-    use nix::fcntl::{splice, SpliceFFlags};
     let size = expected.size;
     // The last chunk is released only once the whole file checks out.
     let held_back = size.saturating_sub(CHUNK as u64);
@@ -463,7 +462,7 @@ fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, damaged: impl
             let _ = progress.send(verdict);
         });
         let mut sent = 0u64;
-        while sent < size || size == 0 {
+        loop {
             let upto = match summed.recv() {
                 Ok(Ok(upto)) if upto == size => size,
                 Ok(Ok(upto)) => upto.min(held_back),
@@ -471,23 +470,32 @@ fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, damaged: impl
                 Ok(Err(e)) => return Err(EngineError(format!("cannot read an image: {e}"))),
                 Err(_) => return Err(EngineError("checksum thread ended early".into())),
             };
-            if size == 0 {
-                break;
-            }
-            let mut off = sent as i64;
-            while (off as u64) < upto {
-                let len = (upto - off as u64) as usize;
-                match splice(file, Some(&mut off), pipe, None, len, SpliceFFlags::SPLICE_F_MOVE) {
-                    Ok(0) => return Ok(Err(io::Error::from(io::ErrorKind::UnexpectedEof))),
-                    Ok(_) => {}
-                    // CRIU closed its end: dropping `summed` stops the thread.
-                    Err(e) => return Ok(Err(e.into())),
-                }
+            if let Err(e) = splice_range(file, sent, upto, pipe) {
+                // CRIU closed its end: dropping `summed` stops the thread.
+                return Ok(Err(e));
             }
             sent = upto;
+            if sent == size {
+                return Ok(Ok(()));
+            }
         }
-        Ok(Ok(()))
     })
+}
+
+/// Splices bytes `start..end` of `file` into `pipe` (page cache pages are
+/// passed by reference, not copied).
+fn splice_range(file: &File, start: u64, end: u64, pipe: &File) -> io::Result<()> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let mut off = start as i64;
+    while (off as u64) < end {
+        let len = (end - off as u64) as usize;
+        match splice(file, Some(&mut off), pipe, None, len, SpliceFFlags::SPLICE_F_MOVE) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
