@@ -220,7 +220,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         format: manifest::FORMAT,
         job: req.job.clone(),
         owner: Owner { uid, gid },
-        node: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        node: storage::node_name(),
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs(),
         criu_version: version.to_string(),
         container: manifest::Container {

@@ -157,9 +157,8 @@ impl Staging {
     /// (a restore elsewhere waits for it); `commit` ends the announcement.
     pub fn announce_move(&self) -> Result<()> {
         let marker = moving_marker(&self.target);
-        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
         let mut f = create_private(&marker)?;
-        writeln!(f, "{host} {}", std::process::id()).and_then(|_| f.sync_all()).context(|| format!("cannot write {}", marker.display()))
+        writeln!(f, "{} {}", node_name(), std::process::id()).and_then(|_| f.sync_all()).context(|| format!("cannot write {}", marker.display()))
     }
 
     /// Puts the sealed checkpoint in place of `target`, atomically: an
@@ -212,6 +211,11 @@ pub fn drop_cached_dir(dir: &Path) {
     }
 }
 
+/// This node's name, as checkpoints and move markers record it.
+pub fn node_name() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 /// `TARGET.moving`: a staged checkpoint for TARGET is being copied there.
 fn moving_marker(target: &Path) -> PathBuf {
     let mut name = target.as_os_str().to_os_string();
@@ -228,7 +232,7 @@ pub fn wait_for_move(target: &Path, timeout: std::time::Duration) -> Option<Stri
     let mut fields = text.split_whitespace();
     let from = fields.next().unwrap_or("another node").to_string();
     let mover: Option<i32> = fields.next().and_then(|p| p.parse().ok());
-    let here = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let here = node_name();
     let deadline = std::time::Instant::now() + timeout;
     while marker.exists() && std::time::Instant::now() < deadline {
         // A mover of this node that is gone will not finish.
