@@ -183,18 +183,34 @@ impl Placeholder {
 
 /// A private directory for CRIU (its log, the image streamer's socket),
 /// owned by the user.
-/// It sits in a root-only directory (returned first, removed when done):
-/// CRIU reaches it through its fd, none of the user's other processes can,
-/// so only CRIU can connect to the image streamer's socket in it.
-fn work_dir(uid: u32, gid: u32) -> Result<(PathBuf, PathBuf)> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    let fence = std::env::temp_dir().join(format!("checkpoint-container-restore-{}-{nanos}", std::process::id()));
-    let dir = fence.join("work");
-    for d in [&fence, &dir] {
-        std::fs::DirBuilder::new().mode(0o700).create(d).context(|| format!("cannot create {}", d.display()))?;
+/// It sits in a root-only directory, removed with it when this is dropped
+/// (on every way out of a restore) unless kept for its log: CRIU reaches it
+/// through its fd, none of the user's other processes can, so only CRIU can
+/// connect to the image streamer's socket in it.
+struct WorkDir {
+    fence: PathBuf,
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn create(uid: u32, gid: u32) -> Result<WorkDir> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let fence = std::env::temp_dir().join(format!("checkpoint-container-restore-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&fence).context(|| format!("cannot create {}", fence.display()))?;
+        let work = WorkDir { path: fence.join("work"), fence, keep: false };
+        std::fs::DirBuilder::new().mode(0o700).create(&work.path).context(|| format!("cannot create {}", work.path.display()))?;
+        nix::unistd::chown(&work.path, Some(uid.into()), Some(gid.into())).context(|| format!("cannot chown {}", work.path.display()))?;
+        Ok(work)
     }
-    nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into())).context(|| format!("cannot chown {}", dir.display()))?;
-    Ok((fence, dir))
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.fence);
+        }
+    }
 }
 
 /// `--inherit-fd` for a stdio fd whose target was a pipe or a file: the
@@ -277,7 +293,8 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let m = verify(settings, req)?;
     phase("verified");
     let started = Instant::now();
-    let (fence, work) = work_dir(m.owner.uid, m.owner.gid)?;
+    let mut work_dir = WorkDir::create(m.owner.uid, m.owner.gid)?;
+    let work = work_dir.path.clone();
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
     reserve_pids(&m.process.pids)?;
@@ -358,9 +375,10 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         placeholder.kill();
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         if let Err(e) = served {
-            let _ = std::fs::remove_dir_all(&fence);
             return fail(format!("{e} (nothing was left running)"));
         }
+        // Its log is named in the error: kept.
+        work_dir.keep = true;
         let why = criu::first_error(&log).unwrap_or_else(|| format!("CRIU exited with {status}"));
         return fail(format!(
             "CRIU could not restore {}: {why} (nothing was left running; log in {})",
@@ -369,7 +387,6 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         ));
     }
     placeholder.finish();
-    let _ = std::fs::remove_dir_all(&fence);
     use std::os::unix::process::ExitStatusExt;
     let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     Ok(Restored { exit_code, restore_seconds })
