@@ -26,7 +26,7 @@ use ckpt_config::Settings;
 use std::fs::File;
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,10 @@ impl Task {
 /// refused rather than used.
 pub fn job_dir(settings: &Settings, job_id: u32) -> Result<PathBuf> {
     let dir = settings.checkpoint_dir.join(job_id.to_string());
-    match std::fs::DirBuilder::new().create(&dir) {
+    // Private from its creation: another task's agent on this node may
+    // check it before the chmod below (created 0755, it was refused as not
+    // ours, and that task's agent failed).
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .context(|| format!("cannot chmod {}", dir.display()))?;
