@@ -21,6 +21,11 @@ pub const DEFAULT_HELPER: &str = "/usr/libexec/checkpoint-container/checkpoint-c
 pub const DEFAULT_CHECKPOINT_DIR: &str = "/var/spool/checkpoint-container";
 /// The CRIU binary the helper drives.
 pub const DEFAULT_CRIU: &str = "/usr/sbin/criu";
+/// The site's Apptainer: the only container runtime the helper ever starts
+/// (never the program a job names).
+pub const DEFAULT_APPTAINER: &str = "/usr/bin/apptainer";
+/// Its configuration, whose setuid-mode rules root-started containers obey.
+pub const DEFAULT_APPTAINER_CONF: &str = "/etc/apptainer/apptainer.conf";
 
 /// Effective settings after defaults, the TOML file and plugstack.conf
 /// arguments are combined.
@@ -29,6 +34,8 @@ pub struct Settings {
     pub helper: PathBuf,
     pub checkpoint_dir: PathBuf,
     pub criu: PathBuf,
+    pub apptainer: PathBuf,
+    pub apptainer_conf: PathBuf,
     /// How page images are stored.
     pub compression: Compression,
     /// Node-local directory (tmpfs) where a checkpoint is written first and
@@ -73,6 +80,8 @@ impl Default for Settings {
             helper: DEFAULT_HELPER.into(),
             checkpoint_dir: DEFAULT_CHECKPOINT_DIR.into(),
             criu: DEFAULT_CRIU.into(),
+            apptainer: DEFAULT_APPTAINER.into(),
+            apptainer_conf: DEFAULT_APPTAINER_CONF.into(),
             compression: Compression::None,
             staging_dir: None,
             config_file: None,
@@ -133,7 +142,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const KEYS: [&str; 6] = ["helper", "checkpoint_dir", "criu", "compression", "staging_dir", "config"];
+const KEYS: [&str; 8] = ["helper", "checkpoint_dir", "criu", "apptainer", "apptainer_conf", "compression", "staging_dir", "config"];
 
 /// The admin TOML file. Unknown keys are refused, like unknown arguments.
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +151,8 @@ struct TomlFile {
     helper: Option<String>,
     checkpoint_dir: Option<String>,
     criu: Option<String>,
+    apptainer: Option<String>,
+    apptainer_conf: Option<String>,
     compression: Option<Compression>,
     staging_dir: Option<String>,
 }
@@ -152,6 +163,8 @@ struct PlugstackArgs {
     helper: Option<PathBuf>,
     checkpoint_dir: Option<PathBuf>,
     criu: Option<PathBuf>,
+    apptainer: Option<PathBuf>,
+    apptainer_conf: Option<PathBuf>,
     compression: Option<Compression>,
     staging_dir: Option<PathBuf>,
     config: Option<PathBuf>,
@@ -175,6 +188,8 @@ fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, Conf
             "staging_dir" => &mut out.staging_dir,
             "checkpoint_dir" => &mut out.checkpoint_dir,
             "criu" => &mut out.criu,
+            "apptainer" => &mut out.apptainer,
+            "apptainer_conf" => &mut out.apptainer_conf,
             "config" => &mut out.config,
             _ => return Err(ConfigError::UnknownKey { arg: arg.to_string() }),
         };
@@ -248,6 +263,12 @@ impl Settings {
         if let Some(p) = args.criu {
             settings.criu = p;
         }
+        if let Some(p) = args.apptainer {
+            settings.apptainer = p;
+        }
+        if let Some(p) = args.apptainer_conf {
+            settings.apptainer_conf = p;
+        }
         if let Some(c) = args.compression {
             settings.compression = c;
         }
@@ -270,6 +291,12 @@ impl Settings {
         }
         if let Some(v) = file.criu {
             self.criu = checked_path("criu", &v)?;
+        }
+        if let Some(v) = file.apptainer {
+            self.apptainer = checked_path("apptainer", &v)?;
+        }
+        if let Some(v) = file.apptainer_conf {
+            self.apptainer_conf = checked_path("apptainer_conf", &v)?;
         }
         if let Some(c) = file.compression {
             self.compression = c;

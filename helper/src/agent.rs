@@ -17,14 +17,16 @@
 use crate::apptainer::ContainerCommand;
 use crate::checkpoint::{dump, CheckpointRequest};
 use crate::storage::Staging;
-use crate::error::{fail, Context, EngineError, Result};
+use crate::error::{fail, Context, Result};
 use crate::manifest::JobIds;
 use crate::procfs::{self, Pid};
 use crate::protocol::{self, Channel, ToAgent, ToTask};
-use crate::{cgroup, policy, storage};
+use crate::launch::{self, Launch, SYSTEM_PATH};
+use crate::user::User;
+use crate::{cgroup, storage};
 use ckpt_config::Settings;
 use std::fs::File;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -40,7 +42,6 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a checkpointed container may take to exit before the task ends.
 const CONTAINER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, Clone)]
 pub struct Task {
@@ -65,6 +66,7 @@ impl Task {
 /// root did not create (a user may be able to write to checkpoint_dir) is
 /// refused rather than used.
 pub fn job_dir(settings: &Settings, job_id: u32) -> Result<PathBuf> {
+    storage::trusted_dir(&settings.checkpoint_dir, Some(0o755))?;
     let dir = settings.checkpoint_dir.join(job_id.to_string());
     // Private from its creation: another task's agent on this node may
     // check it before the chmod below (created 0755, it was refused as not
@@ -94,6 +96,9 @@ fn task_checkpoint_dir(settings: &Settings, t: &Task) -> Result<PathBuf> {
 /// running or requeued keeps its checkpoints; if slurmctld cannot be asked,
 /// nothing is removed. Returns the job ids removed.
 pub fn collect_garbage(settings: &Settings) -> Vec<u32> {
+    if storage::trusted_dir(&settings.checkpoint_dir, None).is_err() {
+        return Vec::new();
+    }
     let Ok(entries) = std::fs::read_dir(&settings.checkpoint_dir) else { return Vec::new() };
     let mut removed = Vec::new();
     for entry in entries.flatten() {
@@ -145,30 +150,6 @@ fn forget_checkpoint(settings: &Settings, t: &Task) {
     let _ = std::fs::remove_dir(job);
 }
 
-/// A command run with the user's uid, gid and groups (never root's rights
-/// on the user's paths).
-fn as_user(uid: u32, gid: u32, program: &str) -> Command {
-    let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
-    let name = user.map(|u| std::ffi::CString::new(u.name).unwrap_or_default()).unwrap_or_default();
-    let mut cmd = Command::new(program);
-    cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::initgroups(name.as_ptr(), gid) != 0 || libc::setresgid(gid, gid, gid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
-/// Whether `path` is readable by the user, checked by the user.
-fn readable_by(uid: u32, gid: u32, path: &Path) -> bool {
-    as_user(uid, gid, "/usr/bin/test").arg("-r").arg(path).status().map(|s| s.success()).unwrap_or(false)
-}
-
 /// `scontrol show job` fields of the task's job.
 fn job_info(t: &Task) -> std::collections::HashMap<String, String> {
     job_fields(&show_job(t.job_id))
@@ -203,11 +184,11 @@ fn requeue_info(t: &Task) -> std::collections::HashMap<String, String> {
 /// A line for the user while the job is being requeued: srun's I/O is being
 /// torn down then, so a batch job gets it appended to its stderr file (by
 /// the user, with the user's rights); other jobs on the task's stderr.
-fn tell_requeued_job(t: &Task, info: &std::collections::HashMap<String, String>, stderr: &mut File, msg: &str) {
+fn tell_requeued_job(user: &User, info: &std::collections::HashMap<String, String>, stderr: &mut File, msg: &str) {
     // StdErr is empty when stderr goes where stdout goes.
     let file = info.get("StdErr").filter(|p| !p.is_empty()).or_else(|| info.get("StdOut"));
     if let (Some("1"), Some(path)) = (info.get("BatchFlag").map(String::as_str), file) {
-        let child = as_user(t.uid, t.gid, "/usr/bin/tee").arg("-a").arg(path).stdin(Stdio::piped()).spawn();
+        let child = user.command("/usr/bin/tee").arg("-a").arg(path).stdin(Stdio::piped()).spawn();
         if let Ok(mut child) = child {
             let _ = writeln!(child.stdin.take().unwrap(), "checkpoint-container: {msg}");
             if child.wait().map(|s| s.success()).unwrap_or(false) {
@@ -235,27 +216,55 @@ fn find_payload(child: Pid) -> Option<Pid> {
 
 struct Running {
     child: Child,
-    /// Known pid of the program (restores know it from the manifest).
-    payload: Option<Pid>,
+    /// Held from the spawn: the waiting thread reaps the child, after which
+    /// its bare pid could name any process.
+    child_fd: procfs::PidFd,
+    /// The user's program, once known.
+    payload: Option<procfs::PidFd>,
 }
 
 impl Running {
-    fn payload(&self) -> Option<Pid> {
-        self.payload.filter(|&p| procfs::exists(p)).or_else(|| find_payload(self.child.id() as Pid))
+    fn new(child: Child, payload: Option<Pid>, uid: u32) -> Result<Running> {
+        let child_fd = procfs::PidFd::open(child.id() as Pid).context(|| "pidfd of the container".into())?;
+        let mut r = Running { child, child_fd, payload: None };
+        r.payload = payload.and_then(|p| checked_payload(p, uid));
+        Ok(r)
     }
 
-    fn kill(&mut self) {
-        if let Some(p) = self.payload() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+    fn payload(&mut self, uid: u32) -> Option<&procfs::PidFd> {
+        if self.payload.is_none() {
+            self.payload = find_payload(self.child.id() as Pid).and_then(|p| checked_payload(p, uid));
         }
-        let _ = self.child.kill();
+        self.payload.as_ref()
+    }
+
+    fn signal_payload(&mut self, uid: u32, sig: i32) {
+        if let Some(p) = self.payload(uid) {
+            let _ = p.signal(sig);
+        }
+    }
+
+    fn kill(&mut self, uid: u32) {
+        self.signal_payload(uid, libc::SIGKILL);
+        let _ = self.child_fd.signal(libc::SIGKILL);
     }
 }
 
-/// Spawns `argv` as root for the task: its stdio, its cgroups, its cwd.
-fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::CString>, cwd: &str, env: &[(String, String)], extra_fd: Option<&OwnedFd>) -> Result<Child> {
+/// A pidfd of `pid` if, once held, it is still the user's process in a
+/// container (not a process that took a recycled pid).
+fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
+    let fd = procfs::PidFd::open(pid).ok()?;
+    let own = procfs::ns_inode(std::process::id() as Pid, "mnt").ok()?;
+    let ok = procfs::ids(pid).is_ok_and(|(u, _)| u == uid) && procfs::ns_inode(pid, "mnt").is_ok_and(|n| n != own);
+    ok.then_some(fd)
+}
+
+/// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
+/// `/` (what the container sees as its working directory is an Apptainer
+/// option, never a path root resolves).
+fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::CString>, env: &[(String, String)], extra_fd: Option<&OwnedFd>) -> Result<Child> {
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).env("PATH", SYSTEM_PATH).current_dir(cwd);
+    cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
     cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
     let extra = extra_fd.map(|f| f.as_raw_fd());
@@ -275,8 +284,10 @@ fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::
 }
 
 /// Restores the task's checkpoint through `checkpoint-container restore`
-/// (so the restored tree has a parent of its own in the task's cgroups).
-/// Returns None, after telling the user why, when there is nothing usable.
+/// (so the restored tree has a parent of its own in the task's cgroups;
+/// it re-creates the container from the manifest through the same policy
+/// as a fresh start). Returns None, after telling the user why, when there
+/// is nothing usable.
 fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], stdio: &[OwnedFd; 3], stderr: &mut File) -> Result<Option<Running>> {
     if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
         eprintln!("{}: waited for the checkpoint staged on {from}", t.name());
@@ -293,7 +304,7 @@ fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], 
         tell_user(stderr, &format!("{} starts fresh: its command differs from the checkpointed one", t.name()));
         return Ok(None);
     }
-    let (status_r, status_w) = nix::unistd::pipe().context(|| "pipe".into())?;
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context(|| "pipe".into())?;
     let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
     let mut restore_argv = vec![helper];
     restore_argv.extend_from_slice(settings_args);
@@ -301,12 +312,12 @@ fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], 
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
     let cgroups = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
-    let child = spawn_for_task(&restore_argv, stdio, cgroups, "/", &[], Some(&status_w))?;
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w))?;
     drop(status_w);
     let mut line = String::new();
-    let _ = std::io::BufReader::new(File::from(status_r)).read_line(&mut line);
+    let _ = std::io::BufReader::new(File::from(status_r).take(64)).read_line(&mut line);
     if line.trim() == "restored" {
-        return Ok(Some(Running { child, payload: Some(m.process.root_pid) }));
+        return Ok(Some(Running::new(child, Some(m.process.root_pid), t.uid)?));
     }
     // The restore command has told the user why; start fresh.
     let mut child = child;
@@ -323,7 +334,8 @@ enum Event {
 pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()> {
     let socket = &t.socket;
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+        // Users must reach their task's socket in it: 0755.
+        storage::trusted_dir(dir, Some(0o755))?;
     }
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).context(|| format!("cannot listen on {}", socket.display()))?;
@@ -356,36 +368,51 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     }
     let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
     let mut channel = Channel::new(stream.try_clone().context(|| "dup".into())?)?;
-    let Some(ToAgent::Start { argv, cwd, env }) = channel.recv()? else {
+    let Some(ToAgent::Start { argv, cwd, env, runtime }) = channel.recv()? else {
         return fail(format!("{}: the task did not say what to run", t.name()));
     };
+    if argv.is_empty() {
+        return fail(format!("{}: the task sent an empty command", t.name()));
+    }
 
-    let planned = ContainerCommand::parse(argv.clone())
-        .map_err(EngineError::from)
-        .and_then(|c| policy::root_started(&c, t.uid, t.gid, Path::new(&cwd), |p| readable_by(t.uid, t.gid, p)));
-    let planned = match planned {
-        Ok(p) => p,
+    // Root starts the container only through the site's Apptainer and the
+    // launch policy; anything else runs as the user would run it without
+    // the option, and the user is told so.
+    let user = User::lookup(t.uid, t.gid)?;
+    let request = launch::Request { argv: &argv, cwd: &cwd, env: &env };
+    let launched = match runtime.as_deref() {
+        Some(r) if launch::is_site_runtime(settings, r) => launch::prepare(settings, &user, &request, None),
+        _ => fail(format!(
+            "{} is not the site's Apptainer ({}): only containers started with it are checkpointed",
+            argv[0],
+            settings.apptainer.display()
+        )),
+    };
+    let launched: Launch = match launched {
+        Ok(l) => l,
         Err(e) => {
-            tell_user(&mut stderr, &e.to_string());
-            channel.send(&ToTask::Failed(e.to_string()))?;
-            return Err(e);
+            let msg = format!("{} runs unprotected: {e}", t.name());
+            eprintln!("{msg}");
+            tell_user(&mut stderr, &msg);
+            channel.send(&ToTask::RunUnprotected(msg))?;
+            return Ok(());
         }
     };
     let ckpt = task_checkpoint_dir(settings, t)?;
-    let restored = if t.restart_count > 0 { try_restore(settings_args, t, &ckpt, &planned, &stdio, &mut stderr)? } else { None };
+    let restored = if t.restart_count > 0 { try_restore(settings_args, t, &ckpt, &argv, &stdio, &mut stderr)? } else { None };
     let mut running = match restored {
         Some(r) => r,
         None => {
             let cgroups = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
-            let child = spawn_for_task(&planned, &stdio, cgroups, &cwd, &policy::clean_env(&env), None)?;
-            Running { child, payload: None }
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None)?;
+            Running::new(child, None, t.uid)?
         }
     };
 
     // Hash the container image now, while nothing waits for it: the
     // checkpoint then finds the digest in the node's cache.
-    if let Ok(container) = ContainerCommand::parse(planned.clone()) {
-        let image = PathBuf::from(container.image());
+    {
+        let image = launched.image.clone();
         std::thread::spawn(move || storage::image_digest(&image));
     }
     let (tx, rx) = mpsc::channel();
@@ -400,7 +427,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     });
     let child_pid = running.child.id() as i32;
     std::thread::spawn(move || {
-        // Reap only this child; the main thread keeps the Child for kill().
+        // Reap only this child; the main thread keeps its pidfd for kill().
         let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child_pid), None);
         let code = match status {
             Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => c,
@@ -420,8 +447,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 return Ok(());
             }
             Event::Message(Some(ToAgent::Signal(sig))) => {
-                if let (Some(p), Ok(sig)) = (running.payload(), nix::sys::signal::Signal::try_from(sig)) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+                if nix::sys::signal::Signal::try_from(sig).is_ok() {
+                    running.signal_payload(t.uid, sig);
                 }
             }
             Event::Message(Some(ToAgent::Terminate)) => {
@@ -429,15 +456,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 if !is_requeue(t, &info) {
                     // scancel or the end of the time limit: the program gets
                     // the SIGTERM the task got; its exit ends the task.
-                    if let Some(p) = running.payload() {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGTERM);
-                    }
+                    running.signal_payload(t.uid, libc::SIGTERM);
                     continue;
                 }
-                let launch = Launch { argv: &planned, cwd: &cwd, env: policy::clean_env(&env) };
-                let (msg, to_move) = checkpoint_for_requeue(settings, t, &mut running, &launch, &ckpt);
+                let started = StartedAs { argv: &argv, cwd: &cwd, env: &env, launch: &launched };
+                let (msg, to_move) = checkpoint_for_requeue(settings, t, &mut running, &started, &ckpt);
                 eprintln!("{}: {msg}", t.name());
-                tell_requeued_job(t, &info, &mut stderr, &msg);
+                tell_requeued_job(&user, &info, &mut stderr, &msg);
                 // Let Apptainer finish going away first: slurmstepd waits a
                 // whole second more for anything left in the step's cgroups.
                 let deadline = Instant::now() + CONTAINER_EXIT_TIMEOUT;
@@ -456,7 +481,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                         Err(e) => {
                             let msg = format!("checkpoint of {} could not be moved to {}: {e}", t.name(), ckpt.display());
                             eprintln!("{}: {msg}", t.name());
-                            tell_requeued_job(t, &info, &mut stderr, &msg);
+                            tell_requeued_job(&user, &info, &mut stderr, &msg);
                         }
                     }
                 }
@@ -465,7 +490,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             Event::Message(Some(ToAgent::Start { .. })) => {}
             Event::Message(None) => {
                 // The task is gone (killed): so is its container.
-                running.kill();
+                running.kill(t.uid);
                 return Ok(());
             }
         }
@@ -473,31 +498,35 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     Ok(())
 }
 
-/// How the agent started the container: what the placeholder must repeat.
-struct Launch<'a> {
+/// What the user asked for and how root started it: the manifest records
+/// the request (a restore re-checks it), the checkpoint reads the image
+/// through the launch's staged path.
+struct StartedAs<'a> {
     argv: &'a [String],
     cwd: &'a str,
-    env: Vec<(String, String)>,
+    env: &'a [(String, String)],
+    launch: &'a Launch,
 }
 
 /// Checkpoints the task's container; returns the line for the user, and a
 /// staged checkpoint still to be moved into place (announced to restores).
-fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, launch: &Launch, ckpt: &Path) -> (String, Option<Staging>) {
-    let planned = launch.argv;
-    let Some(pid) = running.payload() else {
+fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, started: &StartedAs, ckpt: &Path) -> (String, Option<Staging>) {
+    let Some(pid) = running.payload(t.uid).map(|p| p.pid) else {
         return (format!("{}: no running container to checkpoint", t.name()), None);
     };
     let request = CheckpointRequest {
         pid,
         target: ckpt.to_path_buf(),
-        container: match ContainerCommand::parse(planned.to_vec()) {
+        container: match ContainerCommand::parse(started.argv.to_vec()) {
             Ok(c) => c,
             Err(e) => return (e.to_string(), None),
         },
+        image: started.launch.image.clone(),
+        image_name: started.launch.image_name.clone(),
         job: JobIds { job_id: Some(t.job_id), step_id: Some(t.step_id), task_id: Some(t.task_id) },
         expected_uid: Some(t.uid),
         leave_running: false,
-        started_in: Some((launch.cwd.to_string(), launch.env.clone())),
+        started_in: Some((started.cwd.to_string(), started.env.to_vec())),
     };
     let sealed = dump(settings, &request).and_then(|(m, sealed)| {
         if !sealed.staged() {
@@ -518,7 +547,7 @@ fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, 
             to_move,
         ),
         Err(e) => {
-            running.kill();
+            running.kill(t.uid);
             let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
             (format!("checkpoint of {} failed: {e}; it will run again {from}", t.name()), None)
         }

@@ -70,6 +70,14 @@ fn first_operand(argv: &[String], start: usize, long: &[&str], short: &[char]) -
     None
 }
 
+/// Whether an `exec`/`run` option takes a value (`--bind X`, `-B X`).
+pub fn takes_value(flag: &str) -> bool {
+    match flag.strip_prefix("--") {
+        Some(long) => VALUE_FLAGS.contains(&long),
+        None => flag.len() == 2 && flag.strip_prefix('-').is_some_and(|c| c.chars().all(|c| VALUE_SHORT.contains(&c))),
+    }
+}
+
 impl ContainerCommand {
     pub fn parse(argv: Vec<String>) -> Result<Self, ParseError> {
         let program = argv.first().ok_or_else(|| ParseError("empty command".into()))?;

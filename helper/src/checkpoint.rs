@@ -9,7 +9,7 @@ use crate::storage::{self, Staging, DUMP_LOG};
 use ckpt_config::Settings;
 use crate::streamer::Capture;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,8 +18,13 @@ pub struct CheckpointRequest {
     pub pid: Pid,
     /// Where the committed checkpoint goes (replaced atomically).
     pub target: PathBuf,
-    /// The command that started the container.
+    /// The command that started the container (as the user gave it).
     pub container: ContainerCommand,
+    /// The container image as root may read it: a path only root can
+    /// change (the agent's staged bind of what the user opened).
+    pub image: PathBuf,
+    /// The image's path as recorded in the manifest.
+    pub image_name: String,
     pub job: JobIds,
     /// Refuse unless the process belongs to this uid (the plugin passes the
     /// job's user).
@@ -31,7 +36,7 @@ pub struct CheckpointRequest {
     pub started_in: Option<(String, Vec<(String, String)>)>,
 }
 
-/// Working directory and cleaned environment of the process that started
+/// Working directory and environment of the process that started
 /// the container (Apptainer's runtime parent, the program's parent).
 fn started_in(pid: Pid) -> Result<(String, Vec<(String, String)>)> {
     let status = std::fs::read_to_string(procfs::proc_path(pid, "status")).context(|| format!("process {pid}"))?;
@@ -42,7 +47,7 @@ fn started_in(pid: Pid) -> Result<(String, Vec<(String, String)>)> {
         .split(|&b| b == 0)
         .filter_map(|kv| String::from_utf8_lossy(kv).split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
-    Ok((cwd.to_string_lossy().into_owned(), crate::policy::clean_env(&env)))
+    Ok((cwd.to_string_lossy().into_owned(), env))
 }
 
 /// Why Apptainer's default (non-setuid) mode cannot be dumped: documented in
@@ -99,6 +104,38 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
     Ok(out)
 }
 
+/// How long CRIU may take to dump: past it, it is killed and the
+/// checkpoint fails like any other (the job goes on under the usual rules).
+pub const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Waits for CRIU, killing it after `timeout`; its stderr is collected.
+fn wait_with_timeout(mut child: std::process::Child, timeout: std::time::Duration) -> Result<std::process::Output> {
+    use std::io::Read;
+    let mut stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.take(1 << 20).read_to_end(&mut buf);
+        }
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().context(|| "waiting for CRIU".into())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = reader.join();
+            return fail(format!("CRIU did not finish within {} s and was stopped", timeout.as_secs()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    Ok(std::process::Output { status, stdout: Vec::new(), stderr })
+}
+
 /// Dumps and commits: the checkpoint is in place when this returns.
 pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manifest> {
     let (manifest, sealed) = dump(settings, req)?;
@@ -113,11 +150,8 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
     let version = criu::check(&settings.criu)?;
     let (uid, gid) = check_target(req.pid, req.expected_uid)?;
-    let image = req.container.image();
-    if !image.starts_with('/') {
-        return fail(format!("container image {image} must be given as an absolute path"));
-    }
-    let image_stamp = storage::stamp(Path::new(image))?;
+    let image = req.image.as_path();
+    let image_stamp = storage::stamp(image)?;
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
     let ids = procfs::threads(&pids);
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
@@ -176,13 +210,13 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     // Threads only once CRIU is forked: the images, and meanwhile the
     // container image's digest (the manifest pins what restore must find).
     let capture = Capture::start(listener, staging.images.clone(), settings.compression);
-    let image_path = PathBuf::from(image);
+    let image_path = req.image.clone();
     let image_digest = std::thread::spawn(move || storage::image_digest(&image_path));
     // The checkpoint this one replaces is not needed in memory any more: its
     // pages leave the cache while CRIU starts, before the new ones arrive.
     let replaced = req.target.clone();
     let uncached = std::thread::spawn(move || storage::drop_cached_dir(&replaced));
-    let out = child.wait_with_output().context(|| "cannot run CRIU".into());
+    let out = wait_with_timeout(child, DUMP_TIMEOUT);
     phase("CRIU done");
     criu::remember_kdat(&settings.criu, &staging.work);
     let streamed = capture.finish();
@@ -210,8 +244,8 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     }
     let files = streamed?;
     let (image_size, image_blake3) = image_digest.join().unwrap_or_else(|_| fail("image digest thread panicked"))?;
-    if storage::stamp(Path::new(image))? != image_stamp {
-        return fail(format!("container image {image} changed while the checkpoint was taken"));
+    if storage::stamp(image)? != image_stamp {
+        return fail(format!("container image {} changed while the checkpoint was taken", req.image_name));
     }
     phase("image digest done");
     let _ = uncached.join();
@@ -227,7 +261,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
             argv: req.container.argv().to_vec(),
             cwd,
             env,
-            image: image.to_string(),
+            image: req.image_name.clone(),
             image_size,
             image_blake3,
             image_stamp,

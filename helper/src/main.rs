@@ -8,7 +8,7 @@ use checkpoint_container::apptainer::ContainerCommand;
 use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
-use checkpoint_container::{agent, criu, storage, task};
+use checkpoint_container::{agent, criu, launch, storage, task};
 use ckpt_config::{read_optional_file, Settings};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -26,6 +26,13 @@ struct Cli {
     /// Root of the per-job checkpoint directories (overrides the configuration)
     #[arg(long, global = true, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
+    /// The site's Apptainer, the only runtime started for users (overrides
+    /// the configuration)
+    #[arg(long, global = true, value_name = "PATH")]
+    apptainer: Option<PathBuf>,
+    /// Apptainer's configuration file (overrides the configuration)
+    #[arg(long, global = true, value_name = "FILE")]
+    apptainer_conf: Option<PathBuf>,
     /// How page images are stored: none or zstd (overrides the configuration)
     #[arg(long, global = true, value_name = "HOW")]
     compression: Option<String>,
@@ -117,6 +124,13 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "/var/log/slurm/checkpoint-container.log")]
         log: PathBuf,
     },
+    /// Open paths with the caller's rights and pass them back on fd 3 (the
+    /// helper runs this as the job user; not for people)
+    #[command(hide = true)]
+    OpenAsUser {
+        #[arg(value_name = "KIND=PATH")]
+        requests: Vec<String>,
+    },
     /// Show a checkpoint's manifest
     Inspect {
         #[arg(value_name = "DIR")]
@@ -172,49 +186,56 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
-    let mut args: Vec<String> = match &cli.config {
-        Some(p) => vec![format!("config={}", p.display())],
-        None => vec![],
-    };
-    // Command-line overrides are checked exactly like plugstack.conf arguments.
-    if let Some(c) = &cli.compression {
-        args.push(format!("compression={c}"));
-    }
-    if let Some(p) = &cli.staging_dir {
-        args.push(format!("staging_dir={}", p.display()));
-    }
-    let mut settings = Settings::load(&args, read_optional_file)?;
-    // What the agent passes on to the commands it runs.
+    // Command-line overrides are checked exactly like plugstack.conf
+    // arguments, and the agent passes them on to the commands it runs.
+    let overrides: [(&str, Option<String>); 6] = [
+        ("criu", cli.criu_path.as_ref().map(|p| p.display().to_string())),
+        ("checkpoint_dir", cli.checkpoint_dir.as_ref().map(|p| p.display().to_string())),
+        ("apptainer", cli.apptainer.as_ref().map(|p| p.display().to_string())),
+        ("apptainer_conf", cli.apptainer_conf.as_ref().map(|p| p.display().to_string())),
+        ("compression", cli.compression.clone()),
+        ("staging_dir", cli.staging_dir.as_ref().map(|p| p.display().to_string())),
+    ];
+    let mut args: Vec<String> = Vec::new();
     let mut settings_args = Vec::new();
     if let Some(p) = &cli.config {
+        args.push(format!("config={}", p.display()));
         settings_args.extend(["--config".to_string(), p.display().to_string()]);
     }
-    if let Some(p) = cli.criu_path {
-        settings_args.extend(["--criu-path".to_string(), p.display().to_string()]);
-        settings.criu = ckpt_config::checked_path("criu", &p.to_string_lossy())?;
+    for (key, value) in overrides {
+        if let Some(v) = value {
+            args.push(format!("{key}={v}"));
+            let flag = if key == "criu" { "--criu-path".to_string() } else { format!("--{}", key.replace('_', "-")) };
+            settings_args.extend([flag, v]);
+        }
     }
-    if let Some(p) = cli.checkpoint_dir {
-        settings_args.extend(["--checkpoint-dir".to_string(), p.display().to_string()]);
-        settings.checkpoint_dir = ckpt_config::checked_path("checkpoint_dir", &p.to_string_lossy())?;
-    }
-    if let Some(c) = cli.compression {
-        settings_args.extend(["--compression".to_string(), c]);
-    }
-    if let Some(p) = cli.staging_dir {
-        settings_args.extend(["--staging-dir".to_string(), p.display().to_string()]);
-    }
+    let settings = Settings::load(&args, read_optional_file)?;
     match cli.command {
         Command::Check { criu } => {
-            let criu = criu.unwrap_or(settings.criu);
+            let criu = criu.unwrap_or(settings.criu.clone());
             let version = criu::check(&criu)?;
+            // Everything root will use on this node only root can change.
+            storage::trusted_file(&settings.apptainer)?;
+            storage::trusted_file(&settings.apptainer_conf)?;
+            storage::trusted_dir(&settings.checkpoint_dir, Some(0o755))?;
+            if let Some(dir) = &settings.staging_dir {
+                storage::trusted_dir(dir, None)?;
+            }
             println!("criu {} at {}: ok", version, criu.display());
             Ok(0)
         }
         Command::Checkpoint { pid, images, job, uid, leave_running, container } => {
+            let container = ContainerCommand::parse(container)?;
+            let image = container.image().to_string();
+            if !image.starts_with('/') {
+                return Err(format!("container image {image} must be given as an absolute path").into());
+            }
             let req = CheckpointRequest {
                 pid,
                 target: images,
-                container: ContainerCommand::parse(container)?,
+                image: image.clone().into(),
+                image_name: image,
+                container,
                 job: JobIds { job_id: job.job_id, step_id: job.step_id, task_id: job.task_id },
                 expected_uid: uid,
                 leave_running,
@@ -232,6 +253,9 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             Ok(0)
         }
         Command::Restore { images, uid, job_id, status_fd } => {
+            // The container is re-created through staged mounts that must
+            // not reach the node (single-threaded still, as unshare needs).
+            launch::private_mount_namespace()?;
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
             let done = restore(&settings, &req, |m, secs| {
                 eprintln!(
@@ -259,10 +283,15 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         Command::Agent { socket, job_id, step_id, task_id, uid, gid, restart_count, task_pid, log } => {
             let t = agent::Task { socket, job_id, step_id, task_id, uid, gid, restart_count, task_pid };
             daemonize(&log)?;
+            launch::private_mount_namespace()?;
             if let Err(e) = agent::run(&settings, &settings_args, &t) {
                 eprintln!("checkpoint-container agent {job_id}.{step_id}.{task_id}: {e}");
                 return Ok(1);
             }
+            Ok(0)
+        }
+        Command::OpenAsUser { requests } => {
+            launch::serve_open_as_user(&requests)?;
             Ok(0)
         }
         Command::Inspect { images, verify } => {

@@ -1,71 +1,133 @@
-//! What a user may have root start for them.
+//! What a user may have root start for them: the rules, without effects.
 //!
 //! A `--checkpoint-container` task's container is started by root (so CRIU
 //! can dump it) with the user's identity (`--security uid:U,gid:G`). Root
-//! must not become a way around the user's own rights: only options that
-//! keep the container within what the user can do are accepted, every path
-//! the user names must be readable by the user (checked as the user), and the
-//! environment root runs Apptainer with is cleaned.
+//! must add nothing to the user's rights, so the user's command line is
+//! taken apart here into a [`Plan`]: only options that keep the container
+//! within what the user can do are accepted, and every host path the user
+//! names comes out as a path for `launch.rs` to open *as the user*.
+//!
+//! Anything Apptainer's own parser could read differently from this one
+//! (escapes, whitespace it trims, options it ignores) is refused rather than
+//! interpreted: the check and the use must see the same thing.
 
 use crate::apptainer::ContainerCommand;
 use crate::error::{fail, Result};
-use std::path::Path;
 
 const GLOBAL_FLAGS: &[&str] = &["-s", "--silent", "-q", "--quiet", "--nocolor"];
+/// Flags without a value that only restrict or shape the container.
 const BOOL_FLAGS: &[&str] = &[
     "-e", "--cleanenv", "-c", "--contain", "-C", "--containall", "--no-home", "--writable-tmpfs", "--nv",
     "--no-init", "--no-umask", "--compat", "--no-eval",
 ];
-/// Value flags whose value is not a host path.
+/// Flags whose value is not a host path (the container's environment, its
+/// working directory inside).
 const VALUE_FLAGS: &[&str] = &["--env", "--cwd", "--pwd"];
-/// Value flags naming host paths, as `src[:dst[:opts]][,…]`.
-const PATH_FLAGS: &[&str] = &["-B", "--bind"];
+/// Flags naming host paths, as `src[:dst[:opts]][,…]`.
+const BIND_FLAGS: &[&str] = &["-B", "--bind"];
+/// Environment variables Apptainer reads as binds (sites' modules set them).
+pub const BIND_ENV: &[&str] = &["APPTAINER_BIND", "APPTAINER_BINDPATH", "SINGULARITY_BIND", "SINGULARITY_BINDPATH"];
+/// Options that make Apptainer share neither the home nor the working
+/// directory with the container.
+const CONTAIN_FLAGS: &[&str] = &["-c", "--contain", "-C", "--containall", "--compat"];
+const CLEANENV_FLAGS: &[&str] = &["-e", "--cleanenv", "-C", "--containall", "--compat"];
 
-/// Environment variables root must not inherit from the job when it runs
-/// Apptainer: loader hooks, and Apptainer's own settings (they are options by
-/// another name; `APPTAINERENV_*` only sets the container's environment and
-/// is kept).
-fn env_is_safe(name: &str) -> bool {
-    let upper = name.to_ascii_uppercase();
-    if upper.starts_with("APPTAINERENV_") || upper.starts_with("SINGULARITYENV_") {
-        return true;
-    }
-    !(upper.starts_with("LD_") || upper.starts_with("APPTAINER") || upper.starts_with("SINGULARITY") || upper == "GCONV_PATH")
+/// One `--bind` entry: a host path the user names and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// As the user wrote it (relative to their working directory or
+    /// absolute): opened by the user, never by root.
+    pub src: String,
+    /// Inside the container (absolute); the source's own path when not given.
+    pub dest: Option<String>,
+    pub read_only: bool,
 }
 
-pub fn clean_env(env: &[(String, String)]) -> Vec<(String, String)> {
-    env.iter().filter(|(k, _)| env_is_safe(k)).cloned().collect()
+/// The user's command, checked and taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub globals: Vec<String>,
+    /// `exec` or `run`.
+    pub subcommand: String,
+    /// Accepted options that name no host path, flag and value as given.
+    pub options: Vec<String>,
+    pub binds: Vec<Bind>,
+    /// As the user wrote it.
+    pub image: String,
+    /// The program and its arguments (after the image).
+    pub args: Vec<String>,
+    /// The host environment is not passed into the container.
+    pub cleanenv: bool,
+    /// Neither home nor working directory is shared with the container.
+    pub contain: bool,
+    pub no_home: bool,
+    /// The user chose the working directory inside the container.
+    pub pwd_given: bool,
 }
 
-/// Splits `--flag=value` and `--flag value` forms, returning each option with
-/// its value and the index of the image.
-fn options(argv: &[String], start: usize, image: usize) -> Vec<(String, Option<String>)> {
+/// Splits `--flag=value` and `--flag value` forms between `start` and the
+/// image; a value flag missing its value is an error.
+fn options(argv: &[String], start: usize, image: usize) -> Result<Vec<(String, Option<String>)>> {
     let mut out = Vec::new();
     let mut i = start;
     while i < image {
         let arg = &argv[i];
         if let Some((flag, value)) = arg.split_once('=').filter(|_| arg.starts_with("--")) {
             out.push((flag.to_string(), Some(value.to_string())));
-        } else if VALUE_FLAGS.contains(&arg.as_str()) || PATH_FLAGS.contains(&arg.as_str()) {
-            out.push((arg.clone(), argv.get(i + 1).cloned()));
+        } else if crate::apptainer::takes_value(arg) {
+            if i + 1 >= image {
+                return fail(format!("apptainer option {arg} has no value"));
+            }
+            out.push((arg.clone(), Some(argv[i + 1].clone())));
             i += 1;
         } else {
             out.push((arg.clone(), None));
         }
         i += 1;
     }
-    out
+    Ok(out)
 }
 
-/// Checks the command and returns it as root will run it: the user's
-/// identity added, every host path checked with `readable(path)`.
-pub fn root_started(
-    cmd: &ContainerCommand,
-    uid: u32,
-    gid: u32,
-    cwd: &Path,
-    readable: impl Fn(&Path) -> bool,
-) -> Result<Vec<String>> {
+/// Parses a bind value (`src[:dest[:ro|rw]][,…]`) the way Apptainer does,
+/// refusing every form where Apptainer would see something else: escapes
+/// (`\,` `\:`), whitespace it trims, relative destinations, other options.
+pub fn parse_binds(value: &str) -> Result<Vec<Bind>> {
+    let refuse = |why: &str| fail(format!("bind {value:?} cannot be used with --checkpoint-container: {why}"));
+    if value.contains('\\') {
+        return refuse("escaped characters are not accepted");
+    }
+    let mut out = Vec::new();
+    for spec in value.split(',') {
+        let parts: Vec<&str> = spec.split(':').collect();
+        if parts.iter().any(|p| p.trim() != *p || p.is_empty()) {
+            return refuse("empty parts or leading/trailing whitespace");
+        }
+        if parts.iter().any(|p| p.chars().any(char::is_control)) {
+            return refuse("control characters");
+        }
+        let (src, dest, opts) = match parts.as_slice() {
+            [src] => (*src, None, None),
+            [src, dest] => (*src, Some(*dest), None),
+            [src, dest, opts] => (*src, Some(*dest), Some(*opts)),
+            _ => return refuse("too many ':'"),
+        };
+        if dest.is_some_and(|d| !d.starts_with('/')) {
+            return refuse("the destination must be an absolute path");
+        }
+        let read_only = match opts {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(other) => return refuse(&format!("bind option {other} (only ro and rw)")),
+        };
+        out.push(Bind { src: src.to_string(), dest: dest.map(str::to_string), read_only });
+    }
+    Ok(out)
+}
+
+/// Checks the command for user `uid`/`gid` and takes it apart. `env` is the
+/// task's environment (binds Apptainer would read from it are part of the
+/// command).
+pub fn plan(cmd: &ContainerCommand, uid: u32, gid: u32, env: &[(String, String)]) -> Result<Plan> {
     let argv = cmd.argv();
     let sub = cmd.subcommand_index();
     let image = cmd.image_index();
@@ -74,38 +136,52 @@ pub fn root_started(
             return fail(format!("apptainer option {flag} cannot be used with --checkpoint-container"));
         }
     }
-    for (flag, value) in options(argv, sub + 1, image) {
-        if BOOL_FLAGS.contains(&flag.as_str()) && value.is_none() {
-            continue;
-        }
-        if VALUE_FLAGS.contains(&flag.as_str()) && value.is_some() {
-            continue;
-        }
-        if PATH_FLAGS.contains(&flag.as_str()) {
-            let value = value.unwrap_or_default();
-            for spec in value.split(',') {
-                let src = spec.split(':').next().unwrap_or("");
-                let path = cwd.join(src);
-                if src.is_empty() || !readable(&path) {
-                    return fail(format!("bind source {src} is not readable by you"));
-                }
+    let mut p = Plan {
+        globals: argv[1..sub].to_vec(),
+        subcommand: argv[sub].clone(),
+        options: Vec::new(),
+        binds: Vec::new(),
+        image: argv[image].clone(),
+        args: argv[image + 1..].to_vec(),
+        cleanenv: false,
+        contain: false,
+        no_home: false,
+        pwd_given: false,
+    };
+    if p.image.is_empty() || p.image.chars().any(char::is_control) {
+        return fail("the container image name is empty or has control characters");
+    }
+    let identity = format!("uid:{uid},gid:{gid}");
+    for (flag, value) in options(argv, sub + 1, image)? {
+        let f = flag.as_str();
+        match value {
+            None if BOOL_FLAGS.contains(&f) => {
+                p.cleanenv |= CLEANENV_FLAGS.contains(&f);
+                p.contain |= CONTAIN_FLAGS.contains(&f);
+                p.no_home |= f == "--no-home";
+                p.options.push(flag);
             }
-            continue;
+            Some(v) if VALUE_FLAGS.contains(&f) => {
+                p.pwd_given |= f != "--env";
+                p.options.extend([flag, v]);
+            }
+            Some(v) if BIND_FLAGS.contains(&f) => p.binds.extend(parse_binds(&v)?),
+            // What an admin passes for a container started by hand: the
+            // identity root adds anyway, nothing else.
+            Some(v) if f == "--security" && v == identity => {}
+            _ => {
+                return fail(format!(
+                    "apptainer option {flag} cannot be used with --checkpoint-container (the container is started by root for you)"
+                ))
+            }
         }
-        return fail(format!(
-            "apptainer option {flag} cannot be used with --checkpoint-container (the container is started by root for you)"
-        ));
     }
-    let image_path = cwd.join(&argv[image]);
-    if !readable(&image_path) {
-        return fail(format!("container image {} is not readable by you", argv[image]));
+    for (name, value) in env {
+        if BIND_ENV.contains(&name.as_str()) && !value.is_empty() {
+            p.binds.extend(parse_binds(value)?);
+        }
     }
-    let mut out: Vec<String> = argv[..=sub].to_vec();
-    out.extend(["--security".into(), format!("uid:{uid},gid:{gid}")]);
-    out.extend_from_slice(&argv[sub + 1..image]);
-    out.push(image_path.to_string_lossy().into_owned());
-    out.extend_from_slice(&argv[image + 1..]);
-    Ok(out)
+    Ok(p)
 }
 
 #[cfg(test)]
@@ -116,14 +192,26 @@ mod tests {
         ContainerCommand::parse(s.split_whitespace().map(String::from).collect()).unwrap()
     }
 
-    fn all_readable(_: &Path) -> bool {
-        true
+    fn plan_of(s: &str) -> Result<Plan> {
+        plan(&cmd(s), 5, 6, &[])
     }
 
     #[test]
-    fn adds_identity_and_makes_the_image_absolute() {
-        let out = root_started(&cmd("apptainer -s exec -B /data:/d --cleanenv app.sif ./sim 3"), 5, 6, Path::new("/home/u"), all_readable).unwrap();
-        assert_eq!(out.join(" "), "apptainer -s exec --security uid:5,gid:6 -B /data:/d --cleanenv /home/u/app.sif ./sim 3");
+    fn takes_the_command_apart() {
+        let p = plan_of("apptainer -s exec -B /data:/d:ro --bind=x --cleanenv --env A=1 app.sif ./sim 3").unwrap();
+        assert_eq!(p.globals, ["-s"]);
+        assert_eq!(p.subcommand, "exec");
+        assert_eq!(p.options, ["--cleanenv", "--env", "A=1"]);
+        assert_eq!(
+            p.binds,
+            [
+                Bind { src: "/data".into(), dest: Some("/d".into()), read_only: true },
+                Bind { src: "x".into(), dest: None, read_only: false }
+            ]
+        );
+        assert_eq!((p.image.as_str(), p.args.join(" ")), ("app.sif", "./sim 3".into()));
+        assert!(p.cleanenv && !p.contain && !p.no_home && !p.pwd_given);
+        assert!(plan_of("apptainer run --containall app.sif").unwrap().contain);
     }
 
     #[test]
@@ -131,33 +219,33 @@ mod tests {
         for bad in [
             "apptainer exec --add-caps CAP_SYS_ADMIN app.sif x",
             "apptainer exec --security uid:0 app.sif x",
+            "apptainer exec --security uid:5,gid:6,uid:0 app.sif x",
             "apptainer exec --writable app.sif x",
             "apptainer exec --fakeroot app.sif x",
             "apptainer --config /tmp/x.conf exec app.sif x",
             "apptainer exec --overlay /x.img app.sif x",
+            "apptainer exec --home /root app.sif x",
+            "apptainer exec -eB /x app.sif x",
+            "apptainer exec --mount type=bind,src=/root,dst=/r app.sif x",
+            "apptainer exec --env-file /root/x app.sif x",
         ] {
-            let e = root_started(&cmd(bad), 5, 5, Path::new("/"), all_readable).unwrap_err();
+            let e = plan_of(bad).unwrap_err();
             assert!(e.0.contains("cannot be used with --checkpoint-container"), "{bad}: {e}");
         }
+        // The identity root adds anyway is accepted (and not repeated).
+        assert!(plan_of("apptainer exec --security uid:5,gid:6 app.sif x").unwrap().options.is_empty());
     }
 
     #[test]
-    fn paths_must_be_readable_by_the_user() {
-        let only_data = |p: &Path| p.starts_with("/data") || p.ends_with("app.sif");
-        assert!(root_started(&cmd("apptainer exec --bind /data,/data/x:/y app.sif x"), 5, 5, Path::new("/"), only_data).is_ok());
-        let e = root_started(&cmd("apptainer exec --bind /data,/root:/r app.sif x"), 5, 5, Path::new("/"), only_data).unwrap_err();
-        assert_eq!(e.0, "bind source /root is not readable by you");
-        let e = root_started(&cmd("apptainer exec other.sif x"), 5, 5, Path::new("/"), |p: &Path| p.starts_with("/data")).unwrap_err();
-        assert_eq!(e.0, "container image other.sif is not readable by you");
-    }
-
-    #[test]
-    fn environment_loses_loader_hooks_and_apptainer_settings() {
-        let env: Vec<(String, String)> = [("PATH", "/bin"), ("LD_PRELOAD", "/x.so"), ("APPTAINER_BIND", "/"), ("APPTAINERENV_FOO", "1"), ("HOME", "/h")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let names: Vec<String> = clean_env(&env).into_iter().map(|(k, _)| k).collect();
-        assert_eq!(names, ["PATH", "APPTAINERENV_FOO", "HOME"]);
+    fn refuses_binds_apptainer_would_read_differently() {
+        for bad in [" /home/bob/p:/mnt", "/home/alice/l\\,Y:/mnt", "/a:/b\\:c", "/a :/b", "/a:rel", "/a:/b:nosuid", "/a:/b:ro:x", "/a,", ",/a", "/a:"] {
+            assert!(parse_binds(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_binds("/a,/b:/c").unwrap().len(), 2);
+        // A bind through the environment is a bind like any other.
+        let env = [("APPTAINER_BIND".to_string(), " /root:/r".to_string())];
+        assert!(plan(&cmd("apptainer exec app.sif x"), 5, 6, &env).is_err());
+        let env = [("SINGULARITY_BINDPATH".to_string(), "/scratch".to_string())];
+        assert_eq!(plan(&cmd("apptainer exec app.sif x"), 5, 6, &env).unwrap().binds[0].src, "/scratch");
     }
 }

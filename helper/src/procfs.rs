@@ -147,3 +147,34 @@ mod tests {
         assert_eq!(kib_field(text, "Swap"), None);
     }
 }
+
+/// A process held by a pidfd: a signal reaches it or fails, never a process
+/// that was given its pid after it ended.
+#[derive(Debug)]
+pub struct PidFd {
+    pub pid: Pid,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PidFd {
+    pub fn open(pid: Pid) -> io::Result<PidFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open(2) returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just returned by the kernel, owned here only.
+        Ok(PidFd { pid, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) } })
+    }
+
+    pub fn signal(&self, sig: i32) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal(2) on an fd we own, no siginfo.
+        let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

@@ -4,14 +4,16 @@
 
 use crate::error::{fail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToAgent {
-    /// Run (or restore) this container command for the task.
-    Start { argv: Vec<String>, cwd: String, env: Vec<(String, String)> },
+    /// Run (or restore) this container command for the task. `runtime` is
+    /// argv[0] as the user's PATH resolves it (the agent only compares it
+    /// with the site's Apptainer: it never runs it).
+    Start { argv: Vec<String>, cwd: String, env: Vec<(String, String)>, runtime: Option<String> },
     /// Slurm is ending the task (SIGTERM): checkpoint if this is a requeue.
     Terminate,
     /// Pass a signal to the container (srun's Ctrl-C, scancel --signal).
@@ -26,7 +28,14 @@ pub enum ToTask {
     Stopped,
     /// The agent refused or failed; the message has been shown to the user.
     Failed(String),
+    /// Root will not start this command for the user (the message, already
+    /// shown, says why): the task runs it itself, as the user, unprotected.
+    RunUnprotected(String),
 }
+
+/// The longest message either side accepts: a command line and an
+/// environment fit many times over.
+pub const MAX_MESSAGE: usize = 4 << 20;
 
 pub struct Channel {
     reader: BufReader<UnixStream>,
@@ -46,12 +55,18 @@ impl Channel {
     }
 
     /// The next message, or None when the other side closed the socket.
+    /// A message longer than [`MAX_MESSAGE`] is an error, not a buffer that
+    /// grows as long as the sender likes.
     pub fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).context(|| "cannot read the task socket".into())? == 0 {
+        let mut line = Vec::new();
+        let mut bounded = (&mut self.reader).take(MAX_MESSAGE as u64 + 1);
+        if bounded.read_until(b'\n', &mut line).context(|| "cannot read the task socket".into())? == 0 {
             return Ok(None);
         }
-        serde_json::from_str(&line).map(Some).context(|| "garbled message on the task socket".into())
+        if line.len() > MAX_MESSAGE || line.last() != Some(&b'\n') {
+            return fail(format!("a message on the task socket is longer than {MAX_MESSAGE} bytes or cut short"));
+        }
+        serde_json::from_slice(&line).map(Some).context(|| "garbled message on the task socket".into())
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -87,4 +102,39 @@ pub fn recv_stdio(stream: &UnixStream) -> Result<[OwnedFd; 3]> {
         }
     }
     fail("the task did not pass its stdio")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_longer_than_the_bound_is_refused_not_buffered() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut a = a;
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..8 {
+                if a.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut channel = Channel::new(b).unwrap();
+        let e = channel.recv::<ToAgent>().unwrap_err();
+        assert!(e.0.contains("longer than"), "{e}");
+        drop(channel);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut tx = Channel::new(a).unwrap();
+        let mut rx = Channel::new(b).unwrap();
+        tx.send(&ToAgent::Signal(10)).unwrap();
+        assert!(matches!(rx.recv::<ToAgent>().unwrap(), Some(ToAgent::Signal(10))));
+        drop(tx);
+        assert!(rx.recv::<ToAgent>().unwrap().is_none());
+    }
 }

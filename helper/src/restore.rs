@@ -1,7 +1,8 @@
 //! Bringing a checkpoint back: a fresh container from the same command line,
 //! then CRIU restores the process tree into its mount namespace.
 
-use crate::apptainer::ContainerCommand;
+use crate::launch::{self, Launch};
+use crate::user::User;
 use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
 use crate::error::{fail, Context, EngineError, Result};
 use crate::manifest::Manifest;
@@ -13,7 +14,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,16 +54,6 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
                 m.job.job_id.map_or("none".into(), |j| j.to_string())
             ));
         }
-    }
-    let image = Path::new(&m.container.image);
-    if !image.exists() {
-        return fail(format!("container image {} of the checkpoint is missing on this node", image.display()));
-    }
-    if storage::stamp(image)? != m.container.image_stamp && storage::digest(image)?.1 != m.container.image_blake3 {
-        return fail(format!(
-            "container image {} changed since the checkpoint (digest differs): refusing to restore",
-            image.display()
-        ));
     }
     for &pid in &m.process.pids {
         if procfs::exists(pid) {
@@ -126,21 +117,33 @@ struct Placeholder {
     child: Child,
     /// The container's payload: the process whose mount namespace CRIU joins.
     payload: Pid,
+    /// Its staged mounts, kept until the restore is over.
+    _launch: Launch,
 }
 
 impl Placeholder {
-    fn start(m: &Manifest) -> Result<Placeholder> {
-        let container = ContainerCommand::parse(m.container.argv.clone())?;
-        let argv = container.with_payload(m.owner.uid, m.owner.gid, PLACEHOLDER);
+    /// Re-creates the checkpointed container from the manifest's request,
+    /// through the same policy as a fresh start (the manifest is root's,
+    /// but everything in it came from the user), running the placeholder.
+    fn start(settings: &Settings, m: &Manifest) -> Result<Placeholder> {
+        let user = User::lookup(m.owner.uid, m.owner.gid)?;
+        let request = launch::Request { argv: &m.container.argv, cwd: &m.container.cwd, env: &m.container.env };
+        let launch = launch::prepare(settings, &user, &request, Some(PLACEHOLDER))?;
+        if storage::stamp(&launch.image)? != m.container.image_stamp && storage::digest(&launch.image)?.1 != m.container.image_blake3 {
+            return fail(format!(
+                "container image {} changed since the checkpoint (digest differs): refusing to restore",
+                launch.image_name
+            ));
+        }
+        let argv = &launch.argv;
         let mut child = Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env_clear()
-            .envs(m.container.env.iter().cloned())
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .current_dir(&m.container.cwd)
+            .envs(launch.env.iter().cloned())
+            .current_dir("/")
             .spawn()
             .context(|| format!("cannot start {}", argv[0]))?;
         let me = std::process::id() as Pid;
@@ -152,11 +155,11 @@ impl Placeholder {
                     && procfs::ns_inode(p, "mnt").map(|n| n != own_mnt).unwrap_or(false)
             });
             if let Some(payload) = found {
-                return Ok(Placeholder { child, payload });
+                return Ok(Placeholder { child, payload, _launch: launch });
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let mut err = String::new();
-                child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                child.stderr.take().map(|e| e.take(1 << 20).read_to_string(&mut err));
                 let last = err.lines().filter(|l| !l.starts_with("INFO")).last().unwrap_or("").to_string();
                 return fail(format!("cannot re-create the container ({status}): {last}"));
             }
@@ -298,7 +301,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
     reserve_pids(&m.process.pids)?;
-    let placeholder = Placeholder::start(&m)?;
+    let placeholder = Placeholder::start(settings, &m)?;
     phase("placeholder runs");
 
     let mut args: Vec<String> = ["restore", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", "restore.log", "--pidfile", "restore.pid"]

@@ -96,6 +96,10 @@ impl Staging {
     /// `expected_bytes` fit (else directly, and the reason is returned).
     pub fn create(target: &Path, uid: u32, gid: u32, staging_dir: Option<&Path>, expected_bytes: u64) -> Result<(Staging, Option<String>)> {
         let (parent, name) = checked_target(target)?;
+        trusted_dir(&parent, None)?;
+        if let Some(dir) = staging_dir {
+            trusted_dir(dir, None)?;
+        }
         let mut fallback = None;
         let mut at = parent.clone();
         if let Some(dir) = staging_dir {
@@ -340,20 +344,88 @@ impl<'a> Writeback<'a> {
     }
 }
 
+/// Checks that only root can change what `path` names, walking it from `/`
+/// one component at a time without following symlinks: every directory is
+/// root-owned and not writable by group or others (a sticky directory such
+/// as /tmp is accepted on the way, not as the last one: there users could
+/// create the entries root is about to use). With `create_mode`, missing
+/// components are created (0755, the last with that mode). Every directory root
+/// writes into passes this first, so nothing a user made can be in it.
+pub fn trusted_dir(path: &Path, create_mode: Option<u32>) -> Result<()> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{fstat, Mode};
+    if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+        return fail(format!("{} must be an absolute path without \"..\"", path.display()));
+    }
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    // SAFETY: each fd below was just returned by open/openat and is owned once.
+    let own = |fd: std::os::fd::RawFd| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut dir = own(nix::fcntl::open("/", flags, Mode::empty()).context(|| "cannot open /".into())?);
+    let names: Vec<_> = path.components().filter_map(|c| match c { Component::Normal(n) => Some(n), _ => None }).collect();
+    let mut so_far = PathBuf::from("/");
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        so_far.push(name);
+        let next = match openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty()) {
+            Err(nix::errno::Errno::ENOENT) if create_mode.is_some() => {
+                let mode = if last { create_mode.unwrap_or(0o700) } else { 0o755 };
+                nix::sys::stat::mkdirat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, Mode::from_bits_truncate(mode))
+                    .or_else(|e| if e == nix::errno::Errno::EEXIST { Ok(()) } else { Err(e) })
+                    .context(|| format!("cannot create {}", so_far.display()))?;
+                openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty())
+            }
+            other => other,
+        };
+        let next = own(next.map_err(|e| match e {
+            nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR => {
+                crate::error::EngineError(format!("{} is not a directory (a symlink?): root does not use it", so_far.display()))
+            }
+            e => crate::error::EngineError(format!("cannot open {}: {e}", so_far.display())),
+        })?);
+        let st = fstat(std::os::fd::AsRawFd::as_raw_fd(&next)).context(|| format!("cannot stat {}", so_far.display()))?;
+        let writable = st.st_mode & 0o022 != 0;
+        let sticky = st.st_mode & libc::S_ISVTX != 0;
+        if st.st_uid != 0 || (writable && (last || !sticky)) {
+            return fail(format!(
+                "{} is owned by uid {} with mode {:o}: root writes only into directories that only root can change",
+                so_far.display(),
+                st.st_uid,
+                st.st_mode & 0o7777
+            ));
+        }
+        dir = next;
+    }
+    Ok(())
+}
+
+/// Checks that only root can change the file at `path` (the site's
+/// Apptainer, its configuration): a regular root-owned file, writable by
+/// nobody else, in directories that pass [`trusted_dir`].
+pub fn trusted_file(path: &Path) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    trusted_dir(parent, None)?;
+    let m = fs::symlink_metadata(path).context(|| format!("{}", path.display()))?;
+    if !m.is_file() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return fail(format!("{} is not a regular root-owned file writable only by root: root does not use it", path.display()));
+    }
+    Ok(())
+}
+
 /// Opens a file for reading, refusing a symlink in its last component.
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
     File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
-/// Inode, size, mtime and ctime of a file: what any change to it changes
-/// (ctime cannot be set by users).
+/// Device, inode, size, mtime and ctime of a file: what any change to it
+/// changes (ctime cannot be set by users), wherever it is mounted.
 pub fn stamp(path: &Path) -> Result<String> {
     let m = fs::metadata(path).context(|| format!("cannot stat {}", path.display()))?;
-    Ok(format!("{}:{}:{}.{:09}:{}.{:09}", m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+    Ok(format!("{}:{}:{}:{}.{:09}:{}.{:09}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 /// Where digests of container images are kept per node (root only), keyed
-/// by path and stamp: an image is hashed once, not at every checkpoint.
+/// by stamp: an image is hashed once, not at every checkpoint, whatever
+/// path it is reached by (the agent reads it through a per-launch mount).
 const IMAGE_DIGESTS: &str = "/var/cache/checkpoint-container/image-digests";
 
 /// Size and BLAKE3 digest of a container image, from the node's cache when
@@ -361,8 +433,6 @@ const IMAGE_DIGESTS: &str = "/var/cache/checkpoint-container/image-digests";
 pub fn image_digest(path: &Path) -> Result<(u64, String)> {
     let stamp = stamp(path)?;
     let mut key = crate::manifest::Checksum::default();
-    key.update(path.as_os_str().as_encoded_bytes());
-    key.update(b"\0");
     key.update(stamp.as_bytes());
     let cached = Path::new(IMAGE_DIGESTS).join(key.hex());
     if let Ok(f) = open_nofollow(&cached) {
@@ -427,6 +497,8 @@ fn digest_open(mut f: File, path: &Path) -> Result<(u64, String)> {
 /// present with its recorded size, nothing extra; with `verify_digests`,
 /// every file's digest too (restore verifies them while serving instead).
 pub fn open_checkpoint(dir: &Path, verify_digests: bool) -> Result<Manifest> {
+    let (parent, _) = checked_target(dir)?;
+    trusted_dir(&parent, None)?;
     let meta = fs::symlink_metadata(dir).context(|| format!("checkpoint {}", dir.display()))?;
     if !meta.is_dir() {
         return fail(format!("checkpoint {} is not a directory", dir.display()));

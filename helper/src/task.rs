@@ -35,6 +35,30 @@ enum Event {
     Message(Option<ToTask>),
 }
 
+/// Where `program` is, as `execvp` would find it with this process's PATH
+/// (the user's), with symlinks resolved.
+fn resolve_program(program: &str) -> Option<String> {
+    let found = if program.contains('/') {
+        Some(std::path::PathBuf::from(program))
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+        std::env::split_paths(&path).map(|d| d.join(program)).find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    };
+    found.and_then(|p| std::fs::canonicalize(p).ok()).map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Becomes the user's own command, as it would have run without
+/// `--checkpoint-container` (signals unblocked: the mask survives exec).
+fn exec_unprotected(argv: &[String], blocked: SigSet) -> crate::error::EngineError {
+    use std::os::unix::process::CommandExt;
+    let _ = blocked.thread_unblock();
+    let e = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+    crate::error::EngineError(format!("cannot run {}: {e}", argv[0]))
+}
+
 /// Runs the task; returns its exit code.
 pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
     // Block the signals first: every thread inherits the mask, and the
@@ -50,7 +74,8 @@ pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
     protocol::send_stdio(&stream)?;
     let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError(e.to_string()))?)?;
     let cwd = std::env::current_dir().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/".into());
-    channel.send(&ToAgent::Start { argv, cwd, env: std::env::vars().collect() })?;
+    let runtime = resolve_program(&argv[0]);
+    channel.send(&ToAgent::Start { argv: argv.clone(), cwd, env: std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect(), runtime })?;
 
     let (tx, rx) = mpsc::channel();
     let signals = tx.clone();
@@ -77,6 +102,7 @@ pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
             Event::Message(Some(ToTask::Exited(code))) => return Ok(code),
             Event::Message(Some(ToTask::Stopped)) => return Ok(128 + libc::SIGTERM),
             Event::Message(Some(ToTask::Failed(_))) => return Ok(1),
+            Event::Message(Some(ToTask::RunUnprotected(_))) => return Err(exec_unprotected(&argv, set)),
             Event::Message(None) => break,
         }
     }

@@ -127,6 +127,7 @@ impl StepState {
             cmd.arg("--config").arg(config);
         }
         cmd.arg("--criu-path").arg(&settings.criu).arg("--checkpoint-dir").arg(&settings.checkpoint_dir);
+        cmd.arg("--apptainer").arg(&settings.apptainer).arg("--apptainer-conf").arg(&settings.apptainer_conf);
         cmd.arg("--compression").arg(settings.compression.as_str());
         if let Some(dir) = &settings.staging_dir {
             cmd.arg("--staging-dir").arg(dir);

@@ -333,8 +333,19 @@ impl Workload {
         assert_eq!(stdout.lines().collect::<Vec<_>>(), lines, "stdout.txt differs from out.txt");
     }
 
+    /// In the cluster's checkpoint_dir: root writes only into directories
+    /// only root can change (the workload's own directory is alice's).
     pub fn checkpoint_dir(&self) -> String {
-        format!("{}/ckpt", self.dir)
+        format!("/shared/checkpoints/{}", self.name())
+    }
+
+    /// The same directory on this machine.
+    pub fn host_checkpoint_dir(&self) -> PathBuf {
+        self.host_dir.parent().unwrap().join("checkpoints").join(self.name())
+    }
+
+    fn name(&self) -> String {
+        self.host_dir.file_name().unwrap().to_string_lossy().into_owned()
     }
 
     /// Runs `checkpoint-container checkpoint` for this workload on its node.
@@ -380,6 +391,7 @@ impl Workload {
             }
         }
         let _ = std::fs::remove_dir_all(&self.host_dir);
+        let _ = std::fs::remove_dir_all(self.host_checkpoint_dir());
     }
 }
 

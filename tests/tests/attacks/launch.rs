@@ -1,0 +1,163 @@
+//! What root starts for alice: only the site's Apptainer, only with options
+//! that add nothing to her rights, and only with paths she opened herself.
+
+use super::{alices_dir, as_alice, assert_not_leaked, bobs_secret, UNPROTECTED};
+use cluster_tests::{cluster, unique, TEST_SIF};
+
+/// alice's home as this machine sees it (homes are shared by the nodes).
+fn host_path(node_path: &str) -> std::path::PathBuf {
+    cluster().shared.parent().unwrap().join(node_path.trim_start_matches('/'))
+}
+
+#[test]
+fn a_program_alice_names_apptainer_runs_as_alice_not_as_root() {
+    let c = cluster();
+    let d = alices_dir(c);
+    as_alice(c, &format!("mkdir {d}/x && printf '#!/bin/sh\\nid -u >> {d}/ran-as\\n' > {d}/x/apptainer && chmod 755 {d}/x/apptainer")).ok();
+    // By path, and through her PATH.
+    let out = as_alice(c, &format!("srun -w node1 --checkpoint-container {d}/x/apptainer exec {TEST_SIF} true")).ok();
+    assert!(out.stderr.contains(UNPROTECTED) && out.stderr.contains("is not the site's Apptainer"), "{out:#?}");
+    as_alice(c, &format!("PATH={d}/x:$PATH srun -w node1 --checkpoint-container apptainer exec {TEST_SIF} true")).ok();
+    assert_eq!(c.read_file("alice", &format!("{d}/ran-as")), "2001\n2001\n", "her program ran with another uid");
+}
+
+#[test]
+fn roots_apptainer_never_touches_the_home_alice_points_it_at() {
+    let c = cluster();
+    let d = alices_dir(c);
+    let root_dir = format!("/var/tmp/root-owned-{}", unique());
+    c.sh("node1", "root", &format!("install -d -m 0755 {root_dir}")).ok();
+    as_alice(c, &format!("mkdir {d}/h && ln -s {root_dir} {d}/h/.apptainer")).ok();
+    let out = as_alice(c, &format!("HOME={d}/h srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} sh -c 'echo home=$HOME'")).ok();
+    assert!(!out.stderr.contains(UNPROTECTED), "the container should be protected: {out:#?}");
+    // The container sees her passwd home, as it does without the option.
+    assert_eq!(out.stdout.trim(), "home=/home/alice", "{out:#?}");
+    let mode = c.sh("node1", "root", &format!("stat -c %a:%U {root_dir}")).ok().stdout;
+    assert_eq!(mode.trim(), "755:root", "root changed a directory alice chose");
+}
+
+/// Binds alice writes so that a check and Apptainer would read different
+/// paths, or that only root could resolve: none may show bob's file.
+#[test]
+fn binds_that_apptainer_would_read_differently_are_refused() {
+    let c = cluster();
+    let (bob, token) = bobs_secret(c);
+    let d = alices_dir(c);
+    as_alice(c, &format!("ln -s {bob} '{d}/l,Y' && ln -s {bob} {d}/link")).ok();
+    for bind in [
+        format!("' {bob}:/mnt'"),
+        format!("'{bob} :/mnt'"),
+        format!("'{d}/l\\,Y:/mnt'"),
+        format!("{d}/link:/mnt"),
+        format!("=/proc/1/root{bob}:/mnt"),
+        format!("/proc/self/root{bob}:/mnt"),
+    ] {
+        let flag = if bind.starts_with('=') { "--bind" } else { "--bind " };
+        let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {flag}{bind} {TEST_SIF} cat /mnt/secret.txt"));
+        assert_not_leaked(&out, &token);
+        assert!(out.stderr.contains(UNPROTECTED), "{bind}: {out:#?}");
+    }
+}
+
+#[test]
+fn binds_through_the_environment_pass_the_same_rules() {
+    let c = cluster();
+    let (bob, token) = bobs_secret(c);
+    for var in ["APPTAINER_BIND", "SINGULARITY_BINDPATH"] {
+        let out = as_alice(c, &format!("{var}='{bob}:/mnt' srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} cat /mnt/secret.txt"));
+        assert_not_leaked(&out, &token);
+        assert!(out.stderr.contains(UNPROTECTED) && out.stderr.contains("cannot be opened by you"), "{var}: {out:#?}");
+    }
+}
+
+#[test]
+fn options_that_use_roots_rights_are_refused_in_every_spelling() {
+    let c = cluster();
+    let marker = format!("root-marker-{}", unique());
+    c.sh("node1", "root", &format!("echo {marker} > /root/marker && chmod 0644 /root/marker")).ok();
+    for opts in ["--security uid:0,gid:0", "--security=uid:0", "-B/root:/mnt", "--add-caps=CAP_DAC_OVERRIDE", "--fakeroot", "--writable"] {
+        let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {opts} {TEST_SIF} sh -c 'id -u; cat /mnt/marker /root/marker'"));
+        assert!(!out.stdout.contains(&marker), "{opts}: {out:#?}");
+        assert!(!out.stdout.lines().any(|l| l.trim() == "0"), "{opts} ran as root: {out:#?}");
+        assert!(out.stderr.contains(UNPROTECTED), "{opts}: {out:#?}");
+    }
+    c.sh("node1", "root", "rm -f /root/marker").ok();
+}
+
+#[test]
+fn a_fifo_as_the_image_does_not_hang_root() {
+    let c = cluster();
+    let d = alices_dir(c);
+    as_alice(c, &format!("mkfifo {d}/img.sif")).ok();
+    let name = format!("fifo-{}", unique());
+    // Unprotected, her own Apptainer then waits on her FIFO as it would
+    // without the option; root must have said why and moved on.
+    let out = as_alice(c, &format!("timeout -s KILL 40 srun -J {name} -w node1 --checkpoint-container apptainer -s exec {d}/img.sif true"));
+    c.exec("node1", "alice", &["scancel", "-n", &name]);
+    assert!(out.stderr.contains("is not a regular file"), "{out:#?}");
+    assert!(out.stderr.contains(UNPROTECTED), "{out:#?}");
+}
+
+#[test]
+fn an_image_outside_the_sites_limit_paths_is_not_mounted_by_root() {
+    let c = cluster();
+    let d = alices_dir(c);
+    as_alice(c, &format!("cp {TEST_SIF} {d}/mine.sif")).ok();
+    let out = as_alice(
+        c,
+        &format!("srun -w node1 --checkpoint-container apptainer -s exec {d}/mine.sif sh -c 'echo ran; grep -c \" squashfs \" /proc/self/mountinfo || true'"),
+    )
+    .ok();
+    assert!(out.stderr.contains("outside the site's limit container paths") && out.stderr.contains(UNPROTECTED), "{out:#?}");
+    // Without root, Apptainer extracted it: no kernel squashfs mount.
+    assert_eq!(out.stdout.trim(), "ran\n0", "{out:#?}");
+    let loops = c.sh("node1", "root", "losetup -a").stdout;
+    assert!(!loops.contains("mine.sif"), "root attached alice's image: {loops}");
+}
+
+#[test]
+fn the_jobs_environment_never_reaches_a_root_process() {
+    let c = cluster();
+    let d = alices_dir(c);
+    let so = host_path(&format!("{d}/evil.so"));
+    let marker = format!("{d}/loaded-by");
+    let src = format!(
+        "#include <stdio.h>\n#include <unistd.h>\n__attribute__((constructor)) static void f(void) {{ \
+         FILE *o = fopen(\"{marker}\", \"a\"); FILE *s = fopen(\"/proc/self/status\", \"r\"); char l[256]; \
+         if (!o || !s) return; while (fgets(l, sizeof l, s)) if (!strncmp(l, \"Uid:\", 4) || !strncmp(l, \"CapEff:\", 7)) fputs(l, o); fclose(o); }}\n"
+    );
+    let c_file = so.with_extension("c");
+    std::fs::write(&c_file, format!("#include <string.h>\n{src}")).unwrap();
+    let built = std::process::Command::new("gcc").args(["-shared", "-fPIC", "-o"]).arg(&so).arg(&c_file).status().unwrap();
+    assert!(built.success());
+    c.sh("node1", "root", &format!("chown alice:alice {d}/evil.so {d}/evil.c && chmod 0755 {d}/evil.so")).ok();
+    let env = format!("LD_PRELOAD={d}/evil.so GCONV_PATH={d} LOCPATH={d} GLIBC_TUNABLES=glibc.malloc.check=3 TMPDIR={d}");
+    let out = as_alice(c, &format!("{env} srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} true")).ok();
+    assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
+    let seen = c.read_file("alice", &marker);
+    // Loaded into her own processes (srun, the task, the container), as her.
+    assert!(seen.contains("Uid:\t2001"), "the marker library never loaded: {seen}");
+    for line in seen.lines() {
+        assert!(!line.starts_with("Uid:\t0"), "loaded into a root process: {seen}");
+        if let Some(caps) = line.strip_prefix("CapEff:") {
+            assert_eq!(caps.trim(), "0000000000000000", "loaded into a privileged process: {seen}");
+        }
+    }
+}
+
+#[test]
+fn swapping_a_bind_source_for_a_symlink_while_jobs_start_never_shows_bobs_file() {
+    let c = cluster();
+    let (bob, token) = bobs_secret(c);
+    let d = alices_dir(c);
+    as_alice(c, &format!("mkdir {d}/real && echo mine > {d}/real/secret.txt && ln -s {bob} {d}/evil")).ok();
+    // A loop renames the bind source between her directory and a symlink
+    // to bob's while three protected jobs start.
+    let script = format!(
+        "( end=$((SECONDS+40)); while [ $SECONDS -lt $end ]; do \
+           ln -sfn {d}/real {d}/src.new && mv -T {d}/src.new {d}/src; ln -sfn {bob} {d}/src.new && mv -T {d}/src.new {d}/src; done ) & \
+         for i in 1 2 3; do srun -w node1 --checkpoint-container apptainer -s exec --bind {d}/src:/mnt {TEST_SIF} cat /mnt/secret.txt; done; kill %1; wait"
+    );
+    let out = as_alice(c, &script);
+    assert_not_leaked(&out, &token);
+}
