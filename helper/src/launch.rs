@@ -469,7 +469,21 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     let image_name = fd_path(&image_fd);
     check_image(&conf, &image_fd, &image_name)?;
     let mut staging = Staging::new()?;
-    let image = staging.mount(&image_fd, "image.sif")?;
+    // Apptainer checks `limit container paths` on the path it is given, so
+    // the image keeps its own path where only root can change what that
+    // path names; elsewhere Apptainer gets the staged bind of what the user
+    // opened, which a site that limits paths does not allow.
+    let in_root_only_dir = Path::new(&image_name).parent().is_some_and(|p| crate::storage::trusted_dir(p, None).is_ok());
+    let image = if in_root_only_dir {
+        PathBuf::from(&image_name)
+    } else if conf.limit_paths.is_empty() {
+        staging.mount(&image_fd, "image.sif")?
+    } else {
+        return fail(format!(
+            "container image {image_name} is in a directory users can change, and the site limits container paths: \
+             only images in directories only root can change are started by root"
+        ));
+    };
 
     let mut argv: Vec<String> = vec![settings.apptainer.display().to_string()];
     argv.extend(plan.globals.iter().cloned());

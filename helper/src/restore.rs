@@ -281,6 +281,19 @@ fn released(pid: Pid) -> bool {
     }
 }
 
+/// Kills what a failed restore may have left of the tree: processes with
+/// the checkpoint's pids that belong to its owner (held by pidfd, so a pid
+/// reused meanwhile is never signalled).
+fn kill_leftovers(m: &Manifest) {
+    for &pid in &m.process.pids {
+        if let Ok(fd) = procfs::PidFd::open(pid) {
+            if procfs::ids(pid).is_ok_and(|(uid, _)| uid == m.owner.uid) {
+                let _ = fd.signal(libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// How the restored program ended, once it has.
 pub struct Restored {
     pub exit_code: i32,
@@ -369,13 +382,21 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             f(&m, restore_seconds);
         }
     }
-    for r in relays {
-        let _ = r.join();
-    }
+    let placeholder = if !announced && !status.success() {
+        // Whatever CRIU had recreated may still hold the relayed pipes:
+        // gone first, and the relays are not waited for.
+        placeholder.kill();
+        kill_leftovers(&m);
+        None
+    } else {
+        for r in relays {
+            let _ = r.join();
+        }
+        Some(placeholder)
+    };
     let served = serve.finish();
     criu::remember_kdat(&settings.criu, &work);
-    if !announced && !status.success() {
-        placeholder.kill();
+    let Some(placeholder) = placeholder else {
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         if let Err(e) = served {
             return fail(format!("{e} (nothing was left running)"));
@@ -388,7 +409,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             req.images.display(),
             work.display()
         ));
-    }
+    };
     placeholder.finish();
     use std::os::unix::process::ExitStatusExt;
     let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
