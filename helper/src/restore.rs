@@ -54,6 +54,9 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
             ));
         }
     }
+    // What CRIU will give each restored thread, read from the images
+    // themselves (whose checksums are checked first).
+    crate::core_images::check(&req.images, &m)?;
     let image = Path::new(&m.container.image);
     if !image.exists() {
         return fail(format!("container image {} of the checkpoint is missing on this node", image.display()));
