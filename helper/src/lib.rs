@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod apptainer;
 pub mod cgroup;
+pub mod core_images;
 pub mod checkpoint;
 pub mod criu;
 pub mod error;

@@ -55,6 +55,9 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
             ));
         }
     }
+    // What CRIU will give each restored thread, read from the images
+    // themselves (whose checksums are checked first).
+    crate::core_images::check(&req.images, &m)?;
     for &pid in &m.process.pids {
         if procfs::exists(pid) {
             let comm = procfs::comm(pid).unwrap_or_default();

@@ -9,6 +9,7 @@
 //! which rule each one covers.
 
 mod launch;
+mod restore;
 mod storage;
 
 use cluster_tests::{cluster, unique, Cluster, Output};
