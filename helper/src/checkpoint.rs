@@ -184,7 +184,6 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let uncached = std::thread::spawn(move || storage::drop_cached_dir(&replaced));
     let out = child.wait_with_output().context(|| "cannot run CRIU".into());
     phase("CRIU done");
-    criu::remember_kdat(&settings.criu, &staging.work);
     let streamed = capture.finish();
     phase("images written");
     if req.leave_running {

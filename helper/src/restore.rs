@@ -370,7 +370,6 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         let _ = r.join();
     }
     let served = serve.finish();
-    criu::remember_kdat(&settings.criu, &work);
     if !announced && !status.success() {
         placeholder.kill();
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
