@@ -4,7 +4,7 @@
 //! checkpoints and restores, and checks that none of it ran with CRIU's
 //! capabilities while the checkpoint and restore still worked.
 
-use cluster_tests::{cluster, gcc, Cluster, Workload, WorkloadSpec};
+use cluster_tests::{cluster, gcc, unique, Cluster, Workload, WorkloadSpec};
 use std::path::Path;
 
 /// A shared library whose constructor appends a line naming the process and
@@ -82,8 +82,13 @@ fn containers_ld_so_preload_is_not_read() {
     // programs in the container load the library too (harmless: no
     // capabilities); only a line with capabilities, or from CRIU, counts.
     let c = cluster();
-    let w = c.start_workload("node1", spec(&["preload:/etc/ld.so.preload"], "echo /data/preload.so > preload"));
-    marker_library(&w.host_dir.join("preload.so"), "/data/preload-ran");
+    // Built before the container starts, so its own loader finds it too.
+    let lib_dir = format!("attack-{}", unique());
+    std::fs::create_dir_all(c.shared.join(&lib_dir)).unwrap();
+    marker_library(&c.shared.join(&lib_dir).join("preload.so"), "/data/preload-ran");
+    let setup = format!("cp /shared/{lib_dir}/preload.so . && echo /data/preload.so > preload");
+    let w = c.start_workload("node1", spec(&["preload:/etc/ld.so.preload"], &setup));
+    let _ = std::fs::remove_dir_all(c.shared.join(&lib_dir));
     checkpoint_and_restore(c, &w);
     let privileged = privileged_lines(&w, "preload-ran");
     assert!(privileged.is_empty(), "a process with capabilities loaded the user's preload library: {privileged:?}");
