@@ -292,6 +292,34 @@ impl Spawn {
     }
 }
 
+/// Why the container's /proc cannot be trusted to lead CRIU out of the
+/// container, if it cannot: every path given to CRIU (`-D`, `-L`, `PATH`,
+/// `XDG_RUNTIME_DIR`) goes through /proc/self or /proc/<this helper>. The
+/// container's mounts were made by root when it started (binds the user
+/// asked for included) and cannot change after, so reading them once from
+/// the node is enough.
+fn untrusted_proc(mountinfo: &str) -> Option<String> {
+    let mut proc_fstype = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
+        let (Some(mount_point), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else { continue };
+        if *mount_point == "/proc" {
+            proc_fstype = Some(fstype.to_string());
+        } else if let Some(below) = mount_point.strip_prefix("/proc/") {
+            let first = below.split('/').next().unwrap_or("");
+            if first == "self" || first == "thread-self" || (!first.is_empty() && first.bytes().all(|b| b.is_ascii_digit())) {
+                return Some(format!("something is mounted on {mount_point}"));
+            }
+        }
+    }
+    match proc_fstype.as_deref() {
+        Some("proc") => None,
+        Some(other) => Some(format!("its /proc is a {other} mount, not procfs")),
+        None => Some("it has no /proc mount".into()),
+    }
+}
+
 fn cstrings(v: impl IntoIterator<Item = String>) -> Result<Vec<std::ffi::CString>, String> {
     v.into_iter().map(|s| std::ffi::CString::new(s).map_err(|_| "an argument contains a NUL byte".to_string())).collect()
 }
@@ -316,6 +344,11 @@ impl Invocation<'_> {
         let binary = open_static(self.criu)?;
         let mnt = std::fs::File::open(format!("/proc/{}/ns/mnt", self.mnt_ns_of))
             .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;
+        let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.mnt_ns_of))
+            .map_err(|e| not_runnable(format!("cannot read the mounts of process {}: {e}", self.mnt_ns_of)))?;
+        if let Some(why) = untrusted_proc(&mountinfo) {
+            return Err(not_runnable(format!("refusing to run it in the container of process {}: {why}", self.mnt_ns_of)));
+        }
         let mut argv = vec!["criu".to_string(), "--no-default-config".into(), "-L".into(), empty.clone()];
         argv.extend(self.args.iter().cloned());
         let envp = vec![format!("PATH={empty}"), format!("XDG_RUNTIME_DIR={}", through_own_root(&kdat.display().to_string()))];
@@ -504,6 +537,17 @@ mod tests {
         let e = check(&fake).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.to_string().starts_with(&format!("CRIU at {} is not a 64-bit ELF executable:", fake.display())), "{e}");
+    }
+
+    #[test]
+    fn a_container_proc_that_is_not_procfs_is_refused() {
+        let line = |mp: &str, fs: &str| format!("22 1 0:5 / {mp} rw,nosuid shared:1 - {fs} x rw\n");
+        let good = line("/", "overlay") + &line("/proc", "proc") + &line("/proc/sys/fs/binfmt_misc", "autofs");
+        assert_eq!(untrusted_proc(&good), None);
+        assert_eq!(untrusted_proc(&(good.clone() + &line("/proc", "ext4"))).unwrap(), "its /proc is a ext4 mount, not procfs");
+        assert_eq!(untrusted_proc(&(good.clone() + &line("/proc/1234", "ext4"))).unwrap(), "something is mounted on /proc/1234");
+        assert_eq!(untrusted_proc(&(good + &line("/proc/self/fd", "tmpfs"))).unwrap(), "something is mounted on /proc/self/fd");
+        assert_eq!(untrusted_proc(&line("/", "overlay")).unwrap(), "it has no /proc mount");
     }
 
     #[test]

@@ -114,6 +114,11 @@ fn programs_in_the_container_are_not_run_even_without_the_kernel_feature_cache()
     assert!(ran.is_empty(), "CRIU ran the user's programs: {ran}");
     let cached = c.sh("node1", "root", "ls /run/checkpoint-container/criu-kdat/*/criu.kdat").stdout;
     assert!(!cached.trim().is_empty(), "no kernel-feature cache was made");
+    // The dump inside the container used the cache made outside it, and
+    // tried to run nothing.
+    let log = std::fs::read_to_string(w.host_dir.join("ckpt/dump.log")).unwrap();
+    assert!(log.contains("Loaded kdat cache from /proc/"), "{log}");
+    assert!(!log.contains("execvp"), "{log}");
     w.cleanup(c);
 }
 
