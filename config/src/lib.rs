@@ -19,8 +19,10 @@ pub const DEFAULT_CONFIG_FILE: &str = "/etc/slurm/checkpoint-container.toml";
 pub const DEFAULT_HELPER: &str = "/usr/libexec/checkpoint-container/checkpoint-container";
 /// Root of the per-job checkpoint directories (a parallel filesystem in production).
 pub const DEFAULT_CHECKPOINT_DIR: &str = "/var/spool/checkpoint-container";
-/// The CRIU binary the helper drives.
-pub const DEFAULT_CRIU: &str = "/usr/sbin/criu";
+/// The CRIU binary the helper drives: a statically linked one shipped with
+/// the helper (a distribution's dynamically linked /usr/sbin/criu is refused,
+/// see docs/security.md).
+pub const DEFAULT_CRIU: &str = "/usr/libexec/checkpoint-container/criu";
 /// The site's Apptainer: the only container runtime the helper ever starts
 /// (never the program a job names).
 pub const DEFAULT_APPTAINER: &str = "/usr/bin/apptainer";

@@ -218,7 +218,6 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let uncached = std::thread::spawn(move || storage::drop_cached_dir(&replaced));
     let out = wait_with_timeout(child, DUMP_TIMEOUT);
     phase("CRIU done");
-    criu::remember_kdat(&settings.criu, &staging.work);
     let streamed = capture.finish();
     phase("images written");
     if req.leave_running {

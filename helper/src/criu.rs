@@ -32,6 +32,9 @@ pub enum CriuError {
     UnknownVersion { path: PathBuf, output: String },
     /// Found, but too old for this kernel.
     TooOld { path: PathBuf, found: Version },
+    /// Not a statically linked executable: it would load code from the
+    /// container it runs in.
+    NotStatic { path: PathBuf, why: String },
 }
 
 impl fmt::Display for CriuError {
@@ -49,6 +52,12 @@ impl fmt::Display for CriuError {
             CriuError::TooOld { path, found } => write!(
                 f,
                 "CRIU at {} is version {found}, but {MIN_VERSION} or newer is required",
+                path.display()
+            ),
+            CriuError::NotStatic { path, why } => write!(
+                f,
+                "CRIU at {} {why}: it runs with capabilities inside users' containers, where a dynamic loader would \
+read the container's /etc/ld.so.preload and libraries; use a statically linked CRIU (docs/security.md)",
                 path.display()
             ),
         }
@@ -72,10 +81,42 @@ pub fn parse_version(output: &str) -> Option<Version> {
     Some(version)
 }
 
-/// Runs `criu --version` and checks the version is supported.
+/// Why an executable cannot be CRIU: not an ELF executable, or one that
+/// names a program interpreter (dynamic loader).
+fn static_elf(elf: &[u8]) -> Result<(), String> {
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
+        return Err("is not a 64-bit ELF executable".into());
+    }
+    match elf_interpreter(elf) {
+        Some(interp) => Err(format!("is dynamically linked (program interpreter {interp})")),
+        None => Ok(()),
+    }
+}
+
+/// Opens the CRIU binary and checks it is a statically linked ELF file,
+/// reading the very file that will be executed (through the returned fd).
+fn open_static(criu: &Path) -> Result<std::fs::File, CriuError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let not_runnable = |why: String| CriuError::NotRunnable { path: criu.to_path_buf(), why };
+    let mut file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(criu)
+        .map_err(|e| not_runnable(e.to_string()))?;
+    let mut elf = Vec::new();
+    (&mut file).take(1 << 26).read_to_end(&mut elf).map_err(|e| not_runnable(e.to_string()))?;
+    static_elf(&elf).map_err(|why| CriuError::NotStatic { path: criu.to_path_buf(), why })?;
+    Ok(file)
+}
+
+/// Checks CRIU is a statically linked executable, runs `criu --version`
+/// and checks the version is supported.
 pub fn check(criu: &Path) -> Result<Version, CriuError> {
+    open_static(criu)?;
     let out = Command::new(criu)
         .arg("--version")
+        .env_clear()
         .output()
         .map_err(|e| CriuError::NotRunnable { path: criu.to_path_buf(), why: e.to_string() })?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -143,47 +184,94 @@ fn elf_interpreter(elf: &[u8]) -> Option<String> {
     None
 }
 
-impl Invocation<'_> {
-    /// The command, ready to spawn. CRIU's binary and libraries are the
-    /// node's, reached through /proc/<this helper>/root once inside the
-    /// container, with the node's dynamic loader.
-    pub fn command(&self) -> Result<std::process::Command, CriuError> {
+/// Root of what the helper keeps on the node for CRIU runs: in /run, so a
+/// reboot (a new kernel) drops it.
+const RUN_DIR: &str = "/run/checkpoint-container";
+/// A root-owned empty directory: CRIU's plugin directory (`-L`) and its only
+/// `PATH` entry, so that it loads no plugin and finds no program to run.
+const EMPTY_DIR: &str = "/run/checkpoint-container/empty";
+/// Root-owned cache of CRIU's kernel-feature file, per CRIU binary and boot.
+const KDAT_CACHE: &str = "/run/checkpoint-container/criu-kdat";
+const KDAT_FILE: &str = "criu.kdat";
+
+/// A path of this node's filesystem as a process in another mount namespace
+/// of the same PID namespace reaches it: through this helper's root.
+fn through_own_root(path: &str) -> String {
+    format!("/proc/{}/root{path}", std::process::id())
+}
+
+/// Creates (once) and checks the empty directory: root-owned, writable by
+/// root only, with nothing in it.
+fn empty_dir() -> Result<&'static str, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    for (dir, mode) in [(RUN_DIR, 0o755), (EMPTY_DIR, 0o555)] {
+        match std::fs::DirBuilder::new().mode(mode).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {dir}: {e}")),
+        }
+        let m = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot read {dir}: {e}"))?;
+        if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+            return Err(format!("{dir} must be a directory owned by root and writable only by it"));
+        }
+    }
+    if std::fs::read_dir(EMPTY_DIR).map_err(|e| format!("cannot read {EMPTY_DIR}: {e}"))?.next().is_some() {
+        return Err(format!("{EMPTY_DIR} must be empty"));
+    }
+    Ok(EMPTY_DIR)
+}
+
+/// What a CRIU child gets: its binary (an fd, executed with execveat, so no
+/// path is resolved in the container), the mount namespace to join (none:
+/// the node's), the identity, the images directory at IMAGES_FD, argv and
+/// the whole environment.
+struct Spawn {
+    binary: std::fs::File,
+    mnt: Option<std::fs::File>,
+    uid: u32,
+    gid: u32,
+    caps: caps::CapsHashSet,
+    images_fd: i32,
+    argv: Vec<std::ffi::CString>,
+    envp: Vec<std::ffi::CString>,
+}
+
+/// NULL-terminated pointer arrays into `Spawn`'s strings, built before the
+/// fork (the child may not allocate).
+struct ExecArgs(Vec<*const libc::c_char>, Vec<*const libc::c_char>);
+// SAFETY: the pointers point into CStrings owned by the same closure, never
+// freed or changed while it lives.
+unsafe impl Send for ExecArgs {}
+unsafe impl Sync for ExecArgs {}
+
+impl ExecArgs {
+    /// execveat(2) of `fd` itself; returns only on failure.
+    unsafe fn exec(&self, fd: i32) {
+        libc::syscall(libc::SYS_execveat, fd, c"".as_ptr(), self.0.as_ptr(), self.1.as_ptr(), libc::AT_EMPTY_PATH);
+    }
+}
+
+impl Spawn {
+    fn command(self) -> std::process::Command {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
-        let not_runnable = |why: String| CriuError::NotRunnable { path: self.criu.to_path_buf(), why };
-        let elf = std::fs::read(self.criu).map_err(|e| not_runnable(e.to_string()))?;
-        let host_root = format!("/proc/{}/root", std::process::id());
-        let criu_path = format!("{host_root}{}", self.criu.display());
-        let mut cmd = match elf_interpreter(&elf) {
-            Some(interp) => {
-                let mut c = std::process::Command::new(format!("{host_root}{interp}"));
-                let libs = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
-                    .map(|d| format!("{host_root}{d}"))
-                    .join(":");
-                c.arg("--library-path").arg(libs).arg(&criu_path);
-                c
-            }
-            None => std::process::Command::new(&criu_path),
-        };
-        // CRIU reads /etc/criu/default.conf of the mount namespace it runs
-        // in, which is the user's container: a user's config there could
-        // name an action script that CRIU would run with its capabilities.
-        cmd.arg("--no-default-config");
-        cmd.args(&self.args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-        cmd.env("XDG_RUNTIME_DIR", kdat_location(self.criu));
-        let mnt = std::fs::File::open(format!("/proc/{}/ns/mnt", self.mnt_ns_of))
-            .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;
-        let (uid, gid) = (self.uid, self.gid);
-        let caps: caps::CapsHashSet = self.caps.iter().copied().collect();
-        let images_fd = self.images_dir.as_raw_fd();
+        let ptrs = |v: &[std::ffi::CString]| v.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect::<Vec<_>>();
+        let exec_args = ExecArgs(ptrs(&self.argv), ptrs(&self.envp));
+        // Never executed by path: the pre_exec hook below execs the fd.
+        let mut cmd = std::process::Command::new("/nonexistent/criu");
+        cmd.env_clear();
+        let Spawn { binary, mnt, uid, gid, caps, images_fd, argv, envp } = self;
         // SAFETY: runs in the forked child before exec: syscalls only, no
         // allocation unless one fails (the agent has other threads, which
         // may hold the allocator's lock at the fork).
         unsafe {
             cmd.pre_exec(move || {
                 use std::io::Error;
+                let _keep = (&argv, &envp);
                 let check = |rc: libc::c_int| if rc == -1 { Err(Error::last_os_error()) } else { Ok(()) };
-                check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS))?;
+                if let Some(mnt) = &mnt {
+                    check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS))?;
+                }
                 check(libc::dup2(images_fd, IMAGES_FD))?;
                 check(libc::setgroups(1, &gid))?;
                 check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
@@ -196,16 +284,91 @@ impl Invocation<'_> {
                 for cap in &caps {
                     caps::raise(None, caps::CapSet::Ambient, *cap).map_err(to_io)?;
                 }
-                Ok(())
+                exec_args.exec(binary.as_raw_fd());
+                Err(Error::last_os_error())
             });
         }
-        Ok(cmd)
+        cmd
     }
 }
 
-/// Where CRIU keeps its kernel-feature cache (`criu.kdat`, looked for in
-/// `$XDG_RUNTIME_DIR` when not root), per CRIU binary and boot: CRIU probes
-/// the kernel for 20-30 ms at every start without it.
+/// Why the container's /proc cannot be trusted to lead CRIU out of the
+/// container, if it cannot: every path given to CRIU (`-D`, `-L`, `PATH`,
+/// `XDG_RUNTIME_DIR`) goes through /proc/self or /proc/<this helper>. The
+/// container's mounts were made by root when it started (binds the user
+/// asked for included) and cannot change after, so reading them once from
+/// the node is enough.
+fn untrusted_proc(mountinfo: &str) -> Option<String> {
+    let mut proc_fstype = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
+        let (Some(mount_point), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else { continue };
+        if *mount_point == "/proc" {
+            proc_fstype = Some(fstype.to_string());
+        } else if let Some(below) = mount_point.strip_prefix("/proc/") {
+            let first = below.split('/').next().unwrap_or("");
+            if first == "self" || first == "thread-self" || (!first.is_empty() && first.bytes().all(|b| b.is_ascii_digit())) {
+                return Some(format!("something is mounted on {mount_point}"));
+            }
+        }
+    }
+    match proc_fstype.as_deref() {
+        Some("proc") => None,
+        Some(other) => Some(format!("its /proc is a {other} mount, not procfs")),
+        None => Some("it has no /proc mount".into()),
+    }
+}
+
+fn cstrings(v: impl IntoIterator<Item = String>) -> Result<Vec<std::ffi::CString>, String> {
+    v.into_iter().map(|s| std::ffi::CString::new(s).map_err(|_| "an argument contains a NUL byte".to_string())).collect()
+}
+
+impl Invocation<'_> {
+    /// The command, ready to spawn. Nothing of the container is executed,
+    /// loaded or read as configuration by it:
+    /// - CRIU is a static binary (checked), opened here and executed by fd;
+    /// - `--no-default-config`, and no `HOME` or `CRIU_CONFIG_FILE`: the
+    ///   container's /etc/criu/default.conf and ~/.criu are not read (they
+    ///   could name action scripts);
+    /// - `-L` and `PATH` name a root-owned empty directory of the node, so
+    ///   no plugin is loaded and every program CRIU would run by name
+    ///   (`cr_system`: iptables, sh, tar, ip) is not found;
+    /// - its kernel-feature cache was made in the node's mount namespace
+    ///   (`ensure_kdat`), so it does not probe (which runs `sh -c iptables`).
+    pub fn command(&self) -> Result<std::process::Command, CriuError> {
+        let not_runnable = |why: String| CriuError::NotRunnable { path: self.criu.to_path_buf(), why };
+        let caps: caps::CapsHashSet = self.caps.iter().copied().collect();
+        let kdat = ensure_kdat(self.criu, self.uid, self.gid, &caps).map_err(|e| not_runnable(format!("no kernel-feature cache: {e}")))?;
+        let empty = through_own_root(empty_dir().map_err(not_runnable)?);
+        let binary = open_static(self.criu)?;
+        let mnt = std::fs::File::open(format!("/proc/{}/ns/mnt", self.mnt_ns_of))
+            .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;
+        let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.mnt_ns_of))
+            .map_err(|e| not_runnable(format!("cannot read the mounts of process {}: {e}", self.mnt_ns_of)))?;
+        if let Some(why) = untrusted_proc(&mountinfo) {
+            return Err(not_runnable(format!("refusing to run it in the container of process {}: {why}", self.mnt_ns_of)));
+        }
+        let mut argv = vec!["criu".to_string(), "--no-default-config".into(), "-L".into(), empty.clone()];
+        argv.extend(self.args.iter().cloned());
+        let envp = vec![format!("PATH={empty}"), format!("XDG_RUNTIME_DIR={}", through_own_root(&kdat.display().to_string()))];
+        use std::os::fd::AsRawFd;
+        Ok(Spawn {
+            binary,
+            mnt: Some(mnt),
+            uid: self.uid,
+            gid: self.gid,
+            caps,
+            images_fd: self.images_dir.as_raw_fd(),
+            argv: cstrings(argv).map_err(not_runnable)?,
+            envp: cstrings(envp).map_err(not_runnable)?,
+        }
+        .command())
+    }
+}
+
+/// Where CRIU's kernel-feature cache (`criu.kdat`, looked for in
+/// `$XDG_RUNTIME_DIR` when not root) is kept for this CRIU binary and boot.
 fn kdat_dir(criu: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(criu).ok()?;
@@ -215,38 +378,78 @@ fn kdat_dir(criu: &Path) -> Option<PathBuf> {
     Some(Path::new(KDAT_CACHE).join(key.hex()))
 }
 
-/// Root-owned, in /run so that a reboot (a new kernel) drops it.
-const KDAT_CACHE: &str = "/run/checkpoint-container/criu-kdat";
-const KDAT_FILE: &str = "criu.kdat";
-
-/// `$XDG_RUNTIME_DIR` for a CRIU run: the cached file, through this
-/// helper's root (CRIU runs in the container's mount namespace), or else
-/// CRIU's own directory (`-D`, the user's), from which `remember_kdat`
-/// takes the file CRIU writes there into the cache. The user never writes
-/// the cache: only CRIU, behind the helper's root-only directories.
-fn kdat_location(criu: &Path) -> String {
-    match kdat_dir(criu) {
-        Some(dir) if dir.join(KDAT_FILE).is_file() => format!("/proc/{}/root{}", std::process::id(), dir.display()),
-        _ => format!("/proc/self/fd/{IMAGES_FD}"),
+/// The directory holding a `criu.kdat` for this CRIU binary and boot,
+/// produced first if missing.
+///
+/// Without that file CRIU probes the kernel at start, and the probe runs
+/// `sh -c "iptables -n -w -L"` by name. So the file is always made here, in
+/// the node's mount namespace, by `criu check` as the user with the same
+/// capabilities (the file then describes what that unprivileged CRIU sees),
+/// with the same empty `PATH` and plugin directory, writing into a
+/// directory only that CRIU reaches (a user-owned directory inside a
+/// root-only one, passed by fd). The helper copies the file, if it is a
+/// plain one of sane size, into its root-owned cache; the user never
+/// writes the cache, and CRIU in the container only reads it.
+pub fn ensure_kdat(criu: &Path, uid: u32, gid: u32, caps: &caps::CapsHashSet) -> Result<PathBuf, String> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = kdat_dir(criu).ok_or_else(|| format!("cannot key the cache for {}", criu.display()))?;
+    if dir.join(KDAT_FILE).is_file() {
+        return Ok(dir);
     }
-}
-
-/// After a CRIU run without a cached `criu.kdat`: caches the one CRIU wrote
-/// in `criu_dir`, if it is a plain file of the right kind.
-pub fn remember_kdat(criu: &Path, criu_dir: &Path) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Some(dir) = kdat_dir(criu) else { return };
-    if dir.join(KDAT_FILE).exists() {
-        return;
+    let empty = empty_dir()?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let fence = Path::new(RUN_DIR).join(format!("kdat-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&fence).map_err(|e| format!("cannot create {}: {e}", fence.display()))?;
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
     }
-    let Ok(written) = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(criu_dir.join(KDAT_FILE)) else { return };
-    if !written.metadata().is_ok_and(|m| m.is_file() && m.len() < 1 << 20) {
-        return;
-    }
+    let _remove = Remove(&fence);
+    let work = fence.join("work");
+    std::fs::DirBuilder::new().mode(0o700).create(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    nix::unistd::chown(&work, Some(uid.into()), Some(gid.into())).map_err(|e| format!("cannot chown {}: {e}", work.display()))?;
+    let work_fd = std::fs::File::open(&work).map_err(|e| format!("cannot open {}: {e}", work.display()))?;
+    let binary = open_static(criu).map_err(|e| e.to_string())?;
+    let here = format!("/proc/self/fd/{IMAGES_FD}");
+    let argv = ["criu", "--no-default-config", "-L", empty, "check", "--unprivileged", "-v4", "-o", "check.log", "-D", &here, "-W", &here]
+        .map(String::from);
+    let envp = [format!("PATH={empty}"), format!("XDG_RUNTIME_DIR={here}")];
+    let spawn = Spawn {
+        binary,
+        mnt: None,
+        uid,
+        gid,
+        caps: caps.clone(),
+        images_fd: work_fd.as_raw_fd(),
+        argv: cstrings(argv)?,
+        envp: cstrings(envp)?,
+    };
+    let status = spawn
+        .command()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run {} check: {e}", criu.display()))?;
+    let written = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(work.join(KDAT_FILE));
+    let written = match written {
+        Ok(f) if f.metadata().is_ok_and(|m| m.is_file() && m.len() < 1 << 20) => f,
+        _ => {
+            let log = std::fs::read_to_string(work.join("check.log")).unwrap_or_default();
+            let why = first_error(&log).unwrap_or_else(|| format!("exit status {status}"));
+            return Err(format!("`criu check` in the node's namespace wrote no {KDAT_FILE}: {why}"));
+        }
+    };
     let mut bytes = Vec::new();
-    if std::io::Read::read_to_end(&mut &written, &mut bytes).is_ok() {
-        crate::storage::write_cache_file(&dir, KDAT_FILE, &bytes, 0o755);
+    std::io::Read::read_to_end(&mut &written, &mut bytes).map_err(|e| format!("cannot read {KDAT_FILE}: {e}"))?;
+    crate::storage::write_cache_file(&dir, KDAT_FILE, &bytes, 0o755);
+    if !dir.join(KDAT_FILE).is_file() {
+        return Err(format!("cannot write {}", dir.join(KDAT_FILE).display()));
     }
+    Ok(dir)
 }
 
 /// The most telling line of a CRIU log: the first error that is neither a
@@ -319,15 +522,37 @@ mod tests {
     }
 
     #[test]
-    fn too_old_binary_names_the_version() {
+    fn refuses_a_dynamically_linked_or_non_elf_criu() {
+        let e = check(Path::new("/bin/sh")).unwrap_err();
+        assert!(
+            e.to_string().starts_with("CRIU at /bin/sh is dynamically linked (program interpreter /lib64/ld-linux-x86-64.so.2): it runs with capabilities"),
+            "{e}"
+        );
+        assert_eq!(e.to_string().lines().count(), 1);
         let dir = std::env::temp_dir().join(format!("criu-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let fake = dir.join("criu");
-        std::fs::write(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n").unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        std::fs::write(&fake, "#!/bin/sh\necho 'Version: 4.2.1'\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let e = check(&fake).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(e.to_string(), format!("CRIU at {} is version 3.17.1, but 4.0.0 or newer is required", fake.display()));
+        assert!(e.to_string().starts_with(&format!("CRIU at {} is not a 64-bit ELF executable:", fake.display())), "{e}");
+    }
+
+    #[test]
+    fn a_container_proc_that_is_not_procfs_is_refused() {
+        let line = |mp: &str, fs: &str| format!("22 1 0:5 / {mp} rw,nosuid shared:1 - {fs} x rw\n");
+        let good = line("/", "overlay") + &line("/proc", "proc") + &line("/proc/sys/fs/binfmt_misc", "autofs");
+        assert_eq!(untrusted_proc(&good), None);
+        assert_eq!(untrusted_proc(&(good.clone() + &line("/proc", "ext4"))).unwrap(), "its /proc is a ext4 mount, not procfs");
+        assert_eq!(untrusted_proc(&(good.clone() + &line("/proc/1234", "ext4"))).unwrap(), "something is mounted on /proc/1234");
+        assert_eq!(untrusted_proc(&(good + &line("/proc/self/fd", "tmpfs"))).unwrap(), "something is mounted on /proc/self/fd");
+        assert_eq!(untrusted_proc(&line("/", "overlay")).unwrap(), "it has no /proc mount");
+    }
+
+    #[test]
+    fn too_old_version_is_named() {
+        let e = CriuError::TooOld { path: "/x/criu".into(), found: parse_version("Version: 3.17.1").unwrap() };
+        assert_eq!(e.to_string(), "CRIU at /x/criu is version 3.17.1, but 4.0.0 or newer is required");
     }
 }

@@ -398,7 +398,6 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         Some(placeholder)
     };
     let served = serve.finish();
-    criu::remember_kdat(&settings.criu, &work);
     let Some(placeholder) = placeholder else {
         let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
         if let Err(e) = served {

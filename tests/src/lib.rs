@@ -165,6 +165,24 @@ impl Drop for PlugstackOverride {
     }
 }
 
+/// Compiles C `source` with this machine's gcc into `out` (a path on this
+/// machine, e.g. below `Cluster::shared`), with `flags` ("-static",
+/// "-shared -fPIC"); the result is readable and executable by everyone.
+pub fn gcc(source: &str, out: &Path, flags: &[&str]) {
+    let src = out.with_extension("c");
+    std::fs::write(&src, source).unwrap();
+    let built = Command::new("gcc").args(flags).arg("-o").arg(out).arg(&src).output().expect("run gcc");
+    assert!(built.status.success(), "gcc failed: {}", String::from_utf8_lossy(&built.stderr));
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// A plugstack.conf line with its `criu=` argument replaced (or added).
+pub fn with_criu(line: &str, criu: &str) -> String {
+    let mut words: Vec<String> = line.split_whitespace().filter(|w| !w.starts_with("criu=")).map(String::from).collect();
+    words.push(format!("criu={criu}"));
+    words.join(" ")
+}
+
 /// A string no other test run uses, for file and job names.
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -222,13 +240,17 @@ pub struct WorkloadSpec {
     /// Image to run (default: the test SIF).
     pub image: String,
     /// Extra `--bind` arguments, relative sources taken in the workload's
-    /// directory ("criu-conf:/etc/criu").
+    /// directory ("criu-conf:/etc/criu"); a source `setup` did not create is
+    /// created as an empty directory of alice's.
     pub binds: Vec<String>,
+    /// Shell script run as alice in the workload's directory (the node's
+    /// path) before the container starts.
+    pub setup: Option<String>,
 }
 
 impl Default for WorkloadSpec {
     fn default() -> Self {
-        WorkloadSpec { mem_mib: 64, steps: 60, interval_ms: 100, mode: Mode::RootStarted, stdout: Stdout::Pipe, image: TEST_SIF.into(), binds: vec![] }
+        WorkloadSpec { mem_mib: 64, steps: 60, interval_ms: 100, mode: Mode::RootStarted, stdout: Stdout::Pipe, image: TEST_SIF.into(), binds: vec![], setup: None }
     }
 }
 
@@ -264,8 +286,12 @@ impl Cluster {
             argv.extend(["--security".into(), "uid:2001,gid:2001".into()]);
         }
         argv.extend(["--bind".into(), "/opt/checkpoint-container".into(), "--bind".into(), format!("{dir}:/data")]);
+        if let Some(setup) = &spec.setup {
+            self.sh(node, "alice", &format!("cd {dir} && {setup}")).ok();
+        }
         for bind in &spec.binds {
-            self.sh(node, "root", &format!("install -d -o alice -g alice {dir}/{}", bind.split(':').next().unwrap())).ok();
+            let source = format!("{dir}/{}", bind.split(':').next().unwrap());
+            self.sh(node, "root", &format!("[ -e {source} ] || install -d -o alice -g alice {source}")).ok();
             argv.extend(["--bind".into(), format!("{dir}/{bind}")]);
         }
         argv.push(spec.image.clone());

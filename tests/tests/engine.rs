@@ -2,7 +2,7 @@
 //! container with CRIU, kill it, restore it on the same or the other node,
 //! and check it ends exactly as an uninterrupted run would.
 
-use cluster_tests::{cluster, Mode, Stdout, Workload, WorkloadSpec, HELPER};
+use cluster_tests::{cluster, gcc, Mode, Stdout, Workload, WorkloadSpec, HELPER};
 
 const GIB: u32 = 1024;
 
@@ -239,7 +239,8 @@ fn checkpoint_refuses_other_users_processes_and_old_criu() {
     assert!(out.stderr.contains(&format!("process {pid} belongs to uid 2001, not to uid 2002")), "{}", out.stderr);
 
     let fake = format!("{}/old-criu", w.dir);
-    c.sh("node1", "root", &format!("printf '#!/bin/sh\\necho Version: 3.17.1\\n' > {fake}; chmod 755 {fake}; printf 'criu = \"{fake}\"\\n' > {}/site.toml", w.dir)).ok();
+    gcc("#include <stdio.h>\nint main(void) { puts(\"Version: 3.17.1\"); return 0; }\n", &w.host_dir.join("old-criu"), &["-static"]);
+    c.sh("node1", "root", &format!("chown root:root {fake}; printf 'criu = \"{fake}\"\\n' > {}/site.toml", w.dir)).ok();
     let conf = format!("{}/site.toml", w.dir);
     let mut argv = vec![HELPER, "--config", &conf, "checkpoint", "--pid", &pid, "--images", &target, "--"];
     argv.extend(w.argv.iter().map(String::as_str));

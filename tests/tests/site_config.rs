@@ -1,7 +1,7 @@
 //! Admin mistakes in plugstack.conf and broken nodes: one clear line naming
 //! the problem, and a job that asked for checkpointing never runs without it.
 
-use cluster_tests::{cluster, unique, PlugstackOverride};
+use cluster_tests::{cluster, gcc, unique, with_criu, PlugstackOverride};
 
 #[test]
 fn unknown_plugstack_argument_refuses_checkpointed_jobs_only() {
@@ -40,7 +40,10 @@ fn malformed_and_relative_arguments_are_named() {
         ("criu=criu", "criu=\"criu\" is invalid: it must be an absolute path"),
         ("config=/etc/slurm/missing.toml", "config file /etc/slurm/missing.toml cannot be read"),
     ] {
-        let _guard = PlugstackOverride::new(c, |line| format!("{line} {arg}"));
+        let _guard = PlugstackOverride::new(c, |line| match arg.strip_prefix("criu=") {
+            Some(criu) => with_criu(line, criu),
+            None => format!("{line} {arg}"),
+        });
         let out = c.sh("node1", "alice", "srun --checkpoint-container true").failed();
         assert!(out.stderr.contains(expected), "{arg}: {}", out.stderr);
         assert_eq!(
@@ -57,12 +60,11 @@ fn node_without_usable_criu_runs_the_step_unprotected_and_says_why() {
     let c = cluster();
     // An old CRIU, as Debian bookworm ships: the version must be named.
     let fake = c.shared.join(format!("fake-criu-{}", unique()));
-    std::fs::write(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n").unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    gcc("#include <stdio.h>\nint main(void) { puts(\"Version: 3.17.1\"); return 0; }\n", &fake, &["-static"]);
     let in_node = format!("/shared/{}", fake.file_name().unwrap().to_str().unwrap());
     let marker = format!("/home/alice/ran-{}", unique());
     {
-        let _guard = PlugstackOverride::new(c, |line| format!("{line} criu={in_node}"));
+        let _guard = PlugstackOverride::new(c, |line| with_criu(line, &in_node));
         let out = c.sh("node1", "alice", &format!("srun -w node2 --checkpoint-container touch {marker}")).ok();
         assert!(
             out.stderr.contains(&format!(
@@ -75,9 +77,10 @@ fn node_without_usable_criu_runs_the_step_unprotected_and_says_why() {
         assert!(c.sh("node1", "alice", &format!("test -e {marker}")).success(), "the task did not run");
         assert!(c.daemon_log("node2").contains(&format!("runs without checkpointing: this node cannot checkpoint containers: CRIU at {in_node} is version 3.17.1")));
     }
-    std::fs::remove_file(fake).unwrap();
+    std::fs::remove_file(&fake).unwrap();
+    let _ = std::fs::remove_file(fake.with_extension("c"));
 
-    let _guard = PlugstackOverride::new(c, |line| format!("{line} criu=/usr/sbin/no-criu"));
+    let _guard = PlugstackOverride::new(c, |line| with_criu(line, "/usr/sbin/no-criu"));
     let out = c.sh("node1", "alice", "srun --checkpoint-container true").ok();
     assert!(out.stderr.contains("CRIU at /usr/sbin/no-criu cannot be run"), "{}", out.stderr);
 }

@@ -8,6 +8,7 @@
 //! byte of bob's printed, bob's jobs unaffected. docs/security.md lists
 //! which rule each one covers.
 
+mod criu;
 mod launch;
 mod restore;
 mod storage;

@@ -1,0 +1,141 @@
+//! CRIU runs with CAP_CHECKPOINT_RESTORE and CAP_SYS_PTRACE inside the
+//! user's container's mount namespace, where the user decides what every
+//! path holds (binds). Each test plants code there the way a user can, then
+//! checkpoints and restores, and checks that none of it ran with CRIU's
+//! capabilities while the checkpoint and restore still worked.
+
+use cluster_tests::{cluster, gcc, unique, Cluster, Workload, WorkloadSpec};
+use std::path::Path;
+
+/// A shared library whose constructor appends a line naming the process and
+/// its effective capabilities to `marker` (a path inside the container).
+fn marker_library(out: &Path, marker: &str) {
+    let source = format!(
+        r#"#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void mark(void) {{
+    char exe[256] = "?", line[256];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) exe[n] = 0;
+    FILE *m = fopen("{marker}", "a"), *s = fopen("/proc/self/status", "r");
+    if (!m) return;
+    fprintf(m, "pid=%d uid=%d exe=%s ", (int)getpid(), (int)getuid(), exe);
+    while (s && fgets(line, sizeof line, s))
+        if (!strncmp(line, "CapEff:", 7)) fputs(line, m);
+    fclose(m);
+}}
+"#
+    );
+    gcc(&source, out, &["-shared", "-fPIC"]);
+}
+
+/// Lines of a marker that show code run with capabilities (a CapEff other
+/// than zero) or inside CRIU.
+fn privileged_lines(w: &Workload, marker: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(w.host_dir.join(marker)).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("criu") || !l.trim_end().ends_with("CapEff:\t0000000000000000"))
+        .map(String::from)
+        .collect()
+}
+
+/// Checkpoints (CRIU ends the container), restores on the same node and
+/// checks the program ended exactly as an uninterrupted run would.
+fn checkpoint_and_restore(c: &Cluster, w: &Workload) {
+    w.wait_steps(5);
+    let out = w.checkpoint(c, &["--job-id", "7"]);
+    assert!(out.success(), "checkpoint failed: {out:#?}");
+    assert!(!w.is_running(c), "CRIU should have ended the container after the dump");
+    let out = w.restore(c, &w.node, "--uid 2001");
+    assert!(out.success(), "restore failed: {out:#?}");
+    w.assert_finished_correctly();
+}
+
+fn spec(binds: &[&str], setup: &str) -> WorkloadSpec {
+    WorkloadSpec {
+        mem_mib: 16,
+        steps: 40,
+        interval_ms: 100,
+        binds: binds.iter().map(|b| b.to_string()).collect(),
+        setup: Some(setup.into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn plugin_in_the_containers_criu_library_directory_is_not_loaded() {
+    // CRIU dlopen()s every *.so of its plugin directory (default
+    // /usr/lib/criu), which the user can bind over.
+    let c = cluster();
+    let w = c.start_workload("node1", spec(&["plugins:/usr/lib/criu"], "mkdir plugins"));
+    marker_library(&w.host_dir.join("plugins/evil.so"), "/data/plugin-ran");
+    checkpoint_and_restore(c, &w);
+    assert!(!w.host_dir.join("plugin-ran").exists(), "CRIU loaded the user's plugin: {:?}", privileged_lines(&w, "plugin-ran"));
+    w.cleanup(c);
+}
+
+#[test]
+fn containers_ld_so_preload_is_not_read() {
+    // glibc's dynamic loader reads /etc/ld.so.preload of the process's root:
+    // the container's, which the user can bind over. The user's own
+    // programs in the container load the library too (harmless: no
+    // capabilities); only a line with capabilities, or from CRIU, counts.
+    let c = cluster();
+    // Built before the container starts, so its own loader finds it too.
+    let lib_dir = format!("attack-{}", unique());
+    std::fs::create_dir_all(c.shared.join(&lib_dir)).unwrap();
+    marker_library(&c.shared.join(&lib_dir).join("preload.so"), "/data/preload-ran");
+    let setup = format!("cp /shared/{lib_dir}/preload.so . && echo /data/preload.so > preload");
+    let w = c.start_workload("node1", spec(&["preload:/etc/ld.so.preload"], &setup));
+    let _ = std::fs::remove_dir_all(c.shared.join(&lib_dir));
+    checkpoint_and_restore(c, &w);
+    let privileged = privileged_lines(&w, "preload-ran");
+    assert!(privileged.is_empty(), "a process with capabilities loaded the user's preload library: {privileged:?}");
+    w.cleanup(c);
+}
+
+#[test]
+fn programs_in_the_container_are_not_run_even_without_the_kernel_feature_cache() {
+    // Without a cached criu.kdat, CRIU's kernel probe runs
+    // `sh -c "iptables -n -w -L"` by name through PATH; network locking
+    // runs iptables(-save/-restore), tmpfs mounts tar, network namespaces
+    // ip. The user binds a directory of such programs over the container's
+    // /usr/sbin, which comes first in the PATH CRIU was given.
+    let c = cluster();
+    let names = ["sh", "iptables", "iptables-save", "iptables-restore", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore", "ip6tables", "tar", "ip", "nft"];
+    let script = "#!/bin/sh\\necho \\\"$0 $(grep CapEff /proc/$$/status)\\\" >> /data/program-ran\\nexit 0\\n";
+    let setup = format!("mkdir sbin && for p in {}; do printf '{script}' > sbin/$p; chmod 755 sbin/$p; done", names.join(" "));
+    let w = c.start_workload("node1", spec(&["sbin:/usr/sbin"], &setup));
+    // As root, the way a reboot or a new CRIU binary leaves the node.
+    c.sh("node1", "root", "rm -rf /run/checkpoint-container/criu-kdat").ok();
+    checkpoint_and_restore(c, &w);
+    let ran = std::fs::read_to_string(w.host_dir.join("program-ran")).unwrap_or_default();
+    assert!(ran.is_empty(), "CRIU ran the user's programs: {ran}");
+    let cached = c.sh("node1", "root", "ls /run/checkpoint-container/criu-kdat/*/criu.kdat").stdout;
+    assert!(!cached.trim().is_empty(), "no kernel-feature cache was made");
+    // The dump inside the container used the cache made outside it, and
+    // tried to run nothing.
+    let log = std::fs::read_to_string(w.host_dir.join("ckpt/dump.log")).unwrap();
+    assert!(log.contains("Loaded kdat cache from /proc/"), "{log}");
+    assert!(!log.contains("execvp"), "{log}");
+    w.cleanup(c);
+}
+
+#[test]
+fn criu_configuration_in_the_users_home_is_not_read() {
+    // CRIU reads $HOME/.criu/default.conf unless told not to; an
+    // action-script named there would run with its capabilities. The user
+    // plants one in the container's view of both homes (root-started
+    // containers see /root as HOME) and in their real home.
+    let c = cluster();
+    let conf = "mkdir -p dotcriu && printf '#!/bin/sh\\necho \"$(grep CapEff /proc/$$/status)\" >> /data/action-ran\\n' > evil.sh && \
+                chmod 755 evil.sh && echo 'action-script /data/evil.sh' > dotcriu/default.conf";
+    let w = c.start_workload("node1", spec(&["dotcriu:/root/.criu"], conf));
+    c.sh("node1", "alice", &format!("mkdir -p ~/.criu && cp {}/dotcriu/default.conf ~/.criu/default.conf", w.dir)).ok();
+    checkpoint_and_restore(c, &w);
+    c.sh("node1", "alice", "rm -rf ~/.criu").ok();
+    let ran = std::fs::read_to_string(w.host_dir.join("action-ran")).unwrap_or_default();
+    assert!(ran.is_empty(), "CRIU ran the user's action script: {ran}");
+    w.cleanup(c);
+}
