@@ -381,14 +381,15 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     let user = User::lookup(t.uid, t.gid)?;
     let request = launch::Request { argv: &argv, cwd: &cwd, env: &env };
     let launched = match runtime.as_deref() {
-        Some(r) if launch::is_site_runtime(settings, r) => launch::prepare(settings, &user, &request, None),
+        Some(r) if launch::is_site_runtime(settings, r) => task_checkpoint_dir(settings, t)
+            .and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?))),
         _ => fail(format!(
             "{} is not the site's Apptainer ({}): only containers started with it are checkpointed",
             argv[0],
             settings.apptainer.display()
         )),
     };
-    let launched: Launch = match launched {
+    let (ckpt, launched): (PathBuf, Launch) = match launched {
         Ok(l) => l,
         Err(e) => {
             let msg = format!("{} runs unprotected: {e}", t.name());
@@ -398,7 +399,6 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             return Ok(());
         }
     };
-    let ckpt = task_checkpoint_dir(settings, t)?;
     let restored = if t.restart_count > 0 { try_restore(settings_args, t, &ckpt, &argv, &stdio, &mut stderr)? } else { None };
     let mut running = match restored {
         Some(r) => r,

@@ -203,18 +203,7 @@ fn through_own_root(path: &str) -> String {
 /// Creates (once) and checks the empty directory: root-owned, writable by
 /// root only, with nothing in it.
 fn empty_dir() -> Result<&'static str, String> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    for (dir, mode) in [(RUN_DIR, 0o755), (EMPTY_DIR, 0o555)] {
-        match std::fs::DirBuilder::new().mode(mode).create(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("cannot create {dir}: {e}")),
-        }
-        let m = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot read {dir}: {e}"))?;
-        if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
-            return Err(format!("{dir} must be a directory owned by root and writable only by it"));
-        }
-    }
+    crate::storage::trusted_dir(Path::new(EMPTY_DIR), Some(0o555)).map_err(|e| e.to_string())?;
     if std::fs::read_dir(EMPTY_DIR).map_err(|e| format!("cannot read {EMPTY_DIR}: {e}"))?.next().is_some() {
         return Err(format!("{EMPTY_DIR} must be empty"));
     }

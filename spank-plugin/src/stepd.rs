@@ -122,16 +122,7 @@ impl StepState {
         }
         let (job, step, task) = (spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
         let restarts = spank.getenv("SLURM_RESTART_COUNT")?.unwrap_or_else(|| "0".into());
-        let mut cmd = Command::new(&settings.helper);
-        if let Some(config) = &settings.config_file {
-            cmd.arg("--config").arg(config);
-        }
-        cmd.arg("--criu-path").arg(&settings.criu).arg("--checkpoint-dir").arg(&settings.checkpoint_dir);
-        cmd.arg("--apptainer").arg(&settings.apptainer).arg("--apptainer-conf").arg(&settings.apptainer_conf);
-        cmd.arg("--compression").arg(settings.compression.as_str());
-        if let Some(dir) = &settings.staging_dir {
-            cmd.arg("--staging-dir").arg(dir);
-        }
+        let mut cmd = helper_command(settings);
         cmd.args(["agent", "--socket", &socket_path(job, step, task)]);
         cmd.args(["--job-id", &job.to_string(), "--step-id", &step.to_string(), "--task-id", &task.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);
@@ -161,14 +152,28 @@ fn step_name(spank: &SpankHandle) -> String {
     }
 }
 
+/// The helper with every site setting on its command line: what it checks
+/// and uses is exactly what the plugin read.
+fn helper_command(settings: &Settings) -> Command {
+    let mut cmd = Command::new(&settings.helper);
+    if let Some(config) = &settings.config_file {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.arg("--criu-path").arg(&settings.criu).arg("--checkpoint-dir").arg(&settings.checkpoint_dir);
+    cmd.arg("--apptainer").arg(&settings.apptainer).arg("--apptainer-conf").arg(&settings.apptainer_conf);
+    cmd.arg("--compression").arg(settings.compression.as_str());
+    if let Some(dir) = &settings.staging_dir {
+        cmd.arg("--staging-dir").arg(dir);
+    }
+    cmd
+}
+
 /// Checks, as root, that this node can checkpoint: the helper is safe to run
 /// with root's privileges and reports a usable CRIU.
 fn check_node(settings: &Settings) -> Result<String, String> {
     trusted_root_executable(&settings.helper)?;
-    let out = Command::new(&settings.helper)
+    let out = helper_command(settings)
         .arg("check")
-        .arg("--criu")
-        .arg(&settings.criu)
         .env_clear()
         .output()
         .map_err(|e| format!("cannot run helper {}: {e}", settings.helper.display()))?;

@@ -116,7 +116,7 @@ fn programs_in_the_container_are_not_run_even_without_the_kernel_feature_cache()
     assert!(!cached.trim().is_empty(), "no kernel-feature cache was made");
     // The dump inside the container used the cache made outside it, and
     // tried to run nothing.
-    let log = std::fs::read_to_string(w.host_dir.join("ckpt/dump.log")).unwrap();
+    let log = std::fs::read_to_string(w.host_checkpoint_dir().join("dump.log")).unwrap();
     assert!(log.contains("Loaded kdat cache from /proc/"), "{log}");
     assert!(!log.contains("execvp"), "{log}");
     w.cleanup(c);

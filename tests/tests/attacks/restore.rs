@@ -130,7 +130,7 @@ fn restore_refuses_core_images_that_would_raise_a_threads_privileges() {
     let w = c.start_workload("node1", WorkloadSpec { mem_mib: 16, steps: 100, interval_ms: 50, ..Default::default() });
     w.wait_steps(3);
     w.checkpoint(c, &["--job-id", "7"]).ok();
-    let dir = w.host_dir.join("ckpt");
+    let dir = w.host_checkpoint_dir();
     let tree = decode_pstree(&std::fs::read(dir.join("pstree.img")).unwrap()).unwrap();
     let root = tree.iter().find(|p| p.pid as i32 == w.pid).expect("the workload in pstree.img");
     let thread = *root.threads.iter().find(|&&t| t != root.pid).expect("the workload's second thread");
