@@ -40,6 +40,8 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a restore waits for a staged checkpoint another node is moving
 /// into checkpoint_dir.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long appending a line to the job's output file may take.
+const TELL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a checkpointed container may take to exit before the task ends.
 const CONTAINER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -191,7 +193,21 @@ fn tell_requeued_job(user: &User, info: &std::collections::HashMap<String, Strin
         let child = user.command("/usr/bin/tee").arg("-a").arg(path).stdin(Stdio::piped()).spawn();
         if let Ok(mut child) = child {
             let _ = writeln!(child.stdin.take().unwrap(), "checkpoint-container: {msg}");
-            if child.wait().map(|s| s.success()).unwrap_or(false) {
+            // The path is the user's: a FIFO or a FUSE file could hold tee
+            // (and this agent) forever.
+            let deadline = Instant::now() + TELL_TIMEOUT;
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(s)) => break Some(s),
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                }
+            };
+            if status.is_some_and(|s| s.success()) {
                 return;
             }
         }
@@ -288,7 +304,7 @@ fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::
 /// it re-creates the container from the manifest through the same policy
 /// as a fresh start). Returns None, after telling the user why, when there
 /// is nothing usable.
-fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], stdio: &[OwnedFd; 3], stderr: &mut File) -> Result<Option<Running>> {
+fn try_restore(settings_args: &[String], t: &Task, task: &procfs::PidFd, dir: &Path, argv: &[String], stdio: &[OwnedFd; 3], stderr: &mut File) -> Result<Option<Running>> {
     if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
         eprintln!("{}: waited for the checkpoint staged on {from}", t.name());
     }
@@ -311,7 +327,7 @@ fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], 
     restore_argv.extend(["restore", "--images"].map(String::from));
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
-    let cgroups = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
+    let cgroups = task_cgroups(t, task)?;
     let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w))?;
     drop(status_w);
     let mut line = String::new();
@@ -324,6 +340,13 @@ fn try_restore(settings_args: &[String], t: &Task, dir: &Path, argv: &[String], 
     let _ = child.wait();
     tell_user(stderr, &format!("{} starts fresh after the failed restore", t.name()));
     Ok(None)
+}
+
+/// The task's cgroups, read while its pidfd proves the pid is still the task.
+fn task_cgroups(t: &Task, task: &procfs::PidFd) -> Result<Vec<std::ffi::CString>> {
+    let files = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
+    task.signal(0).context(|| format!("{}: the task has ended", t.name()))?;
+    Ok(files)
 }
 
 enum Event {
@@ -361,6 +384,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     if cred.uid() != t.uid || cred.pid() != t.task_pid {
         return fail(format!("{}: refused a client with uid {} pid {} (expected the task, pid {})", t.name(), cred.uid(), cred.pid(), t.task_pid));
     }
+    // Held from here: the task's cgroups are read from /proc/<pid> later
+    // (a restore may first wait minutes), and that pid must still be it.
+    let task = procfs::PidFd::open(t.task_pid).context(|| "pidfd of the task".into())?;
     let stdio = protocol::recv_stdio(&stream)?;
     // Every new task also sweeps what finished jobs left behind.
     for job in collect_garbage(settings) {
@@ -399,11 +425,11 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             return Ok(());
         }
     };
-    let restored = if t.restart_count > 0 { try_restore(settings_args, t, &ckpt, &argv, &stdio, &mut stderr)? } else { None };
+    let restored = if t.restart_count > 0 { try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)? } else { None };
     let mut running = match restored {
         Some(r) => r,
         None => {
-            let cgroups = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
+            let cgroups = task_cgroups(t, &task)?;
             let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None)?;
             Running::new(child, None, t.uid)?
         }

@@ -119,7 +119,12 @@ pub fn serve_open_as_user(requests: &[String]) -> Result<()> {
         } else {
             // SAFETY: open just returned it.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            send_with_fd(&sock, b"F", Some(fd.as_raw_fd()))
+            // Whether the user could change it (mode, ACLs, read-only
+            // mounts all count), asked as the user.
+            let proc_path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+            // SAFETY: faccessat(2) on a NUL-terminated path.
+            let writable = unsafe { libc::faccessat(libc::AT_FDCWD, proc_path.as_ptr(), libc::W_OK, libc::AT_EACCESS) } == 0;
+            send_with_fd(&sock, if writable { b"Fw" } else { b"Fr" }, Some(fd.as_raw_fd()))
         };
         sent.context(|| "cannot answer the helper".into())?;
     }
@@ -135,7 +140,7 @@ fn send_with_fd(sock: &UnixStream, payload: &[u8], fd: Option<RawFd>) -> nix::Re
 
 /// Opens `paths` as `user` (a separate process that is the user); one
 /// result per path, in order: the descriptor, or why the user cannot open it.
-fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result::Result<OwnedFd, String>>> {
+fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result::Result<Opened, String>>> {
     use nix::sys::socket::{recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType};
     use std::os::unix::process::CommandExt;
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
@@ -157,9 +162,12 @@ fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result
     let mut child = cmd.spawn().context(|| "cannot start a process as the user".into())?;
     drop(theirs);
     let sock = UnixStream::from(ours);
-    sock.set_read_timeout(Some(OPEN_TIMEOUT)).context(|| "socket".into())?;
+    let deadline = std::time::Instant::now() + OPEN_TIMEOUT;
     let mut out = Vec::new();
     for (_, path) in paths {
+        // One deadline for all the paths, not one per path.
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
+        sock.set_read_timeout(Some(left)).context(|| "socket".into())?;
         let mut buf = [0u8; 4096];
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let mut space = nix::cmsg_space!([RawFd; 1]);
@@ -185,13 +193,22 @@ fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result
         let bytes = msg.bytes;
         let text = String::from_utf8_lossy(&buf[..bytes]).into_owned();
         out.push(match (text.as_bytes().first(), fd) {
-            (Some(b'F'), Some(fd)) => Ok(fd),
+            (Some(b'F'), Some(fd)) => Ok(Opened { fd, writable_by_user: text.as_bytes().get(1) != Some(&b'r') }),
             (Some(b'E'), None) => Err(text[1..].to_string()),
             _ => Err("garbled answer".to_string()),
         });
     }
+    // It has answered everything; it must not outlive this call.
+    let _ = child.kill();
     let _ = child.wait();
     Ok(out)
+}
+
+/// What `open-as-user` opened.
+struct Opened {
+    fd: OwnedFd,
+    /// The user could write to it (the image must not be).
+    writable_by_user: bool,
 }
 
 /// The kernel's path of what `fd` refers to.
@@ -305,6 +322,9 @@ impl ApptainerConf {
     }
 }
 
+/// The largest image root reads (to hash it for the manifest).
+const MAX_IMAGE_BYTES: i64 = 64 << 30;
+
 /// SIF partition filesystem types (github.com/apptainer/sif `FSType`).
 const SIF_FS_SQUASH: i32 = 1;
 const SIF_FS_EXT3: i32 = 2;
@@ -341,10 +361,22 @@ pub fn sif_partitions(file: &File) -> Result<Vec<i32>> {
 
 /// Whether setuid Apptainer would let `user` run `image` (opened by them)
 /// under `conf`; the reason if not.
-fn check_image(conf: &ApptainerConf, image: &OwnedFd, real_path: &str) -> Result<()> {
+fn check_image(conf: &ApptainerConf, user: &User, opened: &Opened, real_path: &str) -> Result<()> {
+    let image = &opened.fd;
     let st = fstat(image)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return fail(format!("container image {real_path} is not a regular file (only SIF files are checkpointed)"));
+    }
+    // Checked here, read again by root's Apptainer and mounted by the
+    // kernel: the user must not be able to change it in between, or while
+    // it is mounted (a filesystem image rewritten under the kernel).
+    if opened.writable_by_user || st.st_uid == user.uid {
+        return fail(format!(
+            "container image {real_path} is yours or writable by you: root mounts only images you cannot change"
+        ));
+    }
+    if st.st_size > MAX_IMAGE_BYTES {
+        return fail(format!("container image {real_path} is larger than {} GiB", MAX_IMAGE_BYTES >> 30));
     }
     let fs = nix::sys::statfs::fstatfs(image).context(|| "fstatfs".into())?;
     if fs.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC {
@@ -442,8 +474,12 @@ fn absolute(cwd: &str, path: &str) -> String {
 pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<&[&str]>) -> Result<Launch> {
     let cmd = ContainerCommand::parse(req.argv.to_vec())?;
     let plan: Plan = policy::plan(&cmd, user.uid, user.gid, req.env)?;
-    if !req.cwd.starts_with('/') {
-        return fail(format!("working directory {:?} is not absolute", req.cwd));
+    // Both are written into bind specs below.
+    if !policy::fits_in_bind_spec(req.cwd) {
+        return fail(format!("working directory {:?} has characters Apptainer reads as bind separators", req.cwd));
+    }
+    if !policy::fits_in_bind_spec(&user.home) {
+        return fail(format!("home directory {:?} has characters Apptainer reads as bind separators", user.home));
     }
     let conf = ApptainerConf::read(settings)?;
     let share_home = !plan.contain && !plan.no_home && conf.mount_home;
@@ -465,19 +501,23 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     });
     let mut next = || opened.next().expect("one answer per path");
 
-    let image_fd = next()?;
-    let image_name = fd_path(&image_fd);
-    check_image(&conf, &image_fd, &image_name)?;
+    let image_opened = next()?;
+    let image_fd = &image_opened.fd;
+    let image_name = fd_path(image_fd);
+    check_image(&conf, user, &image_opened, &image_name)?;
     let mut staging = Staging::new()?;
     // Apptainer checks `limit container paths` on the path it is given, so
     // the image keeps its own path where only root can change what that
     // path names; elsewhere Apptainer gets the staged bind of what the user
     // opened, which a site that limits paths does not allow.
-    let in_root_only_dir = Path::new(&image_name).parent().is_some_and(|p| crate::storage::trusted_dir(p, None).is_ok());
+    let same_file = std::fs::metadata(&image_name).is_ok_and(|m| {
+        fstat(image_fd).is_ok_and(|st| st.st_dev as u64 == m.dev() && st.st_ino as u64 == m.ino())
+    });
+    let in_root_only_dir = same_file && Path::new(&image_name).parent().is_some_and(|p| crate::storage::trusted_dir(p, None).is_ok());
     let image = if in_root_only_dir {
         PathBuf::from(&image_name)
     } else if conf.limit_paths.is_empty() {
-        staging.mount(&image_fd, "image.sif")?
+        staging.mount(image_fd, "image.sif")?
     } else {
         return fail(format!(
             "container image {image_name} is in a directory users can change, and the site limits container paths: \
@@ -491,18 +531,20 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     argv.extend(["--security".into(), format!("uid:{},gid:{}", user.uid, user.gid)]);
     argv.extend(plan.options.iter().cloned());
     for (i, bind) in plan.binds.iter().enumerate() {
-        let fd = next()?;
-        let staged = staging.mount(&fd, &format!("bind{i}"))?;
+        let staged = staging.mount(&next()?.fd, &format!("bind{i}"))?;
         let dest = bind.dest.clone().unwrap_or_else(|| absolute(req.cwd, &bind.src));
+        if !policy::fits_in_bind_spec(&dest) {
+            return fail(format!("bind destination {dest:?} has characters Apptainer reads as separators"));
+        }
         let ro = if bind.read_only { ":ro" } else { "" };
         argv.extend(["--bind".into(), format!("{}:{dest}{ro}", staged.display())]);
     }
     if share_home {
-        let staged = staging.mount(&next()?, "home")?;
+        let staged = staging.mount(&next()?.fd, "home")?;
         argv.extend(["--home".into(), format!("{}:{}", staged.display(), user.home)]);
     }
     if share_cwd {
-        let staged = staging.mount(&next()?, "cwd")?;
+        let staged = staging.mount(&next()?.fd, "cwd")?;
         argv.extend(["--bind".into(), format!("{}:{}", staged.display(), req.cwd)]);
     }
     if !plan.contain && !plan.pwd_given {

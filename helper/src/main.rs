@@ -256,6 +256,12 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             // The container is re-created through staged mounts that must
             // not reach the node (single-threaded still, as unshare needs).
             launch::private_mount_namespace()?;
+            // The status fd is for this process alone, not for the
+            // container and CRIU it starts.
+            if let Some(fd) = status_fd {
+                // SAFETY: fcntl on an fd number the caller gave us.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
             let done = restore(&settings, &req, |m, secs| {
                 eprintln!(

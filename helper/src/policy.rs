@@ -96,6 +96,10 @@ pub fn parse_binds(value: &str) -> Result<Vec<Bind>> {
     if value.contains('\\') {
         return refuse("escaped characters are not accepted");
     }
+    // Apptainer also splits binds at '^'.
+    if value.contains('^') {
+        return refuse("'^' separates binds for Apptainer");
+    }
     let mut out = Vec::new();
     for spec in value.split(',') {
         let parts: Vec<&str> = spec.split(':').collect();
@@ -122,6 +126,14 @@ pub fn parse_binds(value: &str) -> Result<Vec<Bind>> {
         out.push(Bind { src: src.to_string(), dest: dest.map(str::to_string), read_only });
     }
     Ok(out)
+}
+
+/// Whether `s` can be written into an Apptainer bind or home spec as one
+/// path: Apptainer splits specs at `,` `:` `^`, un-escapes `\` and trims
+/// whitespace, so a path holding any of them (a working directory alice
+/// named `/tmp/e,/home/bob:/mnt`) would become other binds, resolved by root.
+pub fn fits_in_bind_spec(s: &str) -> bool {
+    s.starts_with('/') && s.trim() == s && !s.chars().any(|c| matches!(c, ',' | ':' | '^' | '\\') || c.is_control())
 }
 
 /// Checks the command for user `uid`/`gid` and takes it apart. `env` is the
@@ -242,6 +254,11 @@ mod tests {
             assert!(parse_binds(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(parse_binds("/a,/b:/c").unwrap().len(), 2);
+        assert!(parse_binds("/home/alice/d:/x^/home/bob/proj").is_err());
+        assert!(fits_in_bind_spec("/home/alice/my dir"));
+        for bad in ["/tmp/e,/home/bob:/mnt", "/a^b", "/a\\b", " /a", "/a\n", "rel"] {
+            assert!(!fits_in_bind_spec(bad), "{bad:?}");
+        }
         // A bind through the environment is a bind like any other.
         let env = [("APPTAINER_BIND".to_string(), " /root:/r".to_string())];
         assert!(plan(&cmd("apptainer exec app.sif x"), 5, 6, &env).is_err());

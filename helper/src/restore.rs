@@ -118,8 +118,9 @@ fn relay(mut from: File, to: Box<dyn std::io::Write + Send>) -> std::thread::Joi
 
 struct Placeholder {
     child: Child,
-    /// The container's payload: the process whose mount namespace CRIU joins.
-    payload: Pid,
+    /// The container's payload: the process whose mount namespace CRIU
+    /// joins. It runs the user's /bin/sh, so it is hers: held by pidfd.
+    payload: procfs::PidFd,
     /// Its staged mounts, kept until the restore is over.
     _launch: Launch,
 }
@@ -151,11 +152,18 @@ impl Placeholder {
             .context(|| format!("cannot start {}", argv[0]))?;
         let me = std::process::id() as Pid;
         let own_mnt = procfs::ns_inode(me, "mnt").context(|| "own namespaces".into())?;
+        let own_user = procfs::ns_inode(me, "user").context(|| "own namespaces".into())?;
         let deadline = Instant::now() + PLACEHOLDER_TIMEOUT;
         loop {
-            let found = procfs::tree(child.id() as Pid).unwrap_or_default().into_iter().find(|&p| {
-                procfs::comm(p).map(|c| c == "sh").unwrap_or(false)
-                    && procfs::ns_inode(p, "mnt").map(|n| n != own_mnt).unwrap_or(false)
+            // The owner's `sh` in the container's mount namespace and in no
+            // user namespace of its own (one the user made would do too).
+            let found = procfs::tree(child.id() as Pid).unwrap_or_default().into_iter().find_map(|p| {
+                let fd = procfs::PidFd::open(p).ok()?;
+                let ok = procfs::comm(p).is_ok_and(|c| c == "sh")
+                    && procfs::ids(p).is_ok_and(|(uid, _)| uid == m.owner.uid)
+                    && procfs::ns_inode(p, "user").is_ok_and(|n| n == own_user)
+                    && procfs::ns_inode(p, "mnt").is_ok_and(|n| n != own_mnt);
+                ok.then_some(fd)
             });
             if let Some(payload) = found {
                 return Ok(Placeholder { child, payload, _launch: launch });
@@ -182,7 +190,7 @@ impl Placeholder {
 
     fn kill(mut self) {
         let _ = self.child.kill();
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.payload), nix::sys::signal::Signal::SIGKILL);
+        let _ = self.payload.signal(libc::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -333,14 +341,19 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     };
     let invocation = Invocation {
         criu: &settings.criu,
-        mnt_ns_of: placeholder.payload,
+        mnt_ns_of: placeholder.payload.pid,
         uid: m.owner.uid,
         gid: m.owner.gid,
         caps: CRIU_CAPS,
         images_dir: &work_file,
         args,
     };
-    let spawned = invocation.command().map_err(EngineError::from).and_then(|mut c| {
+    // The namespace CRIU joins is opened by pid: it must still be the
+    // placeholder's once opened (a pid freed meanwhile fails this).
+    let spawned = invocation.command().map_err(EngineError::from).and_then(|c| {
+        placeholder.payload.signal(0).map(|_| c).map_err(|_| EngineError("the placeholder container ended before CRIU could join it".into()))
+    });
+    let spawned = spawned.and_then(|mut c| {
         let [out, err] = stdio;
         c.stdin(Stdio::null()).stdout(out).stderr(err).spawn().context(|| "cannot run CRIU".into())
     });

@@ -89,7 +89,7 @@ fn node_without_usable_criu_runs_the_step_unprotected_and_says_why() {
 fn helper_that_root_should_not_trust_is_never_run() {
     let c = cluster();
     // A helper in a directory users can write to, owned by a user.
-    let helper = format!("/shared/checkpoints/helper-{}", unique());
+    let helper = format!("/home/alice/helper-{}", unique());
     c.sh("node1", "alice", &format!("cp /opt/checkpoint-container/bin/checkpoint-container {helper}")).ok();
     {
         let _guard = PlugstackOverride::new(c, |line| {

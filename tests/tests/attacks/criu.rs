@@ -4,31 +4,8 @@
 //! checkpoints and restores, and checks that none of it ran with CRIU's
 //! capabilities while the checkpoint and restore still worked.
 
-use cluster_tests::{cluster, gcc, unique, Cluster, Workload, WorkloadSpec};
-use std::path::Path;
-
-/// A shared library whose constructor appends a line naming the process and
-/// its effective capabilities to `marker` (a path inside the container).
-fn marker_library(out: &Path, marker: &str) {
-    let source = format!(
-        r#"#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-__attribute__((constructor)) static void mark(void) {{
-    char exe[256] = "?", line[256];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n > 0) exe[n] = 0;
-    FILE *m = fopen("{marker}", "a"), *s = fopen("/proc/self/status", "r");
-    if (!m) return;
-    fprintf(m, "pid=%d uid=%d exe=%s ", (int)getpid(), (int)getuid(), exe);
-    while (s && fgets(line, sizeof line, s))
-        if (!strncmp(line, "CapEff:", 7)) fputs(line, m);
-    fclose(m);
-}}
-"#
-    );
-    gcc(&source, out, &["-shared", "-fPIC"]);
-}
+use super::marker_library;
+use cluster_tests::{cluster, unique, Cluster, Workload, WorkloadSpec};
 
 /// Lines of a marker that show code run with capabilities (a CapEff other
 /// than zero) or inside CRIU.

@@ -13,7 +13,8 @@ mod launch;
 mod restore;
 mod storage;
 
-use cluster_tests::{cluster, unique, Cluster, Output};
+use cluster_tests::{gcc, unique, Cluster, Output};
+use std::path::Path;
 
 /// A secret of bob's, behind his 0700 home: what alice must never read.
 /// Returns the directory holding it and its content.
@@ -44,7 +45,26 @@ pub fn assert_not_leaked(out: &Output, token: &str) {
 /// The one line a task that root will not start says.
 pub const UNPROTECTED: &str = "runs unprotected:";
 
-#[allow(dead_code)]
-fn _cluster_is_used() -> &'static Cluster {
-    cluster()
+/// A shared library whose constructor appends a line naming the process and
+/// its effective capabilities to `marker` (a path inside the container).
+pub fn marker_library(out: &Path, marker: &str) {
+    let source = format!(
+        r#"#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void mark(void) {{
+    char exe[256] = "?", line[256];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) exe[n] = 0;
+    FILE *m = fopen("{marker}", "a"), *s = fopen("/proc/self/status", "r");
+    if (!m) return;
+    fprintf(m, "pid=%d uid=%d exe=%s ", (int)getpid(), (int)getuid(), exe);
+    while (s && fgets(line, sizeof line, s))
+        if (!strncmp(line, "CapEff:", 7)) fputs(line, m);
+    fclose(m);
+}}
+"#
+    );
+    gcc(&source, out, &["-shared", "-fPIC"]);
 }
+
