@@ -99,18 +99,35 @@ fn a_fifo_as_the_image_does_not_hang_root() {
 }
 
 #[test]
-fn an_image_the_site_does_not_let_users_mount_is_not_mounted_by_root() {
-    // The site lets the kernel mount only images root owns: her own copy
-    // runs exactly as it does without the option, and root never attaches it.
+fn alices_own_image_is_not_mounted_by_root() {
+    // Hers, she can rewrite it under the kernel's squashfs driver: it runs
+    // exactly as it does without the option, and root never attaches it.
     let c = cluster();
     let d = alices_dir(c);
-    as_alice(c, &format!("cp {TEST_SIF} {d}/mine.sif")).ok();
+    as_alice(c, &format!("cp {TEST_SIF} {d}/mine.sif && chmod 0444 {d}/mine.sif")).ok();
     let run = |flag: &str| as_alice(c, &format!("srun -w node1 {flag} apptainer -s exec {d}/mine.sif sh -c 'echo ran; grep -c \" squashfs \" /proc/self/mountinfo || true'"));
     let (with, without) = (run("--checkpoint-container"), run(""));
-    assert!(with.stderr.contains("not owned by a user in the site's limit container owners") && with.stderr.contains(UNPROTECTED), "{with:#?}");
-    assert_eq!((with.code, &with.stdout), (without.code, &without.stdout), "{with:#?}\n{without:#?}");
+    assert!(with.stderr.contains("is yours or writable by you") && with.stderr.contains(UNPROTECTED), "{with:#?}");
+    assert_eq!((with.code, with.stdout.as_str()), (Some(0), "ran\n0\n"), "{with:#?}");
+    assert_eq!(with.stdout, without.stdout);
     let loops = c.sh("node1", "root", "losetup -a").stdout;
     assert!(!loops.contains("mine.sif"), "root attached alice's image: {loops}");
+}
+
+#[test]
+fn a_site_that_forbids_kernel_squashfs_mounts_is_obeyed() {
+    let c = cluster();
+    let conf = "/etc/apptainer/apptainer.conf";
+    let set = |value: &str| {
+        for node in ["node1", "node2"] {
+            c.sh(node, "root", &format!("sed -i 's/^allow setuid-mount squashfs = .*/allow setuid-mount squashfs = {value}/' {conf}")).ok();
+        }
+    };
+    set("no");
+    let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} echo ran"));
+    set("yes");
+    assert!(out.stderr.contains("does not let users have root mount a squashfs") && out.stderr.contains(UNPROTECTED), "{out:#?}");
+    assert_eq!(out.stdout, "ran\n", "{out:#?}");
 }
 
 #[test]
