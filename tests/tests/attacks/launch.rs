@@ -76,9 +76,13 @@ fn options_that_use_roots_rights_are_refused_in_every_spelling() {
     let marker = format!("root-marker-{}", unique());
     c.sh("node1", "root", &format!("echo {marker} > /root/marker && chmod 0644 /root/marker")).ok();
     for opts in ["--security uid:0,gid:0", "--security=uid:0", "-B/root:/mnt", "--add-caps=CAP_DAC_OVERRIDE", "--fakeroot", "--writable"] {
-        let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {opts} {TEST_SIF} sh -c 'id -u; cat /mnt/marker /root/marker'"));
+        // A file created inside shows who the container really ran as on the
+        // node (a user namespace may call alice uid 0; the node does not).
+        let probe = format!("/tmp/owner-probe-{}", unique());
+        let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {opts} {TEST_SIF} sh -c 'touch {probe}; cat /mnt/marker /root/marker'"));
         assert!(!out.stdout.contains(&marker), "{opts}: {out:#?}");
-        assert!(!out.stdout.lines().any(|l| l.trim() == "0"), "{opts} ran as root: {out:#?}");
+        let owner = c.sh("node1", "root", &format!("stat -c %u {probe} 2>/dev/null; rm -f {probe}")).stdout;
+        assert!(owner.trim() != "0", "{opts} ran as root: {out:#?}");
         assert!(out.stderr.contains(UNPROTECTED), "{opts}: {out:#?}");
     }
     c.sh("node1", "root", "rm -f /root/marker").ok();
