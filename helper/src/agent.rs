@@ -435,6 +435,14 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
     };
 
+    // One line per step, from its first task: what is protected, truly.
+    if t.task_id == 0 {
+        let criu = crate::criu::check(&settings.criu).map(|v| format!(" (CRIU {v})")).unwrap_or_default();
+        tell_user(
+            &mut stderr,
+            &format!("step {}.{} is protected{criu}: its containers are checkpointed if the job is preempted or requeued", t.job_id, t.step_id),
+        );
+    }
     // Hash the container image now, while nothing waits for it: the
     // checkpoint then finds the digest in the node's cache.
     {

@@ -30,6 +30,9 @@ impl std::fmt::Display for AlreadyReported {
 
 impl Error for AlreadyReported {}
 
+/// Slurm's step id of a batch script.
+const BATCH_STEP: u32 = 0xFFFF_FFFB;
+
 /// Where the per-task agents listen (a root-owned directory on the node).
 const SOCKET_DIR: &str = "/run/checkpoint-container";
 
@@ -52,8 +55,6 @@ pub struct StepState {
     /// the task then runs unprotected, and says so.
     unprotected: Option<String>,
     settings: Option<Settings>,
-    /// What the node check found (e.g. the CRIU version), for the user's line.
-    node_report: String,
 }
 
 impl StepState {
@@ -73,7 +74,6 @@ impl StepState {
         match check_node(settings) {
             Ok(report) => {
                 log_info(&format!("enabled for step {step}: {report}"));
-                self.node_report = report;
                 self.settings = Some(settings.clone());
             }
             Err(why) => {
@@ -99,10 +99,18 @@ impl StepState {
             return Ok(());
         }
         spank.setenv(TASK_ENV, "1", true)?;
-        if spank.task_global_id()? == 0 {
-            eprintln!("{LOG_PREFIX}: enabled for step {}: {}", step_name(spank), self.node_report);
-        }
-        let (Some(settings), true) = (&self.settings, is_container_command(&spank.job_argv()?)) else {
+        let argv = spank.job_argv()?;
+        let Some(settings) = self.settings.as_ref().filter(|_| is_container_command(&argv)) else {
+            // Only containers are protected: say so, once per step, where
+            // the user may think otherwise. The batch script itself is no
+            // container; the steps it starts speak for themselves.
+            if spank.task_global_id()? == 0 && spank.job_stepid()? != BATCH_STEP {
+                let program = argv.first().copied().unwrap_or("?");
+                eprintln!(
+                    "{LOG_PREFIX}: warning: step {} runs {program}, not an Apptainer container: it will start over if the job is requeued",
+                    step_name(spank)
+                );
+            }
             return Ok(());
         };
         // The task becomes our wrapper, which hands the container command to
@@ -144,7 +152,7 @@ fn step_name(spank: &SpankHandle) -> String {
     match spank.job_stepid() {
         // Slurm's special step ids (batch, extern, interactive) are the top
         // of the u32 range; show them the way Slurm does.
-        Ok(0xFFFF_FFFB) => format!("{job}.batch"),
+        Ok(BATCH_STEP) => format!("{job}.batch"),
         Ok(0xFFFF_FFFC) => format!("{job}.extern"),
         Ok(0xFFFF_FFFA) => format!("{job}.interactive"),
         Ok(step) => format!("{job}.{step}"),

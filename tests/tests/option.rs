@@ -4,7 +4,7 @@
 use cluster_tests::{cluster, TEST_SIF};
 use std::time::Duration;
 
-const ENABLED: &str = "checkpoint-container: enabled for step";
+const PROTECTED: &str = "is protected (CRIU 4.";
 
 #[test]
 fn option_is_listed_in_srun_sbatch_and_salloc_help() {
@@ -30,8 +30,7 @@ fn srun_runs_an_apptainer_container_with_the_option_on_both_nodes() {
         "{out:#?}"
     );
     // One line per step, from rank 0, naming the CRIU the node checked.
-    assert_eq!(out.stderr.matches(ENABLED).count(), 1, "{}", out.stderr);
-    assert!(out.stderr.contains("criu 4."), "{}", out.stderr);
+    assert_eq!(out.stderr.matches(PROTECTED).count(), 1, "{}", out.stderr);
 }
 
 #[test]
@@ -50,8 +49,9 @@ fn sbatch_directive_enables_the_batch_step_and_its_srun_steps() {
         );
         assert_eq!(c.wait_job(job, Duration::from_secs(60)), "COMPLETED");
         let out = c.read_file("alice", &out_file);
-        assert!(out.contains(&format!("{ENABLED} {job}.batch")), "{out}");
-        assert!(out.contains(&format!("{ENABLED} {job}.0")), "{out}");
+        // The batch script is no container and says nothing; its step does.
+        assert!(!out.contains(&format!("{job}.batch")), "{out}");
+        assert!(out.contains(&format!("step {job}.0 {PROTECTED}")), "{out}");
         assert!(out.contains(&format!("batch on {node} ckpt=1")), "{out}");
         assert!(out.contains(&format!("step in container on {node} ckpt=1")), "{out}");
     }
@@ -78,4 +78,16 @@ fn without_the_option_the_plugin_does_nothing_to_the_job() {
         .ok();
     assert_eq!(out.stdout, "ckpt=[]\nckpt=[]\n", "{out:#?}");
     assert!(!out.stderr.contains("checkpoint-container"), "{}", out.stderr);
+}
+
+#[test]
+fn a_step_that_runs_no_container_says_it_is_not_protected() {
+    let c = cluster();
+    let out = c.sh("node1", "alice", "srun --checkpoint-container -N1 -n2 hostname").ok();
+    assert_eq!(
+        out.stderr.matches("runs hostname, not an Apptainer container: it will start over if the job is requeued").count(),
+        1,
+        "{out:#?}"
+    );
+    assert!(!out.stderr.contains("protected ("), "{out:#?}");
 }
