@@ -42,7 +42,7 @@ stop_container() { while pgrep -u alice > /dev/null; do pkill -KILL -u alice || 
 # given through /proc/$$/root: CRIU runs in the container's mount namespace.
 criu_as_user() {
   local ns_pid=$1; shift
-  local root=/proc/$$/root caps=+checkpoint_restore,+sys_ptrace,+dac_read_search
+  local root=/proc/$$/root caps=+checkpoint_restore,+sys_ptrace
   nsenter -t "$ns_pid" -m -- setpriv --reuid 2001 --regid 2001 --clear-groups --inh-caps "$caps" --ambient-caps "$caps" -- \
     "$root/lib64/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu" \
     "$root/usr/sbin/criu" "$@"

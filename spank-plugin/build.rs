@@ -28,16 +28,12 @@ fn include_dirs() -> Vec<PathBuf> {
 
 fn main() {
     println!("cargo:rerun-if-env-changed=BINDGEN_EXTRA_CLANG_ARGS");
-    let header = include_dirs()
-        .into_iter()
-        .map(|d| d.join("slurm/slurm_version.h"))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "Slurm headers not found: install Slurm's development headers \
+    let header = include_dirs().into_iter().map(|d| d.join("slurm/slurm_version.h")).find(|p| p.exists()).unwrap_or_else(|| {
+        panic!(
+            "Slurm headers not found: install Slurm's development headers \
                  (slurm/spank.h) or set BINDGEN_EXTRA_CLANG_ARGS=-I<prefix>/include"
-            )
-        });
+        )
+    });
     println!("cargo:rerun-if-changed={}", header.display());
     let text = std::fs::read_to_string(&header).expect("read slurm_version.h");
     let number = text
@@ -49,11 +45,13 @@ fn main() {
     if version < MIN_SLURM {
         panic!(
             "Slurm {}.{:02}.{} headers at {}: this plugin needs Slurm {}.{:02}.{} or newer",
-            version.0, version.1, version.2, header.display(), MIN_SLURM.0, MIN_SLURM.1, MIN_SLURM.2
+            version.0,
+            version.1,
+            version.2,
+            header.display(),
+            MIN_SLURM.0,
+            MIN_SLURM.1,
+            MIN_SLURM.2
         );
     }
-    println!(
-        "cargo:rustc-env=SLURM_HEADERS_VERSION={}.{:02}.{}",
-        version.0, version.1, version.2
-    );
 }

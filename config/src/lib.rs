@@ -114,16 +114,12 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Malformed { arg } => write!(
-                f,
-                "plugstack.conf argument \"{arg}\" is malformed: expected key=value with key one of {}",
-                KEYS.join(", ")
-            ),
-            ConfigError::UnknownKey { arg } => write!(
-                f,
-                "plugstack.conf argument \"{arg}\" is unknown: known keys are {}",
-                KEYS.join(", ")
-            ),
+            ConfigError::Malformed { arg } => {
+                write!(f, "plugstack.conf argument \"{arg}\" is malformed: expected key=value with key one of {}", KEYS.join(", "))
+            }
+            ConfigError::UnknownKey { arg } => {
+                write!(f, "plugstack.conf argument \"{arg}\" is unknown: known keys are {}", KEYS.join(", "))
+            }
             ConfigError::Duplicate { key } => {
                 write!(f, "plugstack.conf argument \"{key}\" is given more than once")
             }
@@ -176,9 +172,7 @@ fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, Conf
     let mut out = PlugstackArgs::default();
     for arg in args {
         let arg = arg.as_ref();
-        let (key, value) = arg
-            .split_once('=')
-            .ok_or_else(|| ConfigError::Malformed { arg: arg.to_string() })?;
+        let (key, value) = arg.split_once('=').ok_or_else(|| ConfigError::Malformed { arg: arg.to_string() })?;
         if key == "compression" {
             if out.compression.replace(Compression::parse(key, value)?).is_some() {
                 return Err(ConfigError::Duplicate { key: key.to_string() });
@@ -238,21 +232,13 @@ impl Settings {
             Some(p) => (p.clone(), true),
             None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
         };
-        let text = read_file(&config_path).map_err(|e| ConfigError::Unreadable {
-            path: config_path.clone(),
-            why: e.to_string(),
-        })?;
+        let text = read_file(&config_path).map_err(|e| ConfigError::Unreadable { path: config_path.clone(), why: e.to_string() })?;
         match text {
             Some(text) => {
                 settings.apply_toml(&config_path, &text)?;
                 settings.config_file = Some(config_path);
             }
-            None if required => {
-                return Err(ConfigError::Unreadable {
-                    path: config_path,
-                    why: "no such file".into(),
-                })
-            }
+            None if required => return Err(ConfigError::Unreadable { path: config_path, why: "no such file".into() }),
             None => {}
         }
 
@@ -281,10 +267,8 @@ impl Settings {
     }
 
     fn apply_toml(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let file: TomlFile = toml::from_str(text).map_err(|e| ConfigError::BadToml {
-            path: path.to_path_buf(),
-            why: e.message().to_string(),
-        })?;
+        let file: TomlFile =
+            toml::from_str(text).map_err(|e| ConfigError::BadToml { path: path.to_path_buf(), why: e.message().to_string() })?;
         if let Some(v) = file.helper {
             self.helper = checked_path("helper", &v)?;
         }
@@ -374,11 +358,7 @@ mod tests {
 
     #[test]
     fn relative_empty_and_dotdot_paths_are_refused() {
-        for (arg, why) in [
-            ("checkpoint_dir=ckpt", "absolute"),
-            ("helper=", "empty"),
-            ("criu=/usr/../tmp/criu", ".."),
-        ] {
+        for (arg, why) in [("checkpoint_dir=ckpt", "absolute"), ("helper=", "empty"), ("criu=/usr/../tmp/criu", "..")] {
             let e = load(&[arg]).unwrap_err();
             assert!(matches!(e, ConfigError::BadPath { .. }), "{arg}: {e:?}");
             assert!(e.to_string().contains(why), "{arg}: {e}");

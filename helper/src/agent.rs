@@ -16,12 +16,12 @@
 
 use crate::apptainer::ContainerCommand;
 use crate::checkpoint::{dump, CheckpointRequest};
-use crate::storage::Staging;
 use crate::error::{fail, Context, Result};
+use crate::launch::{self, Launch, SYSTEM_PATH};
 use crate::manifest::JobIds;
 use crate::procfs::{self, Pid};
 use crate::protocol::{self, Channel, ToAgent, ToTask};
-use crate::launch::{self, Launch, SYSTEM_PATH};
+use crate::storage::Staging;
 use crate::user::User;
 use crate::{cgroup, storage};
 use ckpt_config::Settings;
@@ -75,8 +75,7 @@ pub fn job_dir(settings: &Settings, job_id: u32) -> Result<PathBuf> {
     // ours, and that task's agent failed).
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                .context(|| format!("cannot chmod {}", dir.display()))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).context(|| format!("cannot chmod {}", dir.display()))?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return fail(format!("cannot create {}: {e}", dir.display())),
@@ -118,20 +117,13 @@ pub fn collect_garbage(settings: &Settings) -> Vec<u32> {
 /// What `scontrol show job` says of a job, stdout and stderr together
 /// (empty when scontrol cannot be run).
 fn show_job(job: u32) -> String {
-    let out = Command::new("scontrol")
-        .args(["-o", "show", "job", &job.to_string()])
-        .env_clear()
-        .env("PATH", SYSTEM_PATH)
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
-        .unwrap_or_default()
+    let out = Command::new("scontrol").args(["-o", "show", "job", &job.to_string()]).env_clear().env("PATH", SYSTEM_PATH).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)).unwrap_or_default()
 }
 
 /// The `key=value` fields of `scontrol show job` output.
 fn job_fields(text: &str) -> std::collections::HashMap<String, String> {
-    text.split_whitespace()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect()
+    text.split_whitespace().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
 }
 
 /// Whether slurmctld says the job will not run again.
@@ -225,9 +217,10 @@ fn tell_user(stderr: &mut File, msg: &str) {
 /// stays in the node's).
 fn find_payload(child: Pid) -> Option<Pid> {
     let own = procfs::ns_inode(std::process::id() as Pid, "mnt").ok()?;
-    procfs::tree(child).ok()?.into_iter().find(|&p| {
-        procfs::ns_inode(p, "mnt").map(|n| n != own).unwrap_or(false) && procfs::ids(p).map(|(u, _)| u != 0).unwrap_or(false)
-    })
+    procfs::tree(child)
+        .ok()?
+        .into_iter()
+        .find(|&p| procfs::ns_inode(p, "mnt").map(|n| n != own).unwrap_or(false) && procfs::ids(p).map(|(u, _)| u != 0).unwrap_or(false))
 }
 
 struct Running {
@@ -278,7 +271,13 @@ fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
 /// `/` (what the container sees as its working directory is an Apptainer
 /// option, never a path root resolves).
-fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::CString>, env: &[(String, String)], extra_fd: Option<&OwnedFd>) -> Result<Child> {
+fn spawn_for_task(
+    argv: &[String],
+    stdio: &[OwnedFd; 3],
+    cgroups: Vec<std::ffi::CString>,
+    env: &[(String, String)],
+    extra_fd: Option<&OwnedFd>,
+) -> Result<Child> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
@@ -304,7 +303,15 @@ fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::
 /// it re-creates the container from the manifest through the same policy
 /// as a fresh start). Returns None, after telling the user why, when there
 /// is nothing usable.
-fn try_restore(settings_args: &[String], t: &Task, task: &procfs::PidFd, dir: &Path, argv: &[String], stdio: &[OwnedFd; 3], stderr: &mut File) -> Result<Option<Running>> {
+fn try_restore(
+    settings_args: &[String],
+    t: &Task,
+    task: &procfs::PidFd,
+    dir: &Path,
+    argv: &[String],
+    stdio: &[OwnedFd; 3],
+    stderr: &mut File,
+) -> Result<Option<Running>> {
     if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
         eprintln!("{}: waited for the checkpoint staged on {from}", t.name());
     }
@@ -382,7 +389,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     stream.set_nonblocking(false).context(|| "socket".into())?;
     let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).context(|| "peer credentials".into())?;
     if cred.uid() != t.uid || cred.pid() != t.task_pid {
-        return fail(format!("{}: refused a client with uid {} pid {} (expected the task, pid {})", t.name(), cred.uid(), cred.pid(), t.task_pid));
+        return fail(format!(
+            "{}: refused a client with uid {} pid {} (expected the task, pid {})",
+            t.name(),
+            cred.uid(),
+            cred.pid(),
+            t.task_pid
+        ));
     }
     // Held from here: the task's cgroups are read from /proc/<pid> later
     // (a restore may first wait minutes), and that pid must still be it.
@@ -407,8 +420,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     let user = User::lookup(t.uid, t.gid)?;
     let request = launch::Request { argv: &argv, cwd: &cwd, env: &env };
     let launched = match runtime.as_deref() {
-        Some(r) if launch::is_site_runtime(settings, r) => task_checkpoint_dir(settings, t)
-            .and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?))),
+        Some(r) if launch::is_site_runtime(settings, r) => {
+            task_checkpoint_dir(settings, t).and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?)))
+        }
         _ => fail(format!(
             "{} is not the site's Apptainer ({}): only containers started with it are checkpointed",
             argv[0],
@@ -440,7 +454,10 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         let criu = crate::criu::check(&settings.criu).map(|v| format!(" (CRIU {v})")).unwrap_or_default();
         tell_user(
             &mut stderr,
-            &format!("step {}.{} is protected{criu}: its containers are checkpointed if the job is preempted or requeued", t.job_id, t.step_id),
+            &format!(
+                "step {}.{} is protected{criu}: its containers are checkpointed if the job is preempted or requeued",
+                t.job_id, t.step_id
+            ),
         );
     }
     // Hash the container image now, while nothing waits for it: the
@@ -511,7 +528,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 if let Some(staged) = to_move {
                     let started = Instant::now();
                     match staged.commit() {
-                        Ok(()) => eprintln!("{}: checkpoint moved to {} in {:.2} s", t.name(), ckpt.display(), started.elapsed().as_secs_f64()),
+                        Ok(()) => {
+                            eprintln!("{}: checkpoint moved to {} in {:.2} s", t.name(), ckpt.display(), started.elapsed().as_secs_f64())
+                        }
                         Err(e) => {
                             let msg = format!("checkpoint of {} could not be moved to {}: {e}", t.name(), ckpt.display());
                             eprintln!("{}: {msg}", t.name());
@@ -544,7 +563,13 @@ struct StartedAs<'a> {
 
 /// Checkpoints the task's container; returns the line for the user, and a
 /// staged checkpoint still to be moved into place (announced to restores).
-fn checkpoint_for_requeue(settings: &Settings, t: &Task, running: &mut Running, started: &StartedAs, ckpt: &Path) -> (String, Option<Staging>) {
+fn checkpoint_for_requeue(
+    settings: &Settings,
+    t: &Task,
+    running: &mut Running,
+    started: &StartedAs,
+    ckpt: &Path,
+) -> (String, Option<Staging>) {
     let Some(pid) = running.payload(t.uid).map(|p| p.pid) else {
         return (format!("{}: no running container to checkpoint", t.name()), None);
     };

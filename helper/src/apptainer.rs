@@ -12,11 +12,41 @@ use std::fmt;
 /// `apptainer exec|run` flags that take a value (Apptainer 1.3/1.4: every
 /// flag whose `--help` type is string, stringArray, stringToString or int).
 const VALUE_FLAGS: &[&str] = &[
-    "add-caps", "app", "apply-cgroups", "authfile", "bind", "blkio-weight",
-    "blkio-weight-device", "cpu-shares", "cpus", "cpuset-cpus", "cpuset-mems", "cwd", "dns",
-    "docker-host", "drop-caps", "env", "env-file", "fusemount", "home", "hostname", "memory",
-    "memory-reservation", "memory-swap", "mount", "netns-path", "network", "network-args",
-    "no-mount", "overlay", "pem-path", "pids-limit", "pwd", "scratch", "security", "workdir",
+    "add-caps",
+    "app",
+    "apply-cgroups",
+    "authfile",
+    "bind",
+    "blkio-weight",
+    "blkio-weight-device",
+    "cpu-shares",
+    "cpus",
+    "cpuset-cpus",
+    "cpuset-mems",
+    "cwd",
+    "dns",
+    "docker-host",
+    "drop-caps",
+    "env",
+    "env-file",
+    "fusemount",
+    "home",
+    "hostname",
+    "memory",
+    "memory-reservation",
+    "memory-swap",
+    "mount",
+    "netns-path",
+    "network",
+    "network-args",
+    "no-mount",
+    "overlay",
+    "pem-path",
+    "pids-limit",
+    "pwd",
+    "scratch",
+    "security",
+    "workdir",
 ];
 const VALUE_SHORT: &[char] = &['B', 'H', 'o', 'S', 'W'];
 /// Global flags (before the subcommand) that take a value.
@@ -85,16 +115,12 @@ impl ContainerCommand {
         if base != "apptainer" && base != "singularity" {
             return Err(ParseError(format!("{program:?} is not apptainer or singularity")));
         }
-        let subcommand = first_operand(&argv, 1, GLOBAL_VALUE_FLAGS, GLOBAL_VALUE_SHORT)
-            .ok_or_else(|| ParseError("no subcommand".into()))?;
+        let subcommand =
+            first_operand(&argv, 1, GLOBAL_VALUE_FLAGS, GLOBAL_VALUE_SHORT).ok_or_else(|| ParseError("no subcommand".into()))?;
         if !matches!(argv[subcommand].as_str(), "exec" | "run") {
-            return Err(ParseError(format!(
-                "subcommand {:?} (only exec and run can be checkpointed)",
-                argv[subcommand]
-            )));
+            return Err(ParseError(format!("subcommand {:?} (only exec and run can be checkpointed)", argv[subcommand])));
         }
-        let image = first_operand(&argv, subcommand + 1, VALUE_FLAGS, VALUE_SHORT)
-            .ok_or_else(|| ParseError("no image".into()))?;
+        let image = first_operand(&argv, subcommand + 1, VALUE_FLAGS, VALUE_SHORT).ok_or_else(|| ParseError("no image".into()))?;
         Ok(ContainerCommand { argv, subcommand, image })
     }
 
@@ -117,12 +143,8 @@ impl ContainerCommand {
     /// Whether the command already names the identity to run as
     /// (`--security uid:N,gid:N`, root-started containers).
     fn has_identity(&self) -> bool {
-        self.argv[self.subcommand + 1..self.image]
-            .windows(2)
-            .any(|w| w[0] == "--security" && w[1].contains("uid:"))
-            || self.argv[self.subcommand + 1..self.image]
-                .iter()
-                .any(|a| a.starts_with("--security=") && a.contains("uid:"))
+        self.argv[self.subcommand + 1..self.image].windows(2).any(|w| w[0] == "--security" && w[1].contains("uid:"))
+            || self.argv[self.subcommand + 1..self.image].iter().any(|a| a.starts_with("--security=") && a.contains("uid:"))
     }
 
     /// The same container, started by root for user `uid`/`gid`, running

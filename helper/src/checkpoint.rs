@@ -6,8 +6,8 @@ use crate::error::{fail, Context, Result};
 use crate::manifest::{self, JobIds, Manifest, Owner};
 use crate::procfs::{self, Pid};
 use crate::storage::{self, Staging, DUMP_LOG};
-use ckpt_config::Settings;
 use crate::streamer::Capture;
+use ckpt_config::Settings;
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -69,10 +69,14 @@ pub fn check_target(pid: Pid, expected_uid: Option<u32>) -> Result<(u32, u32)> {
         return fail(format!("process {pid} runs as root: only users' containers are checkpointed"));
     }
     let me = std::process::id() as Pid;
-    if procfs::ns_inode(pid, "user").context(|| format!("process {pid}"))? != procfs::ns_inode(me, "user").context(|| "own namespaces".into())? {
+    if procfs::ns_inode(pid, "user").context(|| format!("process {pid}"))?
+        != procfs::ns_inode(me, "user").context(|| "own namespaces".into())?
+    {
         return fail(format!("process {pid} {USERNS_REFUSAL}"));
     }
-    if procfs::ns_inode(pid, "mnt").context(|| format!("process {pid}"))? == procfs::ns_inode(me, "mnt").context(|| "own namespaces".into())? {
+    if procfs::ns_inode(pid, "mnt").context(|| format!("process {pid}"))?
+        == procfs::ns_inode(me, "mnt").context(|| "own namespaces".into())?
+    {
         return fail(format!("process {pid} is not in a container: it shares this node's mount namespace"));
     }
     Ok((uid, gid))
@@ -174,9 +178,8 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     }
     let criu_dir = File::open(&staging.work).context(|| format!("cannot open {}", staging.work.display()))?;
     let listener = Capture::bind(&staging.work, uid, gid)?;
-    let mut args: Vec<String> = ["dump", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", DUMP_LOG]
-        .map(String::from)
-        .into();
+    let mut args: Vec<String> =
+        ["dump", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", DUMP_LOG].map(String::from).into();
     args.extend(["-t".into(), req.pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
     keys.dedup();
@@ -189,15 +192,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     if req.leave_running {
         args.push("--leave-stopped".into());
     }
-    let invocation = Invocation {
-        criu: &settings.criu,
-        mnt_ns_of: req.pid,
-        uid,
-        gid,
-        caps: CRIU_CAPS,
-        images_dir: &criu_dir,
-        args,
-    };
+    let invocation = Invocation { criu: &settings.criu, mnt_ns_of: req.pid, uid, gid, caps: CRIU_CAPS, images_dir: &criu_dir, args };
     phase("CRIU starts");
     let started = Instant::now();
     let child = invocation

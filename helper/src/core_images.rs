@@ -326,7 +326,11 @@ pub fn check_images(
         for &tid in std::iter::once(&p.pid).chain(&p.threads) {
             let core = &cores[&tid];
             let comm = core.thread_core.as_ref().and_then(|t| t.comm.as_deref()).or(tc.comm.as_deref());
-            let who = if tid == p.pid { format!("process {}{}", p.pid, shown(comm)) } else { format!("thread {tid} of process {}{}", p.pid, shown(comm)) };
+            let who = if tid == p.pid {
+                format!("process {}{}", p.pid, shown(comm))
+            } else {
+                format!("thread {tid} of process {}{}", p.pid, shown(comm))
+            };
             let Some(creds) = core.thread_core.as_ref().and_then(|t| t.creds.as_ref()) else {
                 return Err(format!("{who} has no credentials in core-{tid}.img (an image format CRIU 4 does not write)"));
             };

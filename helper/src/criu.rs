@@ -43,17 +43,12 @@ impl fmt::Display for CriuError {
             CriuError::NotRunnable { path, why } => {
                 write!(f, "CRIU at {} cannot be run: {why}", path.display())
             }
-            CriuError::UnknownVersion { path, output } => write!(
-                f,
-                "CRIU at {} printed no version we understand: {:?}",
-                path.display(),
-                output.lines().next().unwrap_or("")
-            ),
-            CriuError::TooOld { path, found } => write!(
-                f,
-                "CRIU at {} is version {found}, but {MIN_VERSION} or newer is required",
-                path.display()
-            ),
+            CriuError::UnknownVersion { path, output } => {
+                write!(f, "CRIU at {} printed no version we understand: {:?}", path.display(), output.lines().next().unwrap_or(""))
+            }
+            CriuError::TooOld { path, found } => {
+                write!(f, "CRIU at {} is version {found}, but {MIN_VERSION} or newer is required", path.display())
+            }
             CriuError::NotStatic { path, why } => write!(
                 f,
                 "CRIU at {} {why}: it runs with capabilities inside users' containers, where a dynamic loader would \
@@ -99,11 +94,7 @@ fn open_static(criu: &Path) -> Result<std::fs::File, CriuError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let not_runnable = |why: String| CriuError::NotRunnable { path: criu.to_path_buf(), why };
-    let mut file = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(criu)
-        .map_err(|e| not_runnable(e.to_string()))?;
+    let mut file = std::fs::File::options().read(true).custom_flags(libc::O_CLOEXEC).open(criu).map_err(|e| not_runnable(e.to_string()))?;
     let mut elf = Vec::new();
     (&mut file).take(1 << 26).read_to_end(&mut elf).map_err(|e| not_runnable(e.to_string()))?;
     static_elf(&elf).map_err(|why| CriuError::NotStatic { path: criu.to_path_buf(), why })?;
@@ -127,8 +118,7 @@ pub fn check(criu: &Path) -> Result<Version, CriuError> {
             why: format!("`--version` exited with {}: {}", out.status, stderr.trim()),
         });
     }
-    let found = parse_version(&stdout)
-        .ok_or_else(|| CriuError::UnknownVersion { path: criu.to_path_buf(), output: stdout })?;
+    let found = parse_version(&stdout).ok_or_else(|| CriuError::UnknownVersion { path: criu.to_path_buf(), output: stdout })?;
     if found < MIN_VERSION {
         return Err(CriuError::TooOld { path: criu.to_path_buf(), found });
     }
@@ -465,14 +455,8 @@ mod tests {
 
     #[test]
     fn parses_release_and_git_builds() {
-        assert_eq!(
-            parse_version("Version: 4.2.1\n"),
-            Some(Version { major: 4, minor: 2, patch: 1 })
-        );
-        assert_eq!(
-            parse_version("Version: 4.1\nGitID: v4.1-12-gdeadbee\n"),
-            Some(Version { major: 4, minor: 1, patch: 0 })
-        );
+        assert_eq!(parse_version("Version: 4.2.1\n"), Some(Version { major: 4, minor: 2, patch: 1 }));
+        assert_eq!(parse_version("Version: 4.1\nGitID: v4.1-12-gdeadbee\n"), Some(Version { major: 4, minor: 1, patch: 0 }));
     }
 
     #[test]
@@ -514,7 +498,9 @@ mod tests {
     fn refuses_a_dynamically_linked_or_non_elf_criu() {
         let e = check(Path::new("/bin/sh")).unwrap_err();
         assert!(
-            e.to_string().starts_with("CRIU at /bin/sh is dynamically linked (program interpreter /lib64/ld-linux-x86-64.so.2): it runs with capabilities"),
+            e.to_string().starts_with(
+                "CRIU at /bin/sh is dynamically linked (program interpreter /lib64/ld-linux-x86-64.so.2): it runs with capabilities"
+            ),
             "{e}"
         );
         assert_eq!(e.to_string().lines().count(), 1);

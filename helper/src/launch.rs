@@ -143,8 +143,8 @@ fn send_with_fd(sock: &UnixStream, payload: &[u8], fd: Option<RawFd>) -> nix::Re
 fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result::Result<Opened, String>>> {
     use nix::sys::socket::{recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType};
     use std::os::unix::process::CommandExt;
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .context(|| "socketpair".into())?;
+    let (ours, theirs) =
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).context(|| "socketpair".into())?;
     let helper = std::env::current_exe().context(|| "own path".into())?;
     let mut cmd = user.command(&helper);
     cmd.arg("open-as-user").args(paths.iter().map(|(k, p)| format!("{}={p}", k.tag())));
@@ -177,7 +177,10 @@ fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return fail(format!("could not open {path} as the user: {}", other.map(|_| "no answer".to_string()).unwrap_or_else(|e| e.to_string())));
+                return fail(format!(
+                    "could not open {path} as the user: {}",
+                    other.map(|_| "no answer".to_string()).unwrap_or_else(|e| e.to_string())
+                ));
             }
         };
         let mut fd = None;
@@ -347,7 +350,8 @@ pub fn sif_partitions(file: &File) -> Result<Vec<i32>> {
         return fail("the container image has a malformed SIF header");
     }
     let mut descriptors = vec![0u8; total as usize * SIF_DESCRIPTOR_SIZE];
-    file.read_exact_at(&mut descriptors, offset as u64).map_err(|_| EngineError("the container image's SIF descriptors are truncated".into()))?;
+    file.read_exact_at(&mut descriptors, offset as u64)
+        .map_err(|_| EngineError("the container image's SIF descriptors are truncated".into()))?;
     let mut out = Vec::new();
     for d in descriptors.chunks(SIF_DESCRIPTOR_SIZE) {
         let datatype = i32::from_le_bytes(d[0..4].try_into().unwrap());
@@ -371,9 +375,7 @@ fn check_image(conf: &ApptainerConf, user: &User, opened: &Opened, real_path: &s
     // kernel: the user must not be able to change it in between, or while
     // it is mounted (a filesystem image rewritten under the kernel).
     if opened.writable_by_user || st.st_uid == user.uid {
-        return fail(format!(
-            "container image {real_path} is yours or writable by you: root mounts only images you cannot change"
-        ));
+        return fail(format!("container image {real_path} is yours or writable by you: root mounts only images you cannot change"));
     }
     if st.st_size > MAX_IMAGE_BYTES {
         return fail(format!("container image {real_path} is larger than {} GiB", MAX_IMAGE_BYTES >> 30));
@@ -440,10 +442,8 @@ pub fn root_env(user_env: &[(String, String)], cleanenv: bool, config_dir: &Path
         ("APPTAINER_CONFIGDIR".into(), config_dir.display().to_string()),
         ("LANG".into(), "C".into()),
     ];
-    let explicit: Vec<&str> = user_env
-        .iter()
-        .filter_map(|(k, _)| k.strip_prefix("APPTAINERENV_").or_else(|| k.strip_prefix("SINGULARITYENV_")))
-        .collect();
+    let explicit: Vec<&str> =
+        user_env.iter().filter_map(|(k, _)| k.strip_prefix("APPTAINERENV_").or_else(|| k.strip_prefix("SINGULARITYENV_"))).collect();
     for (k, v) in user_env {
         if !valid_env_name(k) {
             continue;
@@ -484,9 +484,8 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     let conf = ApptainerConf::read(settings)?;
     let share_home = !plan.contain && !plan.no_home && conf.mount_home;
     // The working directory, when the home mount does not already show it.
-    let share_cwd = !plan.contain
-        && !["/", "/tmp", "/var/tmp"].iter().any(|d| Path::new(req.cwd) == Path::new(d))
-        && !(share_home && Path::new(req.cwd).starts_with(&user.home));
+    let under_home = share_home && Path::new(req.cwd).starts_with(&user.home);
+    let share_cwd = !plan.contain && !["/", "/tmp", "/var/tmp"].iter().any(|d| Path::new(req.cwd) == Path::new(d)) && !under_home;
 
     let mut wanted = vec![(Kind::Image, absolute(req.cwd, &plan.image))];
     wanted.extend(plan.binds.iter().map(|b| (Kind::Path, absolute(req.cwd, &b.src))));
@@ -496,9 +495,10 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     if share_cwd {
         wanted.push((Kind::Path, req.cwd.to_string()));
     }
-    let mut opened = open_as_user(user, &wanted)?.into_iter().zip(&wanted).map(|(r, (_, p))| {
-        r.map_err(|why| EngineError(format!("{p} cannot be opened by you: {why}")))
-    });
+    let mut opened = open_as_user(user, &wanted)?
+        .into_iter()
+        .zip(&wanted)
+        .map(|(r, (_, p))| r.map_err(|why| EngineError(format!("{p} cannot be opened by you: {why}"))));
     let mut next = || opened.next().expect("one answer per path");
 
     let image_opened = next()?;
@@ -510,9 +510,8 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     // the image keeps its own path where only root can change what that
     // path names; elsewhere Apptainer gets the staged bind of what the user
     // opened, which a site that limits paths does not allow.
-    let same_file = std::fs::metadata(&image_name).is_ok_and(|m| {
-        fstat(image_fd).is_ok_and(|st| st.st_dev as u64 == m.dev() && st.st_ino as u64 == m.ino())
-    });
+    let same_file =
+        std::fs::metadata(&image_name).is_ok_and(|m| fstat(image_fd).is_ok_and(|st| st.st_dev == m.dev() && st.st_ino == m.ino()));
     let in_root_only_dir = same_file && Path::new(&image_name).parent().is_some_and(|p| crate::storage::trusted_dir(p, None).is_ok());
     let image = if in_root_only_dir {
         PathBuf::from(&image_name)

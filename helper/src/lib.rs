@@ -4,8 +4,8 @@
 pub mod agent;
 pub mod apptainer;
 pub mod cgroup;
-pub mod core_images;
 pub mod checkpoint;
+pub mod core_images;
 pub mod criu;
 pub mod error;
 pub mod launch;

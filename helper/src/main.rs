@@ -264,11 +264,7 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             }
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
             let done = restore(&settings, &req, |m, secs| {
-                eprintln!(
-                    "checkpoint-container: restored process {} of {} in {secs:.2} s",
-                    m.process.root_pid,
-                    req.images.display()
-                );
+                eprintln!("checkpoint-container: restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());
                 if let Some(fd) = status_fd {
                     use std::io::Write;
                     use std::os::fd::FromRawFd;

@@ -17,8 +17,19 @@ use crate::error::{fail, Result};
 const GLOBAL_FLAGS: &[&str] = &["-s", "--silent", "-q", "--quiet", "--nocolor"];
 /// Flags without a value that only restrict or shape the container.
 const BOOL_FLAGS: &[&str] = &[
-    "-e", "--cleanenv", "-c", "--contain", "-C", "--containall", "--no-home", "--writable-tmpfs", "--nv",
-    "--no-init", "--no-umask", "--compat", "--no-eval",
+    "-e",
+    "--cleanenv",
+    "-c",
+    "--contain",
+    "-C",
+    "--containall",
+    "--no-home",
+    "--writable-tmpfs",
+    "--nv",
+    "--no-init",
+    "--no-umask",
+    "--compat",
+    "--no-eval",
 ];
 /// Flags whose value is not a host path (the container's environment, its
 /// working directory inside).
@@ -250,7 +261,18 @@ mod tests {
 
     #[test]
     fn refuses_binds_apptainer_would_read_differently() {
-        for bad in [" /home/bob/p:/mnt", "/home/alice/l\\,Y:/mnt", "/a:/b\\:c", "/a :/b", "/a:rel", "/a:/b:nosuid", "/a:/b:ro:x", "/a,", ",/a", "/a:"] {
+        for bad in [
+            " /home/bob/p:/mnt",
+            "/home/alice/l\\,Y:/mnt",
+            "/a:/b\\:c",
+            "/a :/b",
+            "/a:rel",
+            "/a:/b:nosuid",
+            "/a:/b:ro:x",
+            "/a,",
+            ",/a",
+            "/a:",
+        ] {
             assert!(parse_binds(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(parse_binds("/a,/b:/c").unwrap().len(), 2);

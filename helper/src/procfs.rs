@@ -71,17 +71,12 @@ pub fn exists(pid: Pid) -> bool {
 
 /// Ids of the mounts a process sees (first field of /proc/PID/mountinfo).
 pub fn mount_ids(pid: Pid) -> io::Result<Vec<u64>> {
-    Ok(fs::read_to_string(proc_path(pid, "mountinfo"))?
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect())
+    Ok(fs::read_to_string(proc_path(pid, "mountinfo"))?.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect())
 }
 
 /// Open file descriptors of a process.
 pub fn fds(pid: Pid) -> io::Result<Vec<i32>> {
-    let mut out: Vec<i32> = fs::read_dir(proc_path(pid, "fd"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut out: Vec<i32> = fs::read_dir(proc_path(pid, "fd"))?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     out.sort();
     Ok(out)
 }

@@ -68,10 +68,6 @@ impl Channel {
         }
         serde_json::from_slice(&line).map(Some).context(|| "garbled message on the task socket".into())
     }
-
-    pub fn raw_fd(&self) -> RawFd {
-        self.writer.as_raw_fd()
-    }
 }
 
 /// Sends fds 0, 1 and 2 of this process (one byte of payload carries them).

@@ -1,14 +1,14 @@
 //! Bringing a checkpoint back: a fresh container from the same command line,
 //! then CRIU restores the process tree into its mount namespace.
 
-use crate::launch::{self, Launch};
-use crate::user::User;
 use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
 use crate::error::{fail, Context, EngineError, Result};
+use crate::launch::{self, Launch};
 use crate::manifest::Manifest;
 use crate::procfs::{self, Pid};
 use crate::storage;
 use crate::streamer::Serve;
+use crate::user::User;
 use ckpt_config::Settings;
 use std::fs::File;
 use std::io::Read;
@@ -73,11 +73,7 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
 fn reserve_pids(pids: &[Pid]) -> Result<()> {
     const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
     let Some(&max) = pids.iter().max() else { return Ok(()) };
-    let current: Pid = std::fs::read_to_string(LAST_PID)
-        .context(|| format!("cannot read {LAST_PID}"))?
-        .trim()
-        .parse()
-        .unwrap_or(0);
+    let current: Pid = std::fs::read_to_string(LAST_PID).context(|| format!("cannot read {LAST_PID}"))?.trim().parse().unwrap_or(0);
     if current < max {
         std::fs::write(LAST_PID, max.to_string()).context(|| format!("cannot write {LAST_PID}"))?;
     }
@@ -171,7 +167,7 @@ impl Placeholder {
             if let Ok(Some(status)) = child.try_wait() {
                 let mut err = String::new();
                 child.stderr.take().map(|e| e.take(1 << 20).read_to_string(&mut err));
-                let last = err.lines().filter(|l| !l.starts_with("INFO")).last().unwrap_or("").to_string();
+                let last = err.lines().rfind(|l| !l.starts_with("INFO")).unwrap_or("").to_string();
                 return fail(format!("cannot re-create the container ({status}): {last}"));
             }
             if Instant::now() > deadline {
@@ -239,13 +235,17 @@ fn inherit_key(target: &str) -> Option<String> {
     }
 }
 
+/// CRIU's fds 1 and 2, and the read ends to relay, by fd.
+type RestoredStdio = ([File; 2], Vec<(i32, File)>);
+
 /// The restored program's stdout and stderr, given to CRIU as its own fds 1
 /// and 2 and named with `--inherit-fd`:
 /// - a pipe in the checkpoint gets a pipe of the user's, relayed to ours;
 /// - a file opened outside the container (a batch job's output file) gets
 ///   our own fd, which must then be a file too (CRIU restores its offset).
+///
 /// Returns CRIU's fds 1 and 2 and the read ends to relay, by fd.
-fn restored_stdio(m: &Manifest, args: &mut Vec<String>) -> Result<([File; 2], Vec<(i32, File)>)> {
+fn restored_stdio(m: &Manifest, args: &mut Vec<String>) -> Result<RestoredStdio> {
     use std::os::fd::AsFd;
     let shared = m.process.stdio.get(1) == m.process.stdio.get(2);
     let mut given: Vec<File> = Vec::new();
@@ -257,8 +257,9 @@ fn restored_stdio(m: &Manifest, args: &mut Vec<String>) -> Result<([File; 2], Ve
             continue;
         }
         let original = m.process.stdio.get(fd as usize).cloned().unwrap_or_default();
-        let ours: OwnedFd = if fd == 1 { std::io::stdout().as_fd().try_clone_to_owned() } else { std::io::stderr().as_fd().try_clone_to_owned() }
-            .context(|| format!("cannot duplicate fd {fd}"))?;
+        let ours: OwnedFd =
+            if fd == 1 { std::io::stdout().as_fd().try_clone_to_owned() } else { std::io::stderr().as_fd().try_clone_to_owned() }
+                .context(|| format!("cannot duplicate fd {fd}"))?;
         let ours = File::from(ours);
         let write_end = if original.starts_with("file[") {
             if !ours.metadata().map(|md| md.is_file()).unwrap_or(false) {
@@ -308,7 +309,6 @@ fn kill_leftovers(m: &Manifest) {
 /// How the restored program ended, once it has.
 pub struct Restored {
     pub exit_code: i32,
-    pub restore_seconds: f64,
 }
 
 /// Restores and waits for the restored program to end. `on_restored` is
@@ -328,9 +328,20 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let placeholder = Placeholder::start(settings, &m)?;
     phase("placeholder runs");
 
-    let mut args: Vec<String> = ["restore", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", "restore.log", "--pidfile", "restore.pid"]
-        .map(String::from)
-        .into();
+    let mut args: Vec<String> = [
+        "restore",
+        "--stream",
+        "--unprivileged",
+        "--shell-job",
+        "--manage-cgroups=ignore",
+        "-v3",
+        "-o",
+        "restore.log",
+        "--pidfile",
+        "restore.pid",
+    ]
+    .map(String::from)
+    .into();
     args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
     let (stdio, relay_ends) = match restored_stdio(&m, &mut args) {
         Ok(x) => x,
@@ -351,7 +362,11 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     // The namespace CRIU joins is opened by pid: it must still be the
     // placeholder's once opened (a pid freed meanwhile fails this).
     let spawned = invocation.command().map_err(EngineError::from).and_then(|c| {
-        placeholder.payload.signal(0).map(|_| c).map_err(|_| EngineError("the placeholder container ended before CRIU could join it".into()))
+        placeholder
+            .payload
+            .signal(0)
+            .map(|_| c)
+            .map_err(|_| EngineError("the placeholder container ended before CRIU could join it".into()))
     });
     let spawned = spawned.and_then(|mut c| {
         let [out, err] = stdio;
@@ -428,5 +443,5 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     placeholder.finish();
     use std::os::unix::process::ExitStatusExt;
     let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Ok(Restored { exit_code, restore_seconds })
+    Ok(Restored { exit_code })
 }

@@ -105,12 +105,16 @@ impl Staging {
         if let Some(dir) = staging_dir {
             match staging_room(dir, expected_bytes) {
                 Ok(()) => at = dir.to_path_buf(),
-                Err(why) => fallback = Some(format!("not staging the checkpoint in {}: {why}; writing it to {} directly", dir.display(), parent.display())),
+                Err(why) => {
+                    fallback =
+                        Some(format!("not staging the checkpoint in {}: {why}; writing it to {} directly", dir.display(), parent.display()))
+                }
             }
         }
         let fence = fence_in(&at, &name);
         private_dir(&fence)?;
-        let staging = Staging { work: fence.join("work"), images: fence.join("images"), fence, target: target.to_path_buf(), staged: at != parent };
+        let staging =
+            Staging { work: fence.join("work"), images: fence.join("images"), fence, target: target.to_path_buf(), staged: at != parent };
         private_dir(&staging.images)?;
         private_dir(&staging.work)?;
         nix::unistd::chown(&staging.work, Some(uid.into()), Some(gid.into()))
@@ -146,9 +150,7 @@ impl Staging {
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let path = self.images.join(FILE_NAME);
         let mut f = create_private(&path)?;
-        f.write_all(manifest.to_toml().as_bytes())
-            .and_then(|_| f.sync_all())
-            .context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(manifest.to_toml().as_bytes()).and_then(|_| f.sync_all()).context(|| format!("cannot write {}", path.display()))?;
         sync_dir(&self.images)
     }
 
@@ -162,7 +164,9 @@ impl Staging {
     pub fn announce_move(&self) -> Result<()> {
         let marker = moving_marker(&self.target);
         let mut f = create_private(&marker)?;
-        writeln!(f, "{} {}", node_name(), std::process::id()).and_then(|_| f.sync_all()).context(|| format!("cannot write {}", marker.display()))
+        writeln!(f, "{} {}", node_name(), std::process::id())
+            .and_then(|_| f.sync_all())
+            .context(|| format!("cannot write {}", marker.display()))
     }
 
     /// Puts the sealed checkpoint in place of `target`, atomically: an
@@ -261,7 +265,11 @@ fn sync_all(paths: &[PathBuf]) -> Result<()> {
     std::thread::scope(|scope| {
         let flushes: Vec<_> = paths
             .iter()
-            .map(|path| scope.spawn(move || open_nofollow(path).and_then(|f| f.sync_all()).context(|| format!("cannot flush {} to disk", path.display()))))
+            .map(|path| {
+                scope.spawn(move || {
+                    open_nofollow(path).and_then(|f| f.sync_all()).context(|| format!("cannot flush {} to disk", path.display()))
+                })
+            })
             .collect();
         flushes.into_iter().try_for_each(|f| f.join().unwrap_or_else(|_| fail("flush thread panicked")))
     })
@@ -338,7 +346,14 @@ impl<'a> Writeback<'a> {
         if upto >= self.started + Self::STEP {
             // SAFETY: a syscall on an fd we hold. Only starts the writeback
             // (no wait); a failure surfaces in the sealing fsync.
-            unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(self.file), self.started as i64, (upto - self.started) as i64, libc::SYNC_FILE_RANGE_WRITE) };
+            unsafe {
+                libc::sync_file_range(
+                    std::os::fd::AsRawFd::as_raw_fd(self.file),
+                    self.started as i64,
+                    (upto - self.started) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
             self.started = upto;
         }
     }
@@ -361,7 +376,13 @@ pub fn trusted_dir(path: &Path, create_mode: Option<u32>) -> Result<()> {
     // SAFETY: each fd below was just returned by open/openat and is owned once.
     let own = |fd: std::os::fd::RawFd| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let mut dir = own(nix::fcntl::open("/", flags, Mode::empty()).context(|| "cannot open /".into())?);
-    let names: Vec<_> = path.components().filter_map(|c| match c { Component::Normal(n) => Some(n), _ => None }).collect();
+    let names: Vec<_> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
     let mut so_far = PathBuf::from("/");
     for (i, name) in names.iter().enumerate() {
         let last = i + 1 == names.len();
@@ -524,15 +545,17 @@ pub fn open_checkpoint(dir: &Path, verify_digests: bool) -> Result<Manifest> {
         if f.name.contains('/') || f.name == FILE_NAME {
             return fail(format!("{}: bad file name {:?}", manifest_path.display(), f.name));
         }
-        let fmeta = fs::symlink_metadata(&path)
-            .context(|| format!("checkpoint {} is incomplete: {} is missing", dir.display(), f.name))?;
+        let fmeta = fs::symlink_metadata(&path).context(|| format!("checkpoint {} is incomplete: {} is missing", dir.display(), f.name))?;
         if !fmeta.is_file() || fmeta.uid() != 0 {
             return fail(format!("checkpoint {}: {} is not a root-owned file", dir.display(), f.name));
         }
         if fmeta.len() != f.size {
             return fail(format!(
                 "checkpoint {} is truncated or altered: {} is {} bytes, the manifest says {}",
-                dir.display(), f.name, fmeta.len(), f.size
+                dir.display(),
+                f.name,
+                fmeta.len(),
+                f.size
             ));
         }
         if verify_digests && checksum(&path)? != f.xxh3 {

@@ -171,14 +171,18 @@ fn per_file<T: Send + 'static>(
     loop {
         match read_request(&mut sock) {
             Ok(None) => break,
-            Ok(Some(name)) => match { log::debug!("image streamer: {name} requested"); on_request(&mut sock, name) } {
-                Ok(Some(work)) => workers.push(std::thread::spawn(work)),
-                Ok(None) => {}
-                Err(e) => {
-                    error = Some(EngineError(format!("image streamer: {e}")));
-                    break;
+            Ok(Some(name)) => {
+                log::debug!("image streamer: {name} requested");
+                let answered = on_request(&mut sock, name);
+                match answered {
+                    Ok(Some(work)) => workers.push(std::thread::spawn(work)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        error = Some(EngineError(format!("image streamer: {e}")));
+                        break;
+                    }
                 }
-            },
+            }
             Err(e) => {
                 error = Some(EngineError(format!("image streamer: {e}")));
                 break;
@@ -255,14 +259,8 @@ impl<W: Write> Write for SummingWriter<'_, W> {
 
 fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result<ImageFile> {
     let err = |e: io::Error| EngineError(format!("cannot write image {}: {e}", path.display()));
-    let file = File::options()
-        .write(true)
-        .read(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(err)?;
+    let file =
+        File::options().write(true).read(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).map_err(err)?;
     let (size, xxh3) = if zstd {
         let sink = SummingWriter {
             inner: io::BufWriter::with_capacity(CHUNK, &file),
@@ -400,7 +398,8 @@ impl<R: Read> Read for SummingReader<R> {
 
 fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
     let path = &dir.join(&expected.name);
-    let file = File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path).context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path).context(|| format!("cannot open {}", path.display()))?;
     let meta = file.metadata().context(|| format!("cannot stat {}", path.display()))?;
     if !meta.is_file() || meta.uid() != 0 || meta.len() != expected.size {
         return fail(format!(
@@ -416,9 +415,10 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
     let result = if expected.zstd {
         let mut reader = SummingReader { inner: io::BufReader::with_capacity(CHUNK, &file), hasher: Checksum::default(), bytes: 0 };
         let mut out = HoldBack { pipe: &pipe, held: Vec::with_capacity(2 * CHUNK) };
-        zstd::stream::copy_decode(&mut reader, &mut out).and_then(|_| io::copy(&mut reader, &mut io::sink())).map(|_| ()).map_err(
-            |e| EngineError(format!("cannot decompress {}: {e}", path.display())),
-        )?;
+        zstd::stream::copy_decode(&mut reader, &mut out)
+            .and_then(|_| io::copy(&mut reader, &mut io::sink()))
+            .map(|_| ())
+            .map_err(|e| EngineError(format!("cannot decompress {}: {e}", path.display())))?;
         if reader.bytes != expected.size || reader.hasher.hex() != expected.xxh3 {
             return Err(damaged());
         }

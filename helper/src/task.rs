@@ -75,7 +75,12 @@ pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
     let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError(e.to_string()))?)?;
     let cwd = std::env::current_dir().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/".into());
     let runtime = resolve_program(&argv[0]);
-    channel.send(&ToAgent::Start { argv: argv.clone(), cwd, env: std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect(), runtime })?;
+    channel.send(&ToAgent::Start {
+        argv: argv.clone(),
+        cwd,
+        env: std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect(),
+        runtime,
+    })?;
 
     let (tx, rx) = mpsc::channel();
     let signals = tx.clone();

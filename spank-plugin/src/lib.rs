@@ -11,10 +11,7 @@ mod client;
 mod stepd;
 
 use ckpt_config::{ConfigError, Settings};
-use slurm_spank::{
-    spank_log, Context, LogLevel, Plugin, SpankHandle, SpankOption, SLURM_VERSION_NUMBER,
-    SPANK_PLUGIN,
-};
+use slurm_spank::{spank_log, Context, LogLevel, Plugin, SpankHandle, SpankOption, SLURM_VERSION_NUMBER, SPANK_PLUGIN};
 use std::error::Error;
 
 SPANK_PLUGIN!(b"checkpoint-container", SLURM_VERSION_NUMBER, CheckpointContainer);

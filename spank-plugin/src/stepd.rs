@@ -42,9 +42,7 @@ fn socket_path(job: u32, step: u32, task: u32) -> String {
 
 /// Tasks whose command is an Apptainer container are the ones wrapped.
 fn is_container_command(argv: &[&str]) -> bool {
-    argv.first()
-        .map(|a| a.rsplit('/').next().unwrap_or(a))
-        .is_some_and(|name| name == "apptainer" || name == "singularity")
+    argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)).is_some_and(|name| name == "apptainer" || name == "singularity")
 }
 
 #[derive(Default)]
@@ -198,8 +196,7 @@ fn check_node(settings: &Settings) -> Result<String, String> {
 /// Root runs the helper, so only a file root alone can change is acceptable:
 /// a regular file owned by root, writable by nobody else, and executable.
 fn trusted_root_executable(path: &Path) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| format!("helper {} is unusable: {e}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("helper {} is unusable: {e}", path.display()))?;
     let why = if !meta.file_type().is_file() {
         Some("not a regular file")
     } else if meta.uid() != 0 {

@@ -59,11 +59,7 @@ pub fn cluster() -> &'static Cluster {
         let paths = Command::new(&devcluster).arg("paths").output().expect("devcluster paths");
         let paths = String::from_utf8(paths.stdout).unwrap();
         let path = |key: &str| -> PathBuf {
-            paths
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{key} ")))
-                .unwrap_or_else(|| panic!("devcluster paths: no {key}"))
-                .into()
+            paths.lines().find_map(|l| l.strip_prefix(&format!("{key} "))).unwrap_or_else(|| panic!("devcluster paths: no {key}")).into()
         };
         Cluster { shared: path("shared"), etc: path("etc"), state: path("state"), devcluster }
     })
@@ -96,10 +92,7 @@ impl Cluster {
         let mut argv = vec!["sbatch", "--parsable"];
         argv.extend_from_slice(args);
         let path = format!("/tmp/job-{}.sh", unique());
-        let submit = format!(
-            "cat > {path} <<'CLUSTER_TESTS_EOF'\n{script}\nCLUSTER_TESTS_EOF\n{} {path}",
-            argv.join(" ")
-        );
+        let submit = format!("cat > {path} <<'CLUSTER_TESTS_EOF'\n{script}\nCLUSTER_TESTS_EOF\n{} {path}", argv.join(" "));
         let out = self.sh("node1", user, &submit).ok();
         out.stdout.trim().split(';').next().unwrap().parse().expect("job id from sbatch")
     }
@@ -107,10 +100,7 @@ impl Cluster {
     /// `scontrol show job` fields of a job, one `key=value` per entry.
     pub fn job_field(&self, job: u32, key: &str) -> Option<String> {
         let out = self.exec("ctl", "root", &["scontrol", "-o", "show", "job", &job.to_string()]);
-        out.stdout
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            .map(str::to_string)
+        out.stdout.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}="))).map(str::to_string)
     }
 
     /// Waits until the job has ended and returns its final state.
@@ -118,9 +108,7 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let state = self.job_field(job, "JobState").unwrap_or_default();
-            if ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"]
-                .contains(&state.as_str())
-            {
+            if ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"].contains(&state.as_str()) {
                 return state;
             }
             assert!(Instant::now() < deadline, "job {job} still {state} after {timeout:?}");
@@ -187,10 +175,7 @@ pub fn with_criu(line: &str, criu: &str) -> String {
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{}-{}-{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
 }
 
@@ -201,10 +186,7 @@ pub const TEST_SIF: &str = "/shared/images/test.sif";
 /// same program with `--expect`).
 pub fn expected_done(mem_mib: u32, steps: u32) -> String {
     let bin = repo_root().join("target/release/ckpt-workload");
-    let out = Command::new(bin)
-        .args(["--expect", "--mem-mib", &mem_mib.to_string(), "--steps", &steps.to_string()])
-        .output()
-        .unwrap();
+    let out = Command::new(bin).args(["--expect", "--mem-mib", &mem_mib.to_string(), "--steps", &steps.to_string()]).output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -250,7 +232,16 @@ pub struct WorkloadSpec {
 
 impl Default for WorkloadSpec {
     fn default() -> Self {
-        WorkloadSpec { mem_mib: 64, steps: 60, interval_ms: 100, mode: Mode::RootStarted, stdout: Stdout::Pipe, image: TEST_SIF.into(), binds: vec![], setup: None }
+        WorkloadSpec {
+            mem_mib: 64,
+            steps: 60,
+            interval_ms: 100,
+            mode: Mode::RootStarted,
+            stdout: Stdout::Pipe,
+            image: TEST_SIF.into(),
+            binds: vec![],
+            setup: None,
+        }
     }
 }
 
@@ -280,7 +271,12 @@ impl Cluster {
     pub fn start_workload(&self, node: &str, spec: WorkloadSpec) -> Workload {
         let name = format!("wl-{}", unique());
         let dir = format!("/shared/{name}");
-        self.sh(node, "root", &format!("install -d -o alice -g alice -m 0755 {dir} && runuser -u alice -- touch {dir}/stdout.txt {dir}/.workload")).ok();
+        self.sh(
+            node,
+            "root",
+            &format!("install -d -o alice -g alice -m 0755 {dir} && runuser -u alice -- touch {dir}/stdout.txt {dir}/.workload"),
+        )
+        .ok();
         let mut argv: Vec<String> = ["apptainer", "-s", "exec"].map(String::from).into();
         if spec.mode == Mode::RootStarted {
             argv.extend(["--security".into(), "uid:2001,gid:2001".into()]);
@@ -317,7 +313,8 @@ impl Cluster {
                 break pid;
             }
             if Instant::now() > deadline {
-                let diag = self.sh(node, "root", &format!("set -x; pgrep -a -u alice -f ckpt-workload; ls -la {dir}; {}", workload_pids(&dir)));
+                let diag =
+                    self.sh(node, "root", &format!("set -x; pgrep -a -u alice -f ckpt-workload; ls -la {dir}; {}", workload_pids(&dir)));
                 panic!("workload did not start on {node}: {out:#?} {diag:#?}");
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -389,15 +386,7 @@ impl Workload {
     /// program's output to the same stdout.txt; waits for the program to end.
     /// `args` are the identity checks and other options ("--uid 2001").
     pub fn restore(&self, cluster: &Cluster, node: &str, args: &str) -> Output {
-        cluster.sh(
-            node,
-            "root",
-            &format!(
-                "{HELPER} restore --images {} {args} >> {}/stdout.txt",
-                self.checkpoint_dir(),
-                self.dir
-            ),
-        )
+        cluster.sh(node, "root", &format!("{HELPER} restore --images {} {args} >> {}/stdout.txt", self.checkpoint_dir(), self.dir))
     }
 
     pub fn is_running(&self, cluster: &Cluster) -> bool {

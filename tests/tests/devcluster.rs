@@ -49,10 +49,7 @@ fn status_and_exec_errors_are_clear() {
 
     let bad = devcluster(&["exec", "node9", "--", "true"]);
     assert_eq!(bad.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&bad.stderr).trim(),
-        "devcluster: exec: unknown node 'node9' (one of ctl node1 node2)"
-    );
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).trim(), "devcluster: exec: unknown node 'node9' (one of ctl node1 node2)");
     let bad = devcluster(&["launch"]);
     assert_eq!(bad.status.code(), Some(2));
     // Exit codes of the command inside come back unchanged.

@@ -17,7 +17,7 @@ fn checkpoint_then_restore_on(node: &str, stdout: Stdout, options: &[&str]) {
     assert!(out.stderr.contains(&format!("checkpointed process {}", w.pid)), "{}", out.stderr);
     let saved = w.out_lines().len();
     assert!(!w.is_running(c), "CRIU should have ended the container after the dump");
-    assert!(saved >= 10 && saved < 60, "checkpoint taken mid-run: {saved} lines");
+    assert!((10..60).contains(&saved), "checkpoint taken mid-run: {saved} lines");
 
     let manifest = c.exec(node, "root", &[HELPER, "inspect", "--verify", &w.checkpoint_dir()]).ok().stdout;
     for field in ["job_id = 42", "uid = 2001", "node = \"node1\"", "criu_version = \"4.", "image = \"/shared/images/test.sif\""] {
@@ -77,7 +77,8 @@ fn small(c: &cluster_tests::Cluster) -> Workload {
 #[test]
 fn unprivileged_user_namespace_container_is_refused_with_the_reason() {
     let c = cluster();
-    let w = c.start_workload("node1", WorkloadSpec { mem_mib: 16, steps: 600, interval_ms: 50, mode: Mode::Unprivileged, ..Default::default() });
+    let w = c
+        .start_workload("node1", WorkloadSpec { mem_mib: 16, steps: 600, interval_ms: 50, mode: Mode::Unprivileged, ..Default::default() });
     let out = w.checkpoint(c, &[]).failed();
     assert!(out.stderr.contains("runs in an unprivileged user namespace"), "{}", out.stderr);
     assert!(w.is_running(c), "a refused checkpoint must leave the container running");
@@ -87,7 +88,10 @@ fn unprivileged_user_namespace_container_is_refused_with_the_reason() {
         .sh(
             "node1",
             "root",
-            &format!("d=$(mktemp -d); criu dump -t {} --shell-job --leave-running -D $d -o dump.log -v4; cat $d/dump.log; rm -rf $d", w.pid),
+            &format!(
+                "d=$(mktemp -d); criu dump -t {} --shell-job --leave-running -D $d -o dump.log -v4; cat $d/dump.log; rm -rf $d",
+                w.pid
+            ),
         )
         .stdout;
     assert!(
@@ -165,7 +169,8 @@ fn restore_refuses_a_missing_or_changed_sif_image() {
     let c = cluster();
     let own_sif = format!("/shared/images/sif-{}.sif", cluster_tests::unique());
     c.exec("node1", "root", &["cp", cluster_tests::TEST_SIF, &own_sif]).ok();
-    let w = c.start_workload("node1", WorkloadSpec { mem_mib: 16, steps: 600, interval_ms: 50, image: own_sif.clone(), ..Default::default() });
+    let w =
+        c.start_workload("node1", WorkloadSpec { mem_mib: 16, steps: 600, interval_ms: 50, image: own_sif.clone(), ..Default::default() });
     w.wait_steps(3);
     w.checkpoint(c, &[]).ok();
     c.sh("node1", "root", &format!("printf x >> {own_sif}")).ok();
@@ -221,7 +226,15 @@ fn criu_ignores_a_configuration_file_inside_the_container() {
     let spec = WorkloadSpec { mem_mib: 16, steps: 600, interval_ms: 50, binds: vec!["criu-conf:/etc/criu".into()], ..Default::default() };
     let w = c.start_workload("node1", spec);
     let script = "#!/bin/sh\ngrep Cap /proc/self/status > /data/action-script-ran\n";
-    c.sh("node1", "alice", &format!("printf '{script}' > {0}/evil.sh; chmod 755 {0}/evil.sh; echo 'action-script /data/evil.sh' > {0}/criu-conf/default.conf", w.dir)).ok();
+    c.sh(
+        "node1",
+        "alice",
+        &format!(
+            "printf '{script}' > {0}/evil.sh; chmod 755 {0}/evil.sh; echo 'action-script /data/evil.sh' > {0}/criu-conf/default.conf",
+            w.dir
+        ),
+    )
+    .ok();
     w.checkpoint(c, &["--leave-running"]).ok();
     assert!(!w.host_dir.join("action-script-ran").exists(), "CRIU ran the user's action script");
     w.cleanup(c);

@@ -60,22 +60,15 @@ fn sbatch_directive_enables_the_batch_step_and_its_srun_steps() {
 #[test]
 fn salloc_accepts_the_option() {
     let c = cluster();
-    let out = c
-        .sh("node1", "alice", "salloc --checkpoint-container -N1 srun sh -c 'echo ckpt=$SLURM_CHECKPOINT_CONTAINER'")
-        .ok();
+    let out = c.sh("node1", "alice", "salloc --checkpoint-container -N1 srun sh -c 'echo ckpt=$SLURM_CHECKPOINT_CONTAINER'").ok();
     assert!(out.stdout.contains("ckpt=1"), "{out:#?}");
 }
 
 #[test]
 fn without_the_option_the_plugin_does_nothing_to_the_job() {
     let c = cluster();
-    let out = c
-        .sh(
-            "node1",
-            "alice",
-            &format!("srun -N2 apptainer -s exec {TEST_SIF} sh -c 'echo \"ckpt=[$SLURM_CHECKPOINT_CONTAINER]\"'"),
-        )
-        .ok();
+    let out =
+        c.sh("node1", "alice", &format!("srun -N2 apptainer -s exec {TEST_SIF} sh -c 'echo \"ckpt=[$SLURM_CHECKPOINT_CONTAINER]\"'")).ok();
     assert_eq!(out.stdout, "ckpt=[]\nckpt=[]\n", "{out:#?}");
     assert!(!out.stderr.contains("checkpoint-container"), "{}", out.stderr);
 }

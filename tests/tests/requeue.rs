@@ -47,7 +47,10 @@ fn scontrol_requeue_checkpoints_and_the_requeued_job_restores() {
     let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 256, 80);
     let saved = requeue_after(c, &job, "out.txt", 10);
     assert!(saved < 80, "checkpointed mid-run");
-    let manifest = c.exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "inspect", "--verify", &job.checkpoint_of(0, 0)]).ok().stdout;
+    let manifest = c
+        .exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "inspect", "--verify", &job.checkpoint_of(0, 0)])
+        .ok()
+        .stdout;
     assert!(manifest.contains(&format!("job_id = {}", job.id)), "{manifest}");
     c.release(job.id, None);
     assert_restored_and_cleaned(c, &job, 1);
@@ -173,7 +176,9 @@ fn another_user_cannot_read_or_restore_the_images() {
     let out = c.exec("node1", "alice", &["/opt/checkpoint-container/bin/checkpoint-container", "restore", "--images", &images]).failed();
     assert!(out.stderr.contains("Permission denied") || out.stderr.contains("not permitted"), "{}", out.stderr);
     // And root refuses it for bob.
-    let out = c.exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "restore", "--images", &images, "--uid", "2002"]).failed();
+    let out = c
+        .exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "restore", "--images", &images, "--uid", "2002"])
+        .failed();
     assert!(out.stderr.contains("belongs to uid 2001, not to uid 2002"), "{}", out.stderr);
     job.cleanup(c);
 }
@@ -185,7 +190,9 @@ fn failed_checkpoint_still_requeues_and_the_job_starts_fresh() {
     let small = "/var/tmp/small-checkpoints";
     c.sh("node1", "root", &format!("mkdir -p {small} && mount -t tmpfs -o size=16m,mode=755 tmpfs {small}")).ok();
     let job = {
-        let _guard = cluster_tests::PlugstackOverride::new(c, |line| line.replace("checkpoint_dir=/shared/checkpoints", &format!("checkpoint_dir={small}")));
+        let _guard = cluster_tests::PlugstackOverride::new(c, |line| {
+            line.replace("checkpoint_dir=/shared/checkpoints", &format!("checkpoint_dir={small}"))
+        });
         let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 40);
         job.wait_lines("out.txt", 5);
         requeue(c, &job);
@@ -208,10 +215,7 @@ fn restore_failure_on_the_requeued_run_starts_fresh_and_says_why() {
     let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 40);
     requeue_after(c, &job, "out.txt", 5);
     // The checkpoint is damaged while the job waits (one byte of memory).
-    let pages = c
-        .sh("node1", "root", &format!("ls {}/pages-*.img | head -1", job.checkpoint_of(0, 0)))
-        .ok()
-        .stdout;
+    let pages = c.sh("node1", "root", &format!("ls {}/pages-*.img | head -1", job.checkpoint_of(0, 0))).ok().stdout;
     c.sh("node1", "root", &format!("printf '\\xff' | dd of={} bs=1 seek=4096 conv=notrunc status=none", pages.trim())).ok();
     c.release(job.id, Some("node2"));
     let out = completed_from_the_start(c, &job);

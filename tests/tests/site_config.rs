@@ -75,7 +75,9 @@ fn node_without_usable_criu_runs_the_step_unprotected_and_says_why() {
             out.stderr
         );
         assert!(c.sh("node1", "alice", &format!("test -e {marker}")).success(), "the task did not run");
-        assert!(c.daemon_log("node2").contains(&format!("runs without checkpointing: this node cannot checkpoint containers: CRIU at {in_node} is version 3.17.1")));
+        assert!(c
+            .daemon_log("node2")
+            .contains(&format!("runs without checkpointing: this node cannot checkpoint containers: CRIU at {in_node} is version 3.17.1")));
     }
     std::fs::remove_file(&fake).unwrap();
     let _ = std::fs::remove_file(fake.with_extension("c"));

@@ -99,12 +99,7 @@ fn child_answer(counter: u64) -> u64 {
 fn pipe() -> (std::fs::File, std::fs::File) {
     let mut fds = [0; 2];
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
-    unsafe {
-        (
-            std::fs::File::from(OwnedFd::from_raw_fd(fds[0])),
-            std::fs::File::from(OwnedFd::from_raw_fd(fds[1])),
-        )
-    }
+    unsafe { (std::fs::File::from(OwnedFd::from_raw_fd(fds[0])), std::fs::File::from(OwnedFd::from_raw_fd(fds[1]))) }
 }
 
 /// Forks the helper child: it reads counters from one pipe and writes its
@@ -149,13 +144,10 @@ fn main() {
         }
     });
 
-    let mut out = args.out.as_ref().map(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .unwrap_or_else(|e| usage(&format!("cannot open {p}: {e}")))
-    });
+    let mut out = args
+        .out
+        .as_ref()
+        .map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap_or_else(|e| usage(&format!("cannot open {p}: {e}"))));
     let stdout = std::io::stdout();
     let mut checksum = 0;
     for counter in 1..=args.steps {

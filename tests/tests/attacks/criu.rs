@@ -11,10 +11,7 @@ use cluster_tests::{cluster, unique, Cluster, Workload, WorkloadSpec};
 /// than zero) or inside CRIU.
 fn privileged_lines(w: &Workload, marker: &str) -> Vec<String> {
     let text = std::fs::read_to_string(w.host_dir.join(marker)).unwrap_or_default();
-    text.lines()
-        .filter(|l| l.contains("criu") || !l.trim_end().ends_with("CapEff:\t0000000000000000"))
-        .map(String::from)
-        .collect()
+    text.lines().filter(|l| l.contains("criu") || !l.trim_end().ends_with("CapEff:\t0000000000000000")).map(String::from).collect()
 }
 
 /// Checkpoints (CRIU ends the container), restores on the same node and
@@ -80,7 +77,19 @@ fn programs_in_the_container_are_not_run_even_without_the_kernel_feature_cache()
     // ip. The user binds a directory of such programs over the container's
     // /usr/sbin, which comes first in the PATH CRIU was given.
     let c = cluster();
-    let names = ["sh", "iptables", "iptables-save", "iptables-restore", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore", "ip6tables", "tar", "ip", "nft"];
+    let names = [
+        "sh",
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "iptables-legacy",
+        "iptables-legacy-save",
+        "iptables-legacy-restore",
+        "ip6tables",
+        "tar",
+        "ip",
+        "nft",
+    ];
     let script = "#!/bin/sh\\necho \\\"$0 $(grep CapEff /proc/$$/status)\\\" >> /data/program-ran\\nexit 0\\n";
     let setup = format!("mkdir sbin && for p in {}; do printf '{script}' > sbin/$p; chmod 755 sbin/$p; done", names.join(" "));
     let w = c.start_workload("node1", spec(&["sbin:/usr/sbin"], &setup));

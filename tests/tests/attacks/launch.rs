@@ -28,7 +28,8 @@ fn roots_apptainer_never_touches_the_home_alice_points_it_at() {
     let root_dir = format!("/var/tmp/root-owned-{}", unique());
     c.sh("node1", "root", &format!("install -d -m 0755 {root_dir}")).ok();
     as_alice(c, &format!("mkdir {d}/h && ln -s {root_dir} {d}/h/.apptainer")).ok();
-    let out = as_alice(c, &format!("HOME={d}/h srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} sh -c 'echo home=$HOME'")).ok();
+    let out =
+        as_alice(c, &format!("HOME={d}/h srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} sh -c 'echo home=$HOME'")).ok();
     assert!(!out.stderr.contains(UNPROTECTED), "the container should be protected: {out:#?}");
     // The container sees her passwd home, as it does without the option.
     assert_eq!(out.stdout.trim(), "home=/home/alice", "{out:#?}");
@@ -53,7 +54,8 @@ fn binds_that_apptainer_would_read_differently_are_refused() {
         format!("/proc/self/root{bob}:/mnt"),
     ] {
         let flag = if bind.starts_with('=') { "--bind" } else { "--bind " };
-        let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {flag}{bind} {TEST_SIF} cat /mnt/secret.txt"));
+        let out =
+            as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {flag}{bind} {TEST_SIF} cat /mnt/secret.txt"));
         assert_not_leaked(&out, &token);
         assert!(out.stderr.contains(UNPROTECTED), "{bind}: {out:#?}");
     }
@@ -64,7 +66,10 @@ fn binds_through_the_environment_pass_the_same_rules() {
     let c = cluster();
     let (bob, token) = bobs_secret(c);
     for var in ["APPTAINER_BIND", "SINGULARITY_BINDPATH"] {
-        let out = as_alice(c, &format!("{var}='{bob}:/mnt' srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} cat /mnt/secret.txt"));
+        let out = as_alice(
+            c,
+            &format!("{var}='{bob}:/mnt' srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} cat /mnt/secret.txt"),
+        );
         assert_not_leaked(&out, &token);
         assert!(out.stderr.contains(UNPROTECTED) && out.stderr.contains("cannot be opened by you"), "{var}: {out:#?}");
     }
@@ -109,7 +114,14 @@ fn alices_own_image_is_not_mounted_by_root() {
     let c = cluster();
     let d = alices_dir(c);
     as_alice(c, &format!("cp {TEST_SIF} {d}/mine.sif && chmod 0444 {d}/mine.sif")).ok();
-    let run = |flag: &str| as_alice(c, &format!("srun -w node1 {flag} apptainer -s exec {d}/mine.sif sh -c 'echo ran; grep -c \" squashfs \" /proc/self/mountinfo || true'"));
+    let run = |flag: &str| {
+        as_alice(
+            c,
+            &format!(
+                "srun -w node1 {flag} apptainer -s exec {d}/mine.sif sh -c 'echo ran; grep -c \" squashfs \" /proc/self/mountinfo || true'"
+            ),
+        )
+    };
     let (with, without) = (run("--checkpoint-container"), run(""));
     assert!(with.stderr.contains("is yours or writable by you") && with.stderr.contains(UNPROTECTED), "{with:#?}");
     assert_eq!((with.code, with.stdout.as_str()), (Some(0), "ran\n0\n"), "{with:#?}");
@@ -149,7 +161,10 @@ fn the_jobs_environment_never_reaches_a_root_process() {
     // Loaded into her own processes (srun, the task, the container), as her.
     assert!(seen.contains("uid=2001 "), "the marker library never loaded: {seen}");
     for line in seen.lines() {
-        assert!(line.contains("uid=2001 ") && line.trim_end().ends_with("CapEff:\t0000000000000000"), "loaded into a privileged process: {seen}");
+        assert!(
+            line.contains("uid=2001 ") && line.trim_end().ends_with("CapEff:\t0000000000000000"),
+            "loaded into a privileged process: {seen}"
+        );
     }
 }
 

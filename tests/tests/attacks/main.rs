@@ -21,8 +21,14 @@ use std::path::Path;
 pub fn bobs_secret(c: &Cluster) -> (String, String) {
     let token = format!("bob-secret-{}", unique());
     let dir = format!("/home/bob/proj-{}", unique());
-    c.sh("node1", "bob", &format!("chmod 0700 /home/bob && mkdir -p {dir} && echo {token} > {dir}/secret.txt && chmod 0755 {dir} && chmod 0644 {dir}/secret.txt"))
-        .ok();
+    c.sh(
+        "node1",
+        "bob",
+        &format!(
+            "chmod 0700 /home/bob && mkdir -p {dir} && echo {token} > {dir}/secret.txt && chmod 0755 {dir} && chmod 0644 {dir}/secret.txt"
+        ),
+    )
+    .ok();
     (dir, token)
 }
 
@@ -67,4 +73,3 @@ __attribute__((constructor)) static void mark(void) {{
     );
     gcc(&source, out, &["-shared", "-fPIC"]);
 }
-

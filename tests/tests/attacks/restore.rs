@@ -8,6 +8,9 @@ use checkpoint_container::manifest::{Manifest, FILE_NAME};
 use cluster_tests::{cluster, WorkloadSpec};
 use std::path::Path;
 
+/// Replaces a field (number, wire type, value) with other bytes, or keeps it.
+type FieldEdit<'a> = dyn FnMut(u32, u8, &[u8]) -> Option<Vec<u8>> + 'a;
+
 fn varint(b: &[u8], at: &mut usize) -> u64 {
     let mut v = 0;
     for shift in (0..64).step_by(7) {
@@ -49,7 +52,7 @@ fn bytes_field(n: u32, payload: &[u8]) -> Vec<u8> {
 /// Copies a protobuf message field by field; `edit` may replace a field
 /// (number, wire type, value: the varint's bytes or the delimited payload)
 /// with other encoded bytes. Everything else stays byte for byte.
-fn map_fields(msg: &[u8], edit: &mut dyn FnMut(u32, u8, &[u8]) -> Option<Vec<u8>>) -> Vec<u8> {
+fn map_fields(msg: &[u8], edit: &mut FieldEdit<'_>) -> Vec<u8> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < msg.len() {
@@ -88,12 +91,15 @@ fn map_fields(msg: &[u8], edit: &mut dyn FnMut(u32, u8, &[u8]) -> Option<Vec<u8>
 /// Rewrites the `creds_entry` of a core image (core_entry.thread_core = 5,
 /// thread_core_entry.creds = 10), keeping every other byte: registers,
 /// signals and all stay CRIU's.
-fn edit_creds(image: &[u8], edit: &mut dyn FnMut(u32, u8, &[u8]) -> Option<Vec<u8>>) -> Vec<u8> {
+fn edit_creds(image: &[u8], edit: &mut FieldEdit<'_>) -> Vec<u8> {
     let size = u32::from_le_bytes(image[8..12].try_into().unwrap()) as usize;
     assert_eq!(image.len(), 12 + size, "one entry after the two magics");
     let entry = map_fields(&image[12..], &mut |n, wire, thread_core| {
         (n == 5 && wire == 2).then(|| {
-            bytes_field(5, &map_fields(thread_core, &mut |n, wire, creds| (n == 10 && wire == 2).then(|| bytes_field(10, &map_fields(creds, edit)))))
+            bytes_field(
+                5,
+                &map_fields(thread_core, &mut |n, wire, creds| (n == 10 && wire == 2).then(|| bytes_field(10, &map_fields(creds, edit)))),
+            )
         })
     });
     let mut out = image[..8].to_vec();
@@ -155,7 +161,10 @@ fn restore_refuses_core_images_that_would_raise_a_threads_privileges() {
     let creds = decode_core(&name, &euid_0).unwrap().thread_core.unwrap().creds.unwrap();
     assert_eq!((creds.uid, creds.euid), (2001, 0), "the tampering itself");
     let saved = tamper(&dir, &name, &euid_0);
-    refused("euid 0", &format!("thread {thread} of process {} (ckpt-workload) would be restored with euid 0, not the owner's uid 2001", root.pid));
+    refused(
+        "euid 0",
+        &format!("thread {thread} of process {} (ckpt-workload) would be restored with euid 0, not the owner's uid 2001", root.pid),
+    );
     untamper(&dir, &name, saved);
 
     // The child process would come back with every capability effective.

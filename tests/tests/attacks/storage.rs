@@ -11,7 +11,11 @@ fn alice_cannot_create_the_directories_of_other_jobs() {
     let c = cluster();
     // The next job ids: what she pre-created in a world-writable
     // checkpoint_dir made bob's protected step fail.
-    let next: u32 = c.exec("ctl", "root", &["scontrol", "show", "config"]).ok().stdout.lines()
+    let next: u32 = c
+        .exec("ctl", "root", &["scontrol", "show", "config"])
+        .ok()
+        .stdout
+        .lines()
         .find_map(|l| l.strip_prefix("NEXT_JOB_ID").and_then(|v| v.split('=').nth(1)).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(1);
     for job in next..next + 3 {
