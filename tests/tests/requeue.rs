@@ -128,7 +128,7 @@ fn scancel_takes_no_checkpoint_and_leaves_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
     assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
-    assert!(!job.output().contains("checkpointed"), "{}", job.output());
+    assert!(!job.output().contains("checkpointed task"), "{}", job.output());
     let ps = c.exec("node2", "root", &["pgrep", "-u", "alice", "-f", "ckpt-workload"]);
     assert!(!ps.success(), "the container outlived scancel: {}", ps.stdout);
     job.cleanup(c);
