@@ -313,7 +313,7 @@ fn try_restore(
     stderr: &mut File,
 ) -> Result<Option<Running>> {
     if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
-        eprintln!("{}: waited for the checkpoint staged on {from}", t.name());
+        log::info!("{}: waited for the checkpoint staged on {from}", t.name());
     }
     let m = match storage::open_checkpoint(dir, false) {
         Ok(m) => m,
@@ -403,7 +403,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     let stdio = protocol::recv_stdio(&stream)?;
     // Every new task also sweeps what finished jobs left behind.
     for job in collect_garbage(settings) {
-        eprintln!("{}: removed the checkpoints of job {job}, which is over", t.name());
+        log::info!("{}: removed the checkpoints of job {job}, which is over", t.name());
     }
     let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
     let mut channel = Channel::new(stream.try_clone().context(|| "dup".into())?)?;
@@ -433,7 +433,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         Ok(l) => l,
         Err(e) => {
             let msg = format!("{} runs unprotected: {e}", t.name());
-            eprintln!("{msg}");
+            log::warn!("{msg}");
             tell_user(&mut stderr, &msg);
             channel.send(&ToTask::RunUnprotected(msg))?;
             return Ok(());
@@ -512,7 +512,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 }
                 let started = StartedAs { argv: &argv, cwd: &cwd, env: &env, launch: &launched };
                 let (msg, to_move) = checkpoint_for_requeue(settings, t, &mut running, &started, &ckpt);
-                eprintln!("{}: {msg}", t.name());
+                log::info!("{}: {msg}", t.name());
                 tell_requeued_job(&user, &info, &mut stderr, &msg);
                 // Let Apptainer finish going away first: slurmstepd waits a
                 // whole second more for anything left in the step's cgroups.
@@ -529,11 +529,11 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     let started = Instant::now();
                     match staged.commit() {
                         Ok(()) => {
-                            eprintln!("{}: checkpoint moved to {} in {:.2} s", t.name(), ckpt.display(), started.elapsed().as_secs_f64())
+                            log::info!("{}: checkpoint moved to {} in {:.2} s", t.name(), ckpt.display(), started.elapsed().as_secs_f64())
                         }
                         Err(e) => {
                             let msg = format!("checkpoint of {} could not be moved to {}: {e}", t.name(), ckpt.display());
-                            eprintln!("{}: {msg}", t.name());
+                            log::warn!("{}: {msg}", t.name());
                             tell_requeued_job(&user, &info, &mut stderr, &msg);
                         }
                     }

@@ -155,8 +155,17 @@ struct JobArgs {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp_micros().init();
     let cli = Cli::parse();
+    // Agents write the node's agent log: every line with its time, level
+    // and pid (the task's name is in the message). Commands people run
+    // print warnings and errors only.
+    let agent = matches!(cli.command, Command::Agent { .. });
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if agent { "info" } else { "warn" }));
+    logger.format(|buf, record| {
+        use std::io::Write;
+        writeln!(buf, "{} {} checkpoint-container[{}] {}", buf.timestamp_micros(), record.level(), std::process::id(), record.args())
+    });
+    logger.init();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -287,7 +296,7 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             daemonize(&log)?;
             launch::private_mount_namespace()?;
             if let Err(e) = agent::run(&settings, &settings_args, &t) {
-                eprintln!("checkpoint-container agent {job_id}.{step_id}.{task_id}: {e}");
+                log::error!("agent {job_id}.{step_id}.{task_id}: {e}");
                 return Ok(1);
             }
             Ok(0)
