@@ -277,8 +277,12 @@ fn spawn_for_task(
     cgroups: Vec<std::ffi::CString>,
     env: &[(String, String)],
     extra_fd: Option<&OwnedFd>,
+    groups_of: Option<&User>,
 ) -> Result<Child> {
     let mut cmd = Command::new(&argv[0]);
+    if let Some(user) = groups_of {
+        user.give_groups(&mut cmd);
+    }
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
     cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
@@ -335,7 +339,7 @@ fn try_restore(
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
     let cgroups = task_cgroups(t, task)?;
-    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w))?;
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w), None)?;
     drop(status_w);
     let mut line = String::new();
     let _ = std::io::BufReader::new(File::from(status_r).take(64)).read_line(&mut line);
@@ -444,7 +448,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         Some(r) => r,
         None => {
             let cgroups = task_cgroups(t, &task)?;
-            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None)?;
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, Some(&user))?;
             Running::new(child, None, t.uid)?
         }
     };

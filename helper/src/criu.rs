@@ -299,6 +299,37 @@ fn untrusted_proc(mountinfo: &str) -> Option<String> {
     }
 }
 
+/// Checks that `mnt` (opened from /proc/<pid>/ns/mnt) is a mount namespace
+/// other than ours, owned by our user namespace, still the one of `pid`
+/// (whose mounts the caller read), and that `pid` shares our PID namespace.
+fn namespace_is_roots(mnt: &std::fs::File, pid: i32) -> Result<(), String> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::MetadataExt;
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    let ino = |p: String| std::fs::metadata(&p).map(|m| m.ino()).map_err(|e| format!("cannot read {p}: {e}"));
+    let mnt_ino = mnt.metadata().map_err(|e| e.to_string())?.ino();
+    if mnt_ino == ino("/proc/self/ns/mnt".into())? {
+        return Err("it shares this node's mount namespace".into());
+    }
+    if ino(format!("/proc/{pid}/ns/mnt"))? != mnt_ino {
+        return Err("it changed mount namespace while being checked".into());
+    }
+    if ino(format!("/proc/{pid}/ns/pid"))? != ino("/proc/self/ns/pid".into())? {
+        return Err("it runs in a PID namespace of its own (Apptainer's --pid, --containall)".into());
+    }
+    // SAFETY: NS_GET_USERNS returns a new fd or -1.
+    let owner = unsafe { libc::ioctl(mnt.as_raw_fd(), NS_GET_USERNS) };
+    if owner < 0 {
+        return Err(format!("cannot tell who owns its mount namespace: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: just returned by the kernel, owned here only.
+    let owner = unsafe { std::fs::File::from_raw_fd(owner) };
+    if owner.metadata().map_err(|e| e.to_string())?.ino() != ino("/proc/self/ns/user".into())? {
+        return Err("its mount namespace belongs to a user namespace of its own".into());
+    }
+    Ok(())
+}
+
 fn cstrings(v: impl IntoIterator<Item = String>) -> Result<Vec<std::ffi::CString>, String> {
     v.into_iter().map(|s| std::ffi::CString::new(s).map_err(|_| "an argument contains a NUL byte".to_string())).collect()
 }
@@ -325,8 +356,15 @@ impl Invocation<'_> {
             .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;
         let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.mnt_ns_of))
             .map_err(|e| not_runnable(format!("cannot read the mounts of process {}: {e}", self.mnt_ns_of)))?;
+        let refuse = |why: String| not_runnable(format!("refusing to run it in the container of process {}: {why}", self.mnt_ns_of));
+        // The process is the user's and may switch namespaces at any time:
+        // what CRIU joins is the namespace just opened, and it must be one
+        // only root can have made or changed (owned by our user namespace),
+        // in our PID namespace (paths through /proc/<helper> must name the
+        // helper), and the one whose mounts were just read.
+        namespace_is_roots(&mnt, self.mnt_ns_of).map_err(refuse)?;
         if let Some(why) = untrusted_proc(&mountinfo) {
-            return Err(not_runnable(format!("refusing to run it in the container of process {}: {why}", self.mnt_ns_of)));
+            return Err(refuse(why));
         }
         let mut argv = vec!["criu".to_string(), "--no-default-config".into(), "-L".into(), empty.clone()];
         argv.extend(self.args.iter().cloned());
@@ -452,6 +490,13 @@ pub fn first_error(log: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crius_namespace_must_be_another_one_owned_by_root() {
+        let own = std::fs::File::open("/proc/self/ns/mnt").unwrap();
+        let e = namespace_is_roots(&own, std::process::id() as i32).unwrap_err();
+        assert!(e.contains("shares this node's mount namespace"), "{e}");
+    }
 
     #[test]
     fn parses_release_and_git_builds() {

@@ -260,10 +260,17 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
+        // Only the entries made here, each once unmounted: a mount point
+        // still mounted is the user's directory (or one she reached), and
+        // root must never recurse into it.
         for m in self.mounts.iter().rev() {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+            if nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).is_ok() {
+                let _ = std::fs::remove_dir(m).or_else(|_| std::fs::remove_file(m));
+            }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let config = self.dir.join("config");
+        let _ = std::fs::remove_dir_all(&config);
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -280,6 +287,12 @@ pub struct ApptainerConf {
     pub limit_groups: Vec<String>,
     pub limit_paths: Vec<String>,
     pub mount_home: bool,
+    /// `allow setuid`: whether the site lets users have root start
+    /// containers at all.
+    pub allow_setuid: bool,
+    /// `use nvidia-container-cli`: `--nv` would then run that tool as root
+    /// on the user's image, which setuid mode refuses.
+    pub nvidia_container_cli: bool,
 }
 
 impl ApptainerConf {
@@ -315,6 +328,8 @@ impl ApptainerConf {
             limit_groups,
             limit_paths,
             mount_home: get("mount home", "yes") == "yes",
+            allow_setuid: get("allow setuid", "yes") == "yes",
+            nvidia_container_cli: get("use nvidia-container-cli", "no") == "yes",
         }
     }
 
@@ -374,8 +389,15 @@ fn check_image(conf: &ApptainerConf, user: &User, opened: &Opened, real_path: &s
     // Checked here, read again by root's Apptainer and mounted by the
     // kernel: the user must not be able to change it in between, or while
     // it is mounted (a filesystem image rewritten under the kernel).
-    if opened.writable_by_user || st.st_uid == user.uid {
-        return fail(format!("container image {real_path} is yours or writable by you: root mounts only images you cannot change"));
+    let group_writable = st.st_mode & 0o020 != 0 && (st.st_gid == user.gid || user.groups.contains(&st.st_gid));
+    // SAFETY: fgetxattr(2) size query of a fixed name on an fd we own.
+    let has_acl = unsafe { libc::fgetxattr(image.as_raw_fd(), c"system.posix_acl_access".as_ptr(), std::ptr::null_mut(), 0) } > 0;
+    // Decided here from the inode, whatever mount she opened it through;
+    // her own answer (`writable_by_user`) only adds to it.
+    if opened.writable_by_user || st.st_uid == user.uid || group_writable || st.st_mode & 0o002 != 0 || has_acl {
+        return fail(format!(
+            "container image {real_path} is yours, writable by you or carries an ACL: root mounts only images you cannot change"
+        ));
     }
     if st.st_size > MAX_IMAGE_BYTES {
         return fail(format!("container image {real_path} is larger than {} GiB", MAX_IMAGE_BYTES >> 30));
@@ -482,6 +504,12 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
         return fail(format!("home directory {:?} has characters Apptainer reads as bind separators", user.home));
     }
     let conf = ApptainerConf::read(settings)?;
+    if !conf.allow_setuid {
+        return fail("the site's apptainer.conf does not allow setuid (root-started) containers");
+    }
+    if conf.nvidia_container_cli && plan.options.iter().any(|o| o == "--nv") {
+        return fail("--nv with the site's use nvidia-container-cli = yes would run that tool as root on your image");
+    }
     let share_home = !plan.contain && !plan.no_home && conf.mount_home;
     // The working directory, when the home mount does not already show it.
     let under_home = share_home && Path::new(req.cwd).starts_with(&user.home);
@@ -577,7 +605,10 @@ mod tests {
     #[test]
     fn setuid_mount_rules_follow_apptainer() {
         let c = ApptainerConf::parse("# allow setuid-mount squashfs = yes\nallow container sif = yes\n");
-        assert!(c.allow_sif && !c.squashfs_kernel_mount && !c.extfs_kernel_mount && c.mount_home);
+        assert!(c.allow_sif && !c.squashfs_kernel_mount && !c.extfs_kernel_mount && c.mount_home && c.allow_setuid);
+        assert!(!c.nvidia_container_cli);
+        let c = ApptainerConf::parse("allow setuid = no\nuse nvidia-container-cli = yes\n");
+        assert!(!c.allow_setuid && c.nvidia_container_cli);
         let c = ApptainerConf::parse("limit container paths = /shared/images, /apps\n");
         assert!(c.squashfs_kernel_mount);
         assert_eq!(c.limit_paths, ["/shared/images", "/apps"]);

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -136,7 +136,9 @@ impl Placeholder {
             ));
         }
         let argv = &launch.argv;
-        let mut child = Command::new(&argv[0])
+        let mut cmd = Command::new(&argv[0]);
+        user.give_groups(&mut cmd);
+        let mut child = cmd
             .args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -197,6 +199,9 @@ impl Placeholder {
 /// (on every way out of a restore) unless kept for its log: CRIU reaches it
 /// through its fd, none of the user's other processes can, so only CRIU can
 /// connect to the image streamer's socket in it.
+/// Where restores keep CRIU's directory while they run.
+const RESTORE_ROOT: &str = "/run/checkpoint-container/restore";
+
 struct WorkDir {
     fence: PathBuf,
     path: PathBuf,
@@ -206,7 +211,10 @@ struct WorkDir {
 impl WorkDir {
     fn create(uid: u32, gid: u32) -> Result<WorkDir> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        let fence = std::env::temp_dir().join(format!("checkpoint-container-restore-{}-{nanos}", std::process::id()));
+        // Root-only, not /tmp: root creates its directories only where only
+        // root can (security.md, principle 4).
+        storage::trusted_dir(Path::new(RESTORE_ROOT), Some(0o700))?;
+        let fence = Path::new(RESTORE_ROOT).join(format!("{}-{nanos}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&fence).context(|| format!("cannot create {}", fence.display()))?;
         let work = WorkDir { path: fence.join("work"), fence, keep: false };
         std::fs::DirBuilder::new().mode(0o700).create(&work.path).context(|| format!("cannot create {}", work.path.display()))?;

@@ -41,6 +41,22 @@ impl User {
         Ok(User { uid, gid, name: entry.name, home: entry.dir.to_string_lossy().into_owned(), groups })
     }
 
+    /// Makes `cmd` (which keeps root's uid) carry this user's groups, for
+    /// root-started Apptainer: with one gid in `--security` it sets no
+    /// groups itself, and the container would keep root's.
+    pub fn give_groups(&self, cmd: &mut Command) {
+        let groups = self.groups.clone();
+        // SAFETY: one syscall between fork and exec, on a list built before.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
     /// `program` run as this user, with an empty environment and stdio on
     /// /dev/null (callers set what they need).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {

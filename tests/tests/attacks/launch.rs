@@ -123,7 +123,7 @@ fn alices_own_image_is_not_mounted_by_root() {
         )
     };
     let (with, without) = (run("--checkpoint-container"), run(""));
-    assert!(with.stderr.contains("is yours or writable by you") && with.stderr.contains(UNPROTECTED), "{with:#?}");
+    assert!(with.stderr.contains("is yours, writable by you") && with.stderr.contains(UNPROTECTED), "{with:#?}");
     assert_eq!((with.code, with.stdout.as_str()), (Some(0), "ran\n0\n"), "{with:#?}");
     assert_eq!(with.stdout, without.stdout);
     let loops = c.sh("node1", "root", "losetup -a").stdout;
@@ -211,6 +211,24 @@ fn an_image_alice_can_change_is_not_mounted_by_root() {
     // Root's copy in the curated directory, but group-writable for alice.
     c.sh("node1", "root", &format!("cp {TEST_SIF} {img} && chgrp alice {img} && chmod 0664 {img}")).ok();
     let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {img} true"));
-    assert!(out.stderr.contains("is yours or writable by you") && out.stderr.contains(UNPROTECTED), "{out:#?}");
+    assert!(out.stderr.contains("is yours, writable by you") && out.stderr.contains(UNPROTECTED), "{out:#?}");
     c.sh("node1", "root", &format!("rm -f {img}")).ok();
+}
+
+/// Apptainer sets no groups when given one gid: a root-started container
+/// kept root's (slurmstepd's) groups (found by the second review).
+#[test]
+fn the_container_has_alices_groups_not_roots() {
+    let c = cluster();
+    c.sh("node1", "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
+    let sorted = |s: &str| {
+        let mut g: Vec<String> = s.split_whitespace().map(String::from).collect();
+        g.sort();
+        g
+    };
+    let expected = sorted(&c.sh("node1", "root", "id -G alice").ok().stdout);
+    assert!(expected.contains(&"3001".to_string()), "{expected:?}");
+    let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} id -G")).ok();
+    assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
+    assert_eq!(sorted(&out.stdout), expected, "{out:#?}");
 }
