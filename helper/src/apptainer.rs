@@ -1,11 +1,8 @@
-//! Apptainer command lines: where the image is, and how to start the same
-//! container with another payload (the restore placeholder).
-//!
-//! Apptainer has no "re-create this container" command, so the engine keeps
-//! the command line that started the container and, at restore time, runs it
-//! again with the user's program replaced by a placeholder: same image, same
-//! binds, same options, hence the same mount namespace for CRIU to restore
-//! into.
+//! Apptainer command lines: where the subcommand and the image are, and
+//! which flags take values. `policy.rs` decides what of a command root may
+//! run and `launch.rs` builds what root runs (for a restore: the same
+//! container with a placeholder as its program, since Apptainer has no
+//! "re-create this container" command).
 
 use std::fmt;
 
@@ -139,27 +136,6 @@ impl ContainerCommand {
     pub fn image(&self) -> &str {
         &self.argv[self.image]
     }
-
-    /// Whether the command already names the identity to run as
-    /// (`--security uid:N,gid:N`, root-started containers).
-    fn has_identity(&self) -> bool {
-        self.argv[self.subcommand + 1..self.image].windows(2).any(|w| w[0] == "--security" && w[1].contains("uid:"))
-            || self.argv[self.subcommand + 1..self.image].iter().any(|a| a.starts_with("--security=") && a.contains("uid:"))
-    }
-
-    /// The same container, started by root for user `uid`/`gid`, running
-    /// `payload` instead of the user's program.
-    pub fn with_payload(&self, uid: u32, gid: u32, payload: &[&str]) -> Vec<String> {
-        let mut out: Vec<String> = self.argv[..self.subcommand].to_vec();
-        out.push("exec".into());
-        if !self.has_identity() {
-            out.push("--security".into());
-            out.push(format!("uid:{uid},gid:{gid}"));
-        }
-        out.extend_from_slice(&self.argv[self.subcommand + 1..=self.image]);
-        out.extend(payload.iter().map(|s| s.to_string()));
-        out
-    }
 }
 
 #[cfg(test)]
@@ -186,16 +162,5 @@ mod tests {
         assert!(parse("apptainer shell app.sif").unwrap_err().0.contains("only exec and run"));
         assert!(parse("apptainer exec --bind /a").unwrap_err().0.contains("no image"));
         assert!(ContainerCommand::parse(vec![]).is_err());
-    }
-
-    #[test]
-    fn placeholder_keeps_options_and_adds_identity() {
-        let c = parse("apptainer -s run --bind /d:/data app.sif --steps 3").unwrap();
-        assert_eq!(
-            c.with_payload(2001, 2001, &["/bin/sh", "-c", "read x"]).join(" "),
-            "apptainer -s exec --security uid:2001,gid:2001 --bind /d:/data app.sif /bin/sh -c read x"
-        );
-        let c = parse("apptainer exec --security uid:5,gid:5 app.sif ./sim").unwrap();
-        assert_eq!(c.with_payload(5, 5, &["sh"]).join(" "), "apptainer exec --security uid:5,gid:5 app.sif sh");
     }
 }
