@@ -187,19 +187,7 @@ fn tell_requeued_job(user: &User, info: &std::collections::HashMap<String, Strin
             let _ = writeln!(child.stdin.take().unwrap(), "checkpoint-container: {msg}");
             // The path is the user's: a FIFO or a FUSE file could hold tee
             // (and this agent) forever.
-            let deadline = Instant::now() + TELL_TIMEOUT;
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break None;
-                    }
-                }
-            };
-            if status.is_some_and(|s| s.success()) {
+            if procfs::wait_or_kill(&mut child, TELL_TIMEOUT).ok().flatten().is_some_and(|s| s.success()) {
                 return;
             }
         }
@@ -262,10 +250,9 @@ impl Running {
 /// A pidfd of `pid` if, once held, it is still the user's process in a
 /// container (not a process that took a recycled pid).
 fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
-    let fd = procfs::PidFd::open(pid).ok()?;
+    let fd = procfs::PidFd::of_user(pid, uid)?;
     let own = procfs::ns_inode(std::process::id() as Pid, "mnt").ok()?;
-    let ok = procfs::ids(pid).is_ok_and(|(u, _)| u == uid) && procfs::ns_inode(pid, "mnt").is_ok_and(|n| n != own);
-    ok.then_some(fd)
+    procfs::ns_inode(pid, "mnt").is_ok_and(|n| n != own).then_some(fd)
 }
 
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in

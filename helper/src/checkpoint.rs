@@ -123,20 +123,11 @@ fn wait_with_timeout(mut child: std::process::Child, timeout: std::time::Duratio
         }
         buf
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().context(|| "waiting for CRIU".into())? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = reader.join();
-            return fail(format!("CRIU did not finish within {} s and was stopped", timeout.as_secs()));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let status = procfs::wait_or_kill(&mut child, timeout).context(|| "waiting for CRIU".into())?;
     let stderr = reader.join().unwrap_or_default();
+    let Some(status) = status else {
+        return fail(format!("CRIU did not finish within {} s and was stopped", timeout.as_secs()));
+    };
     Ok(std::process::Output { status, stdout: Vec::new(), stderr })
 }
 

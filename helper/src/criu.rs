@@ -174,15 +174,18 @@ fn elf_interpreter(elf: &[u8]) -> Option<String> {
     None
 }
 
-/// Root of what the helper keeps on the node for CRIU runs: in /run, so a
-/// reboot (a new kernel) drops it.
-const RUN_DIR: &str = "/run/checkpoint-container";
+// What the helper keeps on the node for CRIU runs is in /run, so a reboot
+// (a new kernel) drops it.
 /// A root-owned empty directory: CRIU's plugin directory (`-L`) and its only
 /// `PATH` entry, so that it loads no plugin and finds no program to run.
 const EMPTY_DIR: &str = "/run/checkpoint-container/empty";
 /// Root-owned cache of CRIU's kernel-feature file, per CRIU binary and boot.
 const KDAT_CACHE: &str = "/run/checkpoint-container/criu-kdat";
 const KDAT_FILE: &str = "criu.kdat";
+/// Where `criu check` writes the kernel-feature file it makes.
+const KDAT_WORK: &str = "/run/checkpoint-container/kdat-work";
+/// How long making it may take (it probes the kernel: well under a second).
+const KDAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A path of this node's filesystem as a process in another mount namespace
 /// of the same PID namespace reaches it: through this helper's root.
@@ -409,26 +412,15 @@ fn kdat_dir(criu: &Path) -> Option<PathBuf> {
 /// writes the cache, and CRIU in the container only reads it.
 pub fn ensure_kdat(criu: &Path, uid: u32, gid: u32, caps: &caps::CapsHashSet) -> Result<PathBuf, String> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = kdat_dir(criu).ok_or_else(|| format!("cannot key the cache for {}", criu.display()))?;
     if dir.join(KDAT_FILE).is_file() {
         return Ok(dir);
     }
     let empty = empty_dir()?;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let fence = Path::new(RUN_DIR).join(format!("kdat-{}-{nanos}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&fence).map_err(|e| format!("cannot create {}: {e}", fence.display()))?;
-    struct Remove<'a>(&'a Path);
-    impl Drop for Remove<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(self.0);
-        }
-    }
-    let _remove = Remove(&fence);
-    let work = fence.join("work");
-    std::fs::DirBuilder::new().mode(0o700).create(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-    nix::unistd::chown(&work, Some(uid.into()), Some(gid.into())).map_err(|e| format!("cannot chown {}: {e}", work.display()))?;
-    let work_fd = std::fs::File::open(&work).map_err(|e| format!("cannot open {}: {e}", work.display()))?;
+    let work_dir = crate::storage::UserWorkDir::create(Path::new(KDAT_WORK), uid, gid).map_err(|e| e.to_string())?;
+    let work = &work_dir.path;
+    let work_fd = std::fs::File::open(work).map_err(|e| format!("cannot open {}: {e}", work.display()))?;
     let binary = open_static(criu).map_err(|e| e.to_string())?;
     let here = format!("/proc/self/fd/{IMAGES_FD}");
     let argv = ["criu", "--no-default-config", "-L", empty, "check", "--unprivileged", "-v4", "-o", "check.log", "-D", &here, "-W", &here]
@@ -444,13 +436,17 @@ pub fn ensure_kdat(criu: &Path, uid: u32, gid: u32, caps: &caps::CapsHashSet) ->
         argv: cstrings(argv)?,
         envp: cstrings(envp)?,
     };
-    let status = spawn
+    let mut child = spawn
         .command()
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .status()
+        .spawn()
         .map_err(|e| format!("cannot run {} check: {e}", criu.display()))?;
+    // It runs as the user, who may stop it: not waited for without end.
+    let status = crate::procfs::wait_or_kill(&mut child, KDAT_TIMEOUT)
+        .map_err(|e| format!("waiting for {} check: {e}", criu.display()))?
+        .ok_or_else(|| format!("{} check did not finish within {} s", criu.display(), KDAT_TIMEOUT.as_secs()))?;
     let written = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(work.join(KDAT_FILE));
     let written = match written {
         Ok(f) if f.metadata().is_ok_and(|m| m.is_file() && m.len() < 1 << 20) => f,

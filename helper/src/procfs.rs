@@ -163,6 +163,13 @@ impl PidFd {
         Ok(PidFd { pid, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) } })
     }
 
+    /// A pidfd of `pid` if, once held, that process belongs to `uid`: a pid
+    /// freed and reused between finding and opening fails the check.
+    pub fn of_user(pid: Pid, uid: u32) -> Option<PidFd> {
+        let fd = PidFd::open(pid).ok()?;
+        ids(pid).is_ok_and(|(u, _)| u == uid).then_some(fd)
+    }
+
     pub fn signal(&self, sig: i32) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         // SAFETY: pidfd_send_signal(2) on an fd we own, no siginfo.
@@ -171,5 +178,23 @@ impl PidFd {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+/// Waits for `child` at most `timeout`, then kills and reaps it: root never
+/// waits without end on a process the user can stop or stall. None when it
+/// had to be killed.
+pub fn wait_or_kill(child: &mut std::process::Child, timeout: std::time::Duration) -> io::Result<Option<std::process::ExitStatus>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }

@@ -13,7 +13,6 @@ use ckpt_config::Settings;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -156,9 +155,8 @@ impl Placeholder {
             // The owner's `sh` in the container's mount namespace and in no
             // user namespace of its own (one the user made would do too).
             let found = procfs::tree(child.id() as Pid).unwrap_or_default().into_iter().find_map(|p| {
-                let fd = procfs::PidFd::open(p).ok()?;
+                let fd = procfs::PidFd::of_user(p, m.owner.uid)?;
                 let ok = procfs::comm(p).is_ok_and(|c| c == "sh")
-                    && procfs::ids(p).is_ok_and(|(uid, _)| uid == m.owner.uid)
                     && procfs::ns_inode(p, "user").is_ok_and(|n| n == own_user)
                     && procfs::ns_inode(p, "mnt").is_ok_and(|n| n != own_mnt);
                 ok.then_some(fd)
@@ -193,43 +191,9 @@ impl Placeholder {
     }
 }
 
-/// A private directory for CRIU (its log, the image streamer's socket),
-/// owned by the user.
-/// It sits in a root-only directory, removed with it when this is dropped
-/// (on every way out of a restore) unless kept for its log: CRIU reaches it
-/// through its fd, none of the user's other processes can, so only CRIU can
-/// connect to the image streamer's socket in it.
-/// Where restores keep CRIU's directory while they run.
+/// Where restores keep CRIU's directory while they run (root-only, not
+/// /tmp: root creates directories only where only root can).
 const RESTORE_ROOT: &str = "/run/checkpoint-container/restore";
-
-struct WorkDir {
-    fence: PathBuf,
-    path: PathBuf,
-    keep: bool,
-}
-
-impl WorkDir {
-    fn create(uid: u32, gid: u32) -> Result<WorkDir> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-        // Root-only, not /tmp: root creates its directories only where only
-        // root can (security.md, principle 4).
-        storage::trusted_dir(Path::new(RESTORE_ROOT), Some(0o700))?;
-        let fence = Path::new(RESTORE_ROOT).join(format!("{}-{nanos}", std::process::id()));
-        std::fs::DirBuilder::new().mode(0o700).create(&fence).context(|| format!("cannot create {}", fence.display()))?;
-        let work = WorkDir { path: fence.join("work"), fence, keep: false };
-        std::fs::DirBuilder::new().mode(0o700).create(&work.path).context(|| format!("cannot create {}", work.path.display()))?;
-        nix::unistd::chown(&work.path, Some(uid.into()), Some(gid.into())).context(|| format!("cannot chown {}", work.path.display()))?;
-        Ok(work)
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.fence);
-        }
-    }
-}
 
 /// `--inherit-fd` for a stdio fd whose target was a pipe or a file: the
 /// restored program gets ours instead.
@@ -306,10 +270,8 @@ fn released(pid: Pid) -> bool {
 /// reused meanwhile is never signalled).
 fn kill_leftovers(m: &Manifest) {
     for &pid in &m.process.pids {
-        if let Ok(fd) = procfs::PidFd::open(pid) {
-            if procfs::ids(pid).is_ok_and(|(uid, _)| uid == m.owner.uid) {
-                let _ = fd.signal(libc::SIGKILL);
-            }
+        if let Some(fd) = procfs::PidFd::of_user(pid, m.owner.uid) {
+            let _ = fd.signal(libc::SIGKILL);
         }
     }
 }
@@ -328,7 +290,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let m = verify(settings, req)?;
     phase("verified");
     let started = Instant::now();
-    let mut work_dir = WorkDir::create(m.owner.uid, m.owner.gid)?;
+    let mut work_dir = storage::UserWorkDir::create(Path::new(RESTORE_ROOT), m.owner.uid, m.owner.gid)?;
     let work = work_dir.path.clone();
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;

@@ -83,11 +83,43 @@ fn private_dir(path: &Path) -> Result<()> {
     fs::DirBuilder::new().mode(0o700).create(path).context(|| format!("cannot create {}", path.display()))
 }
 
-/// `.NAME.partial-PID-NANOS` in `dir`: a fence directory name no other
-/// checkpoint uses.
-fn fence_in(dir: &Path, name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    dir.join(format!(".{name}.partial-{}-{nanos}", std::process::id()))
+/// A fresh root-only (0700) directory `PREFIX<pid>-<nanos>` in `root`, a
+/// directory only root can change: a name no other run uses.
+pub fn private_dir_in(root: &Path, prefix: &str) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let dir = root.join(format!("{prefix}{}-{nanos}", std::process::id()));
+    private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// A directory of the user's (`path`, where CRIU running as the user keeps
+/// its log and sockets) inside a fresh root-only one in `root`: CRIU
+/// reaches it through an fd, none of the user's other processes can.
+/// Removed with its fence when dropped, unless `keep` (its log is named in
+/// an error).
+pub struct UserWorkDir {
+    fence: PathBuf,
+    pub path: PathBuf,
+    pub keep: bool,
+}
+
+impl UserWorkDir {
+    pub fn create(root: &Path, uid: u32, gid: u32) -> Result<UserWorkDir> {
+        trusted_dir(root, Some(0o700))?;
+        let fence = private_dir_in(root, "")?;
+        let work = UserWorkDir { path: fence.join("work"), fence, keep: false };
+        private_dir(&work.path)?;
+        nix::unistd::chown(&work.path, Some(uid.into()), Some(gid.into())).context(|| format!("cannot chown {}", work.path.display()))?;
+        Ok(work)
+    }
+}
+
+impl Drop for UserWorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.fence);
+        }
+    }
 }
 
 impl Staging {
@@ -111,8 +143,7 @@ impl Staging {
                 }
             }
         }
-        let fence = fence_in(&at, &name);
-        private_dir(&fence)?;
+        let fence = private_dir_in(&at, &format!(".{name}.partial-"))?;
         let staging =
             Staging { work: fence.join("work"), images: fence.join("images"), fence, target: target.to_path_buf(), staged: at != parent };
         private_dir(&staging.images)?;
@@ -183,8 +214,7 @@ impl Staging {
     fn commit_inner(&mut self) -> Result<()> {
         if self.staged {
             let (parent, name) = checked_target(&self.target)?;
-            let fence = fence_in(&parent, &name);
-            private_dir(&fence)?;
+            let fence = private_dir_in(&parent, &format!(".{name}.partial-"))?;
             let copy = fence.join("images");
             let staged_fence = std::mem::replace(&mut self.fence, fence);
             let copied = copy_dir(&self.images, &copy);
