@@ -57,11 +57,13 @@ fn status_and_exec_errors_are_clear() {
 }
 
 /// Everything `down` must remove, as seen from the machine.
+/// Only this cluster's: others may run side by side (CKPT_DEVCLUSTER_PREFIX).
 fn leftovers(state: &str) -> Vec<String> {
+    let prefix = std::env::var("CKPT_DEVCLUSTER_PREFIX").unwrap_or_else(|_| "ckptdev".into());
     let mut found = Vec::new();
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     for line in String::from_utf8_lossy(&netns.stdout).lines() {
-        if line.starts_with("ckptdev-") {
+        if line.starts_with(&format!("{prefix}-")) {
             found.push(format!("netns {line}"));
         }
     }
@@ -78,13 +80,16 @@ fn leftovers(state: &str) -> Vec<String> {
     }
     let ps = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
     for line in String::from_utf8_lossy(&ps.stdout).lines() {
-        if ["slurmd", "slurmctld", "munged", "node_services", "devcluster _init"].iter().any(|p| line.contains(p)) {
+        // A host's processes sit in its cgroup below .../PREFIX/HOST.
+        let pid = line.split_whitespace().next().unwrap_or("");
+        let ours = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&format!("/{prefix}/")));
+        if ours && ["slurmd", "slurmctld", "munged", "node_services", "devcluster _init"].iter().any(|p| line.contains(p)) {
             found.push(format!("process {line}"));
         }
     }
     for entry in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
         let ctrl = entry.unwrap().path();
-        let own = Command::new("find").arg(&ctrl).args(["-maxdepth", "4", "-type", "d", "-name", "ckptdev"]).output().unwrap();
+        let own = Command::new("find").arg(&ctrl).args(["-maxdepth", "4", "-type", "d", "-name", &prefix]).output().unwrap();
         for line in String::from_utf8_lossy(&own.stdout).lines() {
             found.push(format!("cgroup {line}"));
         }
