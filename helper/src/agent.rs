@@ -21,6 +21,7 @@ use crate::launch::{self, Launch, SYSTEM_PATH};
 use crate::manifest::JobIds;
 use crate::procfs::{self, Pid};
 use crate::protocol::{self, Channel, ToAgent, ToTask};
+use crate::step::{self, Barrier, StepTask};
 use crate::storage::Staging;
 use crate::user::User;
 use crate::{cgroup, storage};
@@ -51,6 +52,9 @@ pub struct Task {
     pub job_id: u32,
     pub step_id: u32,
     pub task_id: u32,
+    /// Tasks in the step, and the nodes it spans.
+    pub step_tasks: u32,
+    pub step_nodes: u32,
     pub uid: u32,
     pub gid: u32,
     pub restart_count: u32,
@@ -61,6 +65,10 @@ pub struct Task {
 impl Task {
     fn name(&self) -> String {
         format!("task {} of step {}.{}", self.task_id, self.job_id, self.step_id)
+    }
+
+    fn step(&self) -> StepTask {
+        StepTask { step_id: self.step_id, task_id: self.task_id, tasks: self.step_tasks }
     }
 }
 
@@ -411,6 +419,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     let user = User::lookup(t.uid, t.gid)?;
     let request = launch::Request { argv: &argv, cwd: &cwd, env: &env };
     let launched = match runtime.as_deref() {
+        // Each task is checkpointed in its own container, and connections
+        // between nodes are not: a step that spans nodes could only be
+        // restored with its ranks out of step.
+        _ if t.step_nodes > 1 => fail(format!(
+            "the step spans {} nodes, and connections between nodes cannot be checkpointed (run one step per node to protect it)",
+            t.step_nodes
+        )),
         Some(r) if launch::is_site_runtime(settings, r) => {
             task_checkpoint_dir(settings, t).and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?)))
         }
@@ -430,7 +445,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             return Ok(());
         }
     };
-    let restored = if t.restart_count > 0 { try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)? } else { None };
+    let restored = if t.restart_count == 0 {
+        None
+    } else if t.step().is_coupled() {
+        restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
+    } else {
+        try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
+    };
     let mut running = match restored {
         Some(r) => r,
         None => {
@@ -502,7 +523,14 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     continue;
                 }
                 let started = StartedAs { argv: &argv, cwd: &cwd, env: &env, launch: &launched };
-                let (msg, to_move) = checkpoint_for_requeue(settings, t, &mut running, &started, &ckpt);
+                let (msg, to_move) = match stop_step(settings, t, &mut running) {
+                    Ok(()) => checkpoint_for_requeue(settings, t, &mut running, &started, &ckpt),
+                    Err(why) => {
+                        running.kill(t.uid);
+                        let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
+                        (format!("step {}.{} was not checkpointed: {why}; it will run again {from}", t.job_id, t.step_id), None)
+                    }
+                };
                 log::info!("{}: {msg}", t.name());
                 tell_requeued_job(&user, &info, &mut stderr, &msg);
                 // Let Apptainer finish going away first: slurmstepd waits a
@@ -573,7 +601,13 @@ fn checkpoint_for_requeue(
         },
         image: started.launch.image.clone(),
         image_name: started.launch.image_name.clone(),
-        job: JobIds { job_id: Some(t.job_id), step_id: Some(t.step_id), task_id: Some(t.task_id) },
+        job: JobIds {
+            job_id: Some(t.job_id),
+            step_id: Some(t.step_id),
+            task_id: Some(t.task_id),
+            step_tasks: Some(t.step_tasks),
+            cut: Some(t.restart_count),
+        },
         expected_uid: Some(t.uid),
         leave_running: false,
         started_in: Some((started.cwd.to_string(), started.env.to_vec())),
@@ -600,6 +634,91 @@ fn checkpoint_for_requeue(
             running.kill(t.uid);
             let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
             (format!("checkpoint of {} failed: {e}; it will run again {from}", t.name()), None)
+        }
+    }
+}
+
+/// For a step of several tasks: stops this task's container and waits until
+/// every task of the step has stopped its own (step.rs), so that all are
+/// dumped at one cut. A single task goes straight on.
+fn stop_step(settings: &Settings, t: &Task, running: &mut Running) -> std::result::Result<(), String> {
+    if !t.step().is_coupled() {
+        return Ok(());
+    }
+    let barrier = Barrier::new(&job_dir(settings, t.job_id).map_err(|e| e.to_string())?, t.step(), &format!("stop-{}", t.restart_count))
+        .map_err(|e| e.to_string())?;
+    let mine = match running.payload(t.uid).map(|p| p.pid) {
+        Some(pid) => step::stop_tree(pid).map(|_| ()).map_err(|e| format!("could not be stopped: {e}")),
+        None => Err("has no running container".into()),
+    };
+    barrier.meet(mine, step::STOP_BARRIER_TIMEOUT)
+}
+
+/// Whether every task of the step has a complete checkpoint of one cut.
+fn step_checkpoints_agree(settings: &Settings, t: &Task) -> std::result::Result<(), String> {
+    let job = job_dir(settings, t.job_id).map_err(|e| e.to_string())?;
+    let mut cut = None;
+    for task in 0..t.step_tasks {
+        let dir = job.join(format!("step{}.task{task}", t.step_id));
+        let _ = storage::wait_for_move(&dir, MOVE_TIMEOUT);
+        let m = storage::open_checkpoint(&dir, false).map_err(|_| format!("finds no complete checkpoint of task {task}"))?;
+        if m.job.step_tasks != Some(t.step_tasks) {
+            return Err(format!("finds the checkpoint of task {task} taken with another number of tasks"));
+        }
+        match cut {
+            None => cut = Some(m.job.cut),
+            Some(c) if c != m.job.cut => return Err(format!("finds the checkpoint of task {task} taken at another time than task 0's")),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Restores a task of a step of several tasks: only if every task has a
+/// checkpoint of one cut, and then all together or none (step.rs). The
+/// restored processes are stopped (they were dumped stopped) until every
+/// task is restored.
+#[allow(clippy::too_many_arguments)]
+fn restore_step(
+    settings: &Settings,
+    settings_args: &[String],
+    t: &Task,
+    task: &procfs::PidFd,
+    ckpt: &Path,
+    argv: &[String],
+    stdio: &[OwnedFd; 3],
+    stderr: &mut File,
+) -> Result<Option<Running>> {
+    let barrier = Barrier::new(&job_dir(settings, t.job_id)?, t.step(), &format!("restore-{}", t.restart_count))?;
+    let checked = step_checkpoints_agree(settings, t);
+    let mut restored = None;
+    let mine = match checked {
+        Ok(()) => match try_restore(settings_args, t, task, ckpt, argv, stdio, stderr)? {
+            Some(r) => {
+                restored = Some(r);
+                Ok(())
+            }
+            None => Err("could not be restored".into()),
+        },
+        Err(why) => Err(why),
+    };
+    match barrier.meet(mine, step::RESTORE_BARRIER_TIMEOUT) {
+        Ok(()) => {
+            let mut running = restored.expect("a step goes on only when every task was restored");
+            if let Some(root) = running.payload(t.uid).map(|p| p.pid) {
+                step::continue_tree(root);
+            }
+            Ok(Some(running))
+        }
+        Err(why) => {
+            if let Some(mut running) = restored {
+                running.kill(t.uid);
+                let _ = running.child.wait();
+            }
+            if t.task_id == 0 {
+                tell_user(stderr, &format!("step {}.{} starts fresh: {why}", t.job_id, t.step_id));
+            }
+            Ok(None)
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod procfs;
 pub mod protocol;
 pub mod restore;
+pub mod step;
 pub mod storage;
 pub mod streamer;
 pub mod task;

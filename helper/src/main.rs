@@ -115,6 +115,11 @@ enum Command {
         uid: u32,
         #[arg(long)]
         gid: u32,
+        /// Tasks in the step and nodes it spans
+        #[arg(long, default_value_t = 1)]
+        step_tasks: u32,
+        #[arg(long, default_value_t = 1)]
+        step_nodes: u32,
         #[arg(long, default_value_t = 0)]
         restart_count: u32,
         /// The task process, the only client accepted
@@ -245,7 +250,7 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 image: image.clone().into(),
                 image_name: image,
                 container,
-                job: JobIds { job_id: job.job_id, step_id: job.step_id, task_id: job.task_id },
+                job: JobIds { job_id: job.job_id, step_id: job.step_id, task_id: job.task_id, ..Default::default() },
                 expected_uid: uid,
                 leave_running,
                 started_in: None,
@@ -291,8 +296,8 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             Ok(0)
         }
         Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
-        Command::Agent { socket, job_id, step_id, task_id, uid, gid, restart_count, task_pid, log } => {
-            let t = agent::Task { socket, job_id, step_id, task_id, uid, gid, restart_count, task_pid };
+        Command::Agent { socket, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid, log } => {
+            let t = agent::Task { socket, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
             daemonize(&log)?;
             launch::private_mount_namespace()?;
             if let Err(e) = agent::run(&settings, &settings_args, &t) {

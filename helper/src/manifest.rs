@@ -30,6 +30,11 @@ pub struct JobIds {
     pub job_id: Option<u32>,
     pub step_id: Option<u32>,
     pub task_id: Option<u32>,
+    /// Tasks in the step, and the cut: the job's restart count when the
+    /// step was checkpointed. A step restores only from checkpoints of one
+    /// cut, of all its tasks (step.rs).
+    pub step_tasks: Option<u32>,
+    pub cut: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -126,7 +131,7 @@ mod tests {
     fn sample() -> Manifest {
         Manifest {
             format: FORMAT,
-            job: JobIds { job_id: Some(7), step_id: Some(0), task_id: Some(1) },
+            job: JobIds { job_id: Some(7), step_id: Some(0), task_id: Some(1), step_tasks: Some(2), cut: Some(0) },
             owner: Owner { uid: 2001, gid: 2001 },
             node: "node1".into(),
             created_unix: 1,

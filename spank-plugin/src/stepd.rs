@@ -131,6 +131,7 @@ impl StepState {
         let mut cmd = helper_command(settings);
         cmd.args(["agent", "--socket", &socket_path(job, step, task)]);
         cmd.args(["--job-id", &job.to_string(), "--step-id", &step.to_string(), "--task-id", &task.to_string()]);
+        cmd.args(["--step-tasks", &spank.job_total_task_count()?.to_string(), "--step-nodes", &spank.job_nnodes()?.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);
         cmd.args(["--restart-count", restarts.trim(), "--task-pid", &spank.task_pid()?.to_string()]);
         let status = cmd.env_clear().stdin(std::process::Stdio::null()).status();

@@ -134,17 +134,14 @@ fn scancel_takes_no_checkpoint_and_leaves_nothing() {
     job.cleanup(c);
 }
 
+/// Two steps of two tasks on one node, the way an MPI job runs: every task
+/// is stopped before any is dumped, and all restore on the other node.
 #[test]
 fn multi_task_steps_and_two_steps_all_restore() {
     let c = cluster();
     let job = c.submit_workload_job(
-        &["-N2", "-n4", "--ntasks-per-node=2"],
-        &[
-            "srun --overlap -N2 -n2 --ntasks-per-node=1 {W} --out /data/a-%t.txt &",
-            "sleep 2",
-            "srun --overlap -N2 -n2 --ntasks-per-node=1 {W} --out /data/b-%t.txt &",
-            "wait",
-        ],
+        &["-w", "node1", "-n2"],
+        &["srun --overlap -n2 {W} --out /data/a-%t.txt &", "sleep 2", "srun --overlap -n2 {W} --out /data/b-%t.txt &", "wait"],
         64,
         120,
     );
@@ -152,13 +149,72 @@ fn multi_task_steps_and_two_steps_all_restore() {
         job.wait_lines(f, 5);
     }
     requeue(c, &job);
-    c.release(job.id, None);
+    c.release(job.id, Some("node2"));
     assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
     let out = job.output();
     assert_eq!(out.matches("checkpoint-container: restored process").count(), 4, "{out}");
     for f in ["a-0.txt", "a-1.txt", "b-0.txt", "b-1.txt"] {
         job.assert_continued(f);
     }
+    job.cleanup(c);
+}
+
+/// Starts a two-task step, requeues it once both tasks have made progress,
+/// and returns the job once it is pending again.
+fn requeued_two_task_step(c: &Cluster) -> BatchJob {
+    let job = c.submit_workload_job(&["-w", "node1", "-n2"], &["srun -n2 {W} --out /data/a-%t.txt"], 64, 40);
+    job.wait_lines("a-0.txt", 5);
+    job.wait_lines("a-1.txt", 5);
+    requeue(c, &job);
+    c.wait_state(job.id, &["PENDING"], MINUTE);
+    job
+}
+
+/// Both tasks ran again from their first step, and to the right end.
+fn both_tasks_started_over(c: &Cluster, job: &BatchJob) -> String {
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    for f in ["a-0.txt", "a-1.txt"] {
+        let lines = job.lines(f);
+        assert_eq!(lines.iter().filter(|l| l.starts_with("counter=1 ")).count(), 2, "{f} started over: {lines:?}");
+        assert_eq!(lines.last().unwrap(), &job.expected_done(), "{f}");
+    }
+    job.output()
+}
+
+#[test]
+fn a_step_missing_one_tasks_checkpoint_starts_fresh_as_a_whole() {
+    let c = cluster();
+    let job = requeued_two_task_step(c);
+    c.exec("node1", "root", &["rm", "-rf", &job.checkpoint_of(0, 1)]).ok();
+    c.release(job.id, Some("node2"));
+    let out = both_tasks_started_over(c, &job);
+    assert!(out.contains(&format!("checkpoint-container: step {}.0 starts fresh: task ", job.id)), "{out}");
+    assert!(out.contains("finds no complete checkpoint of task 1"), "{out}");
+    assert!(!out.contains("checkpoint-container: restored process"), "{out}");
+    job.cleanup(c);
+}
+
+/// Task 0 restores, task 1's restore fails: task 0 must not go on alone.
+#[test]
+fn a_step_whose_task_fails_to_restore_discards_the_restored_tasks() {
+    let c = cluster();
+    let job = requeued_two_task_step(c);
+    let pages = c.sh("node1", "root", &format!("ls {}/pages-*.img | head -1", job.checkpoint_of(0, 1))).ok().stdout;
+    c.sh("node1", "root", &format!("printf '\\xff' | dd of={} bs=1 seek=4096 conv=notrunc status=none", pages.trim())).ok();
+    c.release(job.id, Some("node2"));
+    let out = both_tasks_started_over(c, &job);
+    assert!(out.contains(&format!("checkpoint-container: step {}.0 starts fresh: task 1 could not be restored", job.id)), "{out}");
+    job.cleanup(c);
+}
+
+#[test]
+fn a_step_on_several_nodes_runs_unprotected_and_says_why() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-N2", "-n2"], &["srun -N2 -n2 {W} --out /data/a-%t.txt"], 64, 5);
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    let out = job.output();
+    assert!(out.contains("runs unprotected: the step spans 2 nodes, and connections between nodes cannot be checkpointed"), "{out}");
+    assert!(!out.contains("is protected"), "{out}");
     job.cleanup(c);
 }
 
