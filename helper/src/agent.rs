@@ -226,12 +226,14 @@ struct Running {
     child_fd: procfs::PidFd,
     /// The user's program, once known.
     payload: Option<procfs::PidFd>,
+    /// What the restore that started it said, for the user.
+    restored: Option<String>,
 }
 
 impl Running {
     fn new(child: Child, payload: Option<Pid>, uid: u32) -> Result<Running> {
         let child_fd = procfs::PidFd::open(child.id() as Pid).context(|| "pidfd of the container".into())?;
-        let mut r = Running { child, child_fd, payload: None };
+        let mut r = Running { child, child_fd, payload: None, restored: None };
         r.payload = payload.and_then(|p| checked_payload(p, uid));
         Ok(r)
     }
@@ -337,9 +339,11 @@ fn try_restore(
     let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w), None)?;
     drop(status_w);
     let mut line = String::new();
-    let _ = std::io::BufReader::new(File::from(status_r).take(64)).read_line(&mut line);
-    if line.trim() == "restored" {
-        return Ok(Some(Running::new(child, Some(m.process.root_pid), t.uid)?));
+    let _ = std::io::BufReader::new(File::from(status_r).take(4096)).read_line(&mut line);
+    if line.starts_with("restored ") {
+        let mut running = Running::new(child, Some(m.process.root_pid), t.uid)?;
+        running.restored = Some(line.trim().to_string());
+        return Ok(Some(running));
     }
     // The restore command has told the user why; start fresh.
     let mut child = child;
@@ -453,7 +457,10 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
     };
     let mut running = match restored {
-        Some(r) => r,
+        Some(r) => {
+            r.restored.iter().for_each(|line| tell_user(&mut stderr, line));
+            r
+        }
         None => {
             let cgroups = task_cgroups(t, &task)?;
             let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, Some(&user))?;

@@ -278,13 +278,17 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             }
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
             let done = restore(&settings, &req, |m, secs| {
-                eprintln!("checkpoint-container: restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());
-                if let Some(fd) = status_fd {
-                    use std::io::Write;
-                    use std::os::fd::FromRawFd;
-                    // SAFETY: the caller handed us this fd for this one line.
-                    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-                    let _ = f.write_all(b"restored\n");
+                let line = format!("restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());
+                match status_fd {
+                    // The agent tells the user, once the step goes on.
+                    Some(fd) => {
+                        use std::io::Write;
+                        use std::os::fd::FromRawFd;
+                        // SAFETY: the caller handed us this fd for this one line.
+                        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+                        let _ = writeln!(f, "{line}");
+                    }
+                    None => eprintln!("checkpoint-container: {line}"),
                 }
             })?;
             Ok(done.exit_code.clamp(0, 255) as u8)
