@@ -28,7 +28,7 @@ use crate::{cgroup, storage};
 use ckpt_config::Settings;
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -267,13 +267,14 @@ fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
 
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
 /// `/` (what the container sees as its working directory is an Apptainer
-/// option, never a path root resolves).
+/// option, never a path root resolves). `extra` are further descriptors the
+/// child gets, each at the number given.
 fn spawn_for_task(
     argv: &[String],
     stdio: &[OwnedFd; 3],
     cgroups: Vec<std::ffi::CString>,
     env: &[(String, String)],
-    extra_fd: Option<&OwnedFd>,
+    extra: &[(RawFd, &OwnedFd)],
     groups_of: Option<&User>,
 ) -> Result<Child> {
     let mut cmd = Command::new(&argv[0]);
@@ -283,13 +284,22 @@ fn spawn_for_task(
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
     cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
-    let extra = extra_fd.map(|f| f.as_raw_fd());
+    let extra: Vec<(RawFd, RawFd)> = extra.iter().map(|(to, from)| (*to, from.as_raw_fd())).collect();
     // SAFETY: allocation-free calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             cgroup::join_in_child(&cgroups)?;
-            if let Some(fd) = extra {
-                if libc::dup2(fd, 3) < 0 {
+            // Out of the way first (close-on-exec copies), so that no target
+            // number overwrites another's source.
+            let mut moved = [-1; 8];
+            for (i, (_, from)) in extra.iter().enumerate().take(moved.len()) {
+                moved[i] = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 100);
+                if moved[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, (to, _)) in extra.iter().enumerate().take(moved.len()) {
+                if libc::dup2(moved[i], *to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -336,7 +346,7 @@ fn try_restore(
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
     let cgroups = task_cgroups(t, task)?;
-    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w), None)?;
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], &[(3, &status_w)], None)?;
     drop(status_w);
     let mut line = String::new();
     let _ = std::io::BufReader::new(File::from(status_r).take(4096)).read_line(&mut line);
@@ -403,7 +413,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     // Held from here: the task's cgroups are read from /proc/<pid> later
     // (a restore may first wait minutes), and that pid must still be it.
     let task = procfs::PidFd::open(t.task_pid).context(|| "pidfd of the task".into())?;
-    let stdio = protocol::recv_stdio(&stream)?;
+    let protocol::TaskFds { stdio, extra: slurm_fds } = protocol::recv_task_fds(&stream)?;
     // Every new task also sweeps what finished jobs left behind.
     for job in collect_garbage(settings) {
         log::info!("{}: removed the checkpoints of job {job}, which is over", t.name());
@@ -463,7 +473,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
         None => {
             let cgroups = task_cgroups(t, &task)?;
-            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, Some(&user))?;
+            let slurm_fds: Vec<(RawFd, &OwnedFd)> = slurm_fds.iter().map(|(n, fd)| (*n, fd)).collect();
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &slurm_fds, Some(&user))?;
             Running::new(child, None, t.uid)?
         }
     };

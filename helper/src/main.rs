@@ -196,6 +196,13 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     nix::unistd::dup2(null.as_raw_fd(), 0)?;
     nix::unistd::dup2(out.as_raw_fd(), 1)?;
     nix::unistd::dup2(out.as_raw_fd(), 2)?;
+    drop((out, null));
+    // slurmstepd's own descriptors (its sockets, other tasks' PMI sockets)
+    // stop here: nothing the agent starts for the user may inherit them.
+    // SAFETY: close_range on numbers no Rust object owns any more.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
     Ok(())
 }
 

@@ -70,39 +70,75 @@ impl Channel {
     }
 }
 
-/// Sends fds 0, 1 and 2 of this process (one byte of payload carries them).
-pub fn send_stdio(stream: &UnixStream) -> Result<()> {
+/// The descriptors a task hands its agent: its stdio, and the ones Slurm
+/// gave it beyond stdio (today Slurm's PMI-2 socket, named by `PMI_FD`),
+/// which the container gets at the same numbers. Nothing else of the
+/// agent's (or slurmstepd's) ever reaches the container.
+pub struct TaskFds {
+    pub stdio: [OwnedFd; 3],
+    pub extra: Vec<(RawFd, OwnedFd)>,
+}
+
+/// At most this many descriptors beyond stdio.
+const MAX_EXTRA_FDS: usize = 4;
+
+/// Sends fds 0, 1, 2 and `extra` of this process; the payload names the
+/// numbers of the extra ones.
+pub fn send_task_fds(stream: &UnixStream, extra: &[RawFd]) -> Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let fds = [0, 1, 2];
+    let extra = &extra[..extra.len().min(MAX_EXTRA_FDS)];
+    let fds: Vec<RawFd> = [0, 1, 2].iter().chain(extra).copied().collect();
     let cmsg = [ControlMessage::ScmRights(&fds)];
-    let iov = [std::io::IoSlice::new(b"S")];
+    let payload = format!("S{}", extra.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","));
+    let iov = [std::io::IoSlice::new(payload.as_bytes())];
     sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).context(|| "cannot pass stdio to the agent".into())?;
     Ok(())
 }
 
-/// Receives the task's three stdio fds.
-pub fn recv_stdio(stream: &UnixStream) -> Result<[OwnedFd; 3]> {
+/// Receives what `send_task_fds` sent.
+pub fn recv_task_fds(stream: &UnixStream) -> Result<TaskFds> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut byte = [0u8; 1];
-    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut payload = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut payload)];
+    let mut space = nix::cmsg_space!([RawFd; 3 + MAX_EXTRA_FDS]);
     let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
         .context(|| "cannot receive the task's stdio".into())?;
+    let len = msg.bytes;
+    let mut received: Vec<OwnedFd> = Vec::new();
     for c in msg.cmsgs().context(|| "bad control message".into())? {
         if let ControlMessageOwned::ScmRights(fds) = c {
-            if fds.len() == 3 {
-                // SAFETY: the kernel just installed these descriptors for us.
-                let owned: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
-                return Ok(owned.try_into().unwrap());
-            }
+            // SAFETY: the kernel just installed these descriptors for us.
+            received.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
         }
     }
-    fail("the task did not pass its stdio")
+    let text = std::str::from_utf8(&payload[..len]).ok().and_then(|t| t.strip_prefix('S'));
+    let numbers: Option<Vec<RawFd>> =
+        text.and_then(|t| t.split(',').filter(|n| !n.is_empty()).map(|n| n.parse::<RawFd>().ok().filter(|&n| n > 2)).collect());
+    match numbers {
+        Some(numbers) if received.len() == 3 + numbers.len() => {
+            let extra_fds = received.split_off(3);
+            let stdio: [OwnedFd; 3] = received.try_into().map_err(|_| crate::error::EngineError("stdio".into()))?;
+            Ok(TaskFds { stdio, extra: numbers.into_iter().zip(extra_fds).collect() })
+        }
+        _ => fail("the task did not pass its stdio"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_descriptors_arrive_with_the_numbers_they_had() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        send_task_fds(&a, &[r.as_raw_fd()]).unwrap();
+        let got = recv_task_fds(&b).unwrap();
+        assert_eq!(got.extra.len(), 1);
+        assert_eq!(got.extra[0].0, r.as_raw_fd());
+        send_task_fds(&a, &[]).unwrap();
+        assert!(recv_task_fds(&b).unwrap().extra.is_empty());
+    }
 
     #[test]
     fn a_message_longer_than_the_bound_is_refused_not_buffered() {

@@ -59,6 +59,14 @@ fn exec_unprotected(argv: &[String], blocked: SigSet) -> crate::error::EngineErr
     crate::error::EngineError(format!("cannot run {}: {e}", argv[0]))
 }
 
+/// Descriptors Slurm gives the task beyond stdio that the program needs:
+/// the PMI-2 socket of `srun --mpi=pmi2` (`PMI_FD`), when it is open.
+fn slurm_fds() -> Vec<std::os::fd::RawFd> {
+    let pmi = std::env::var("PMI_FD").ok().and_then(|v| v.parse::<std::os::fd::RawFd>().ok()).filter(|&fd| fd > 2);
+    // SAFETY: F_GETFD only asks whether the number is an open descriptor.
+    pmi.into_iter().filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).collect()
+}
+
 /// Runs the task; returns its exit code.
 pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
     // Block the signals first: every thread inherits the mask, and the
@@ -71,7 +79,7 @@ pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
     set.thread_block().map_err(|e| crate::error::EngineError(format!("cannot block signals: {e}")))?;
 
     let stream = connect(socket)?;
-    protocol::send_stdio(&stream)?;
+    protocol::send_task_fds(&stream, &slurm_fds())?;
     let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError(e.to_string()))?)?;
     let cwd = std::env::current_dir().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/".into());
     let runtime = resolve_program(&argv[0]);

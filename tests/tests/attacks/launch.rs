@@ -232,3 +232,25 @@ fn the_container_has_alices_groups_not_roots() {
     assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
     assert_eq!(sorted(&out.stdout), expected, "{out:#?}");
 }
+
+/// slurmstepd's own descriptors (its sockets, other tasks' PMI sockets) are
+/// root's: the agent it starts must not hand them to alice's container. The
+/// container holds the descriptors the same command holds unprotected: its
+/// stdio, and with `--mpi=pmi2` its own PMI socket at the same number.
+#[test]
+fn the_container_gets_the_tasks_descriptors_and_none_of_slurmstepds() {
+    let c = cluster();
+    let fds = "ls /proc/self/fd | sort -n | xargs echo; echo PMI_FD=$PMI_FD";
+    for mpi in ["none", "pmi2"] {
+        let run = |flag: &str| {
+            let out = as_alice(c, &format!("srun -w node1 -n2 --mpi={mpi} {flag} apptainer -s exec {TEST_SIF} sh -c '{fds}'")).ok();
+            let mut lines: Vec<String> = out.stdout.lines().map(String::from).collect();
+            lines.sort();
+            (lines, out)
+        };
+        let (unprotected, _) = run("");
+        let (protected, out) = run("--checkpoint-container");
+        assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
+        assert_eq!(protected, unprotected, "--mpi={mpi}: descriptors differ from the unprotected run");
+    }
+}
