@@ -440,6 +440,14 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             "the step spans {} nodes, and connections between nodes cannot be checkpointed (run one step per node to protect it)",
             t.step_nodes
         )),
+        // The ranks of an `srun --mpi=pmi2` step live in one container each
+        // and share memory and connections across containers, which one
+        // CRIU per container cannot dump; mpirun inside one container can.
+        _ if t.step().is_coupled() && !slurm_fds.is_empty() => fail(format!(
+            "its {} MPI ranks run in separate containers (srun --mpi=pmi2), which cannot be checkpointed together; \
+             to protect an MPI program, start it with mpirun inside one container (srun -n1 … apptainer exec IMAGE mpirun -np N …)",
+            t.step_tasks
+        )),
         Some(r) if launch::is_site_runtime(settings, r) => {
             task_checkpoint_dir(settings, t).and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?)))
         }

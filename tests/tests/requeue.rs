@@ -1,7 +1,7 @@
 //! Checkpoint on preemption and `scontrol requeue`, restore on the requeued
 //! run, with real slurmctld/slurmd, munge, Apptainer and CRIU.
 
-use cluster_tests::{cluster, BatchJob, Cluster, PlugstackOverride};
+use cluster_tests::{cluster, BatchJob, Cluster, PlugstackOverride, TEST_SIF};
 use std::time::Duration;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -205,6 +205,15 @@ fn a_step_whose_task_fails_to_restore_discards_the_restored_tasks() {
     let out = both_tasks_started_over(c, &job);
     assert!(out.contains(&format!("checkpoint-container: step {}.0 starts fresh: task 1 could not be restored", job.id)), "{out}");
     job.cleanup(c);
+}
+
+#[test]
+fn an_srun_mpi_step_of_several_ranks_runs_unprotected_and_says_why() {
+    let c = cluster();
+    let out = c.sh("node1", "alice", &format!("srun -w node1 -n2 --mpi=pmi2 --checkpoint-container apptainer -s exec {TEST_SIF} true")).ok();
+    assert_eq!(out.stderr.matches("runs unprotected: its 2 MPI ranks run in separate containers (srun --mpi=pmi2)").count(), 2, "{out:#?}");
+    assert!(out.stderr.contains("start it with mpirun inside one container"), "{out:#?}");
+    assert!(!out.stderr.contains("is protected"), "{out:#?}");
 }
 
 #[test]
