@@ -18,7 +18,7 @@
 # and SIZE_MIB size KIND BYTES for image sizes.
 set -euo pipefail
 SIZE_MIB=$1 REPS=$2 TARGET=$3 STAGING=${4:-/dev/shm/ckpt-staging}
-HELPER=/opt/checkpoint-container/bin/checkpoint-container
+HELPER=/usr/libexec/checkpoint-container/checkpoint-container
 WORKLOAD=/opt/checkpoint-container/bin/ckpt-workload
 SIF=/shared/images/test.sif
 dir=/shared/bench-$$

@@ -166,8 +166,13 @@ pub fn gcc(source: &str, out: &Path, flags: &[&str]) {
 
 /// A plugstack.conf line with its `criu=` argument replaced (or added).
 pub fn with_criu(line: &str, criu: &str) -> String {
-    let mut words: Vec<String> = line.split_whitespace().filter(|w| !w.starts_with("criu=")).map(String::from).collect();
-    words.push(format!("criu={criu}"));
+    with_arg(line, "criu", criu)
+}
+
+/// A plugstack.conf line with argument `key` replaced (or added).
+pub fn with_arg(line: &str, key: &str, value: &str) -> String {
+    let mut words: Vec<String> = line.split_whitespace().filter(|w| !w.starts_with(&format!("{key}="))).map(String::from).collect();
+    words.push(format!("{key}={value}"));
     words.join(" ")
 }
 
@@ -191,7 +196,8 @@ pub fn expected_done(mem_mib: u32, steps: u32) -> String {
 }
 
 /// The helper as installed on every node.
-pub const HELPER: &str = "/opt/checkpoint-container/bin/checkpoint-container";
+/// Where the package installs the helper (the cluster installs the .deb).
+pub const HELPER: &str = "/usr/libexec/checkpoint-container/checkpoint-container";
 const WORKLOAD: &str = "/opt/checkpoint-container/bin/ckpt-workload";
 
 /// How a test starts the workload container.

@@ -1,7 +1,7 @@
 //! Checkpoint on preemption and `scontrol requeue`, restore on the requeued
 //! run, with real slurmctld/slurmd, munge, Apptainer and CRIU.
 
-use cluster_tests::{cluster, BatchJob, Cluster, PlugstackOverride, TEST_SIF};
+use cluster_tests::{cluster, BatchJob, Cluster, PlugstackOverride, HELPER, TEST_SIF};
 use std::time::Duration;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -48,7 +48,7 @@ fn scontrol_requeue_checkpoints_and_the_requeued_job_restores() {
     let saved = requeue_after(c, &job, "out.txt", 10);
     assert!(saved < 80, "checkpointed mid-run");
     let manifest = c
-        .exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "inspect", "--verify", &job.checkpoint_of(0, 0)])
+        .exec("node1", "root", &[HELPER, "inspect", "--verify", &job.checkpoint_of(0, 0)])
         .ok()
         .stdout;
     assert!(manifest.contains(&format!("job_id = {}", job.id)), "{manifest}");
@@ -238,11 +238,11 @@ fn another_user_cannot_read_or_restore_the_images() {
     let out = c.exec("node1", "bob", &["ls", &images]).failed();
     assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
     // Not even alice can take her images outside Slurm: only root restores.
-    let out = c.exec("node1", "alice", &["/opt/checkpoint-container/bin/checkpoint-container", "restore", "--images", &images]).failed();
+    let out = c.exec("node1", "alice", &[HELPER, "restore", "--images", &images]).failed();
     assert!(out.stderr.contains("Permission denied") || out.stderr.contains("not permitted"), "{}", out.stderr);
     // And root refuses it for bob.
     let out = c
-        .exec("node1", "root", &["/opt/checkpoint-container/bin/checkpoint-container", "restore", "--images", &images, "--uid", "2002"])
+        .exec("node1", "root", &[HELPER, "restore", "--images", &images, "--uid", "2002"])
         .failed();
     assert!(out.stderr.contains("belongs to uid 2001, not to uid 2002"), "{}", out.stderr);
     job.cleanup(c);
@@ -296,7 +296,7 @@ fn checkpoints_of_a_requeued_job_cancelled_while_pending_are_collected() {
     let waiting = c.submit_workload_job(&["-w", "node2"], ONE_STEP, 64, 600);
     requeue_after(c, &job, "out.txt", 5);
     requeue_after(c, &waiting, "out.txt", 5);
-    let gc = ["/opt/checkpoint-container/bin/checkpoint-container", "--checkpoint-dir", "/shared/checkpoints", "gc"];
+    let gc = [HELPER, "--checkpoint-dir", "/shared/checkpoints", "gc"];
     // Both are pending: their checkpoints stay.
     assert_eq!(c.exec("node1", "root", &gc).ok().stdout, "");
     c.exec("node1", "alice", &["scancel", &job.id.to_string()]).ok();

@@ -92,14 +92,9 @@ fn helper_that_root_should_not_trust_is_never_run() {
     let c = cluster();
     // A helper in a directory users can write to, owned by a user.
     let helper = format!("/home/alice/helper-{}", unique());
-    c.sh("node1", "alice", &format!("cp /opt/checkpoint-container/bin/checkpoint-container {helper}")).ok();
+    c.sh("node1", "alice", &format!("cp {} {helper}", cluster_tests::HELPER)).ok();
     {
-        let _guard = PlugstackOverride::new(c, |line| {
-            line.split_whitespace()
-                .map(|w| if w.starts_with("helper=") { format!("helper={helper}") } else { w.to_string() })
-                .collect::<Vec<_>>()
-                .join(" ")
-        });
+        let _guard = PlugstackOverride::new(c, |line| cluster_tests::with_arg(line, "helper", &helper));
         let out = c.sh("node1", "alice", &format!("srun --checkpoint-container apptainer -s exec {} true", cluster_tests::TEST_SIF)).ok();
         assert!(out.stderr.contains(&format!("helper {helper} is unusable: not owned by root")), "{}", out.stderr);
         assert!(out.stderr.contains("this step runs without checkpointing"), "{}", out.stderr);
