@@ -18,19 +18,22 @@ fn option_is_listed_in_srun_sbatch_and_salloc_help() {
 #[test]
 fn srun_runs_an_apptainer_container_with_the_option_on_both_nodes() {
     let c = cluster();
-    let script = format!(
-        "srun --checkpoint-container -N2 -n2 --ntasks-per-node=1 apptainer -s exec {TEST_SIF} \
-         sh -c 'echo \"rank $SLURM_PROCID on $(hostname) os=$(. /etc/os-release; echo $ID) \
-         ckpt=$SLURM_CHECKPOINT_CONTAINER\"' | sort"
-    );
-    let out = c.sh("node1", "alice", &script).ok();
-    assert_eq!(
-        out.stdout.lines().collect::<Vec<_>>(),
-        ["rank 0 on node1 os=debian ckpt=1", "rank 1 on node2 os=debian ckpt=1"],
-        "{out:#?}"
-    );
-    // One line per step, from rank 0, naming the CRIU the node checked.
-    assert_eq!(out.stderr.matches(PROTECTED).count(), 1, "{}", out.stderr);
+    // One step per node (a step spanning nodes runs unprotected: requeue.rs).
+    for node in ["node1", "node2"] {
+        let script = format!(
+            "srun --checkpoint-container -w {node} -n2 apptainer -s exec {TEST_SIF} \
+             sh -c 'echo \"rank $SLURM_PROCID on $(hostname) os=$(. /etc/os-release; echo $ID) \
+             ckpt=$SLURM_CHECKPOINT_CONTAINER\"' | sort"
+        );
+        let out = c.sh("node1", "alice", &script).ok();
+        assert_eq!(
+            out.stdout.lines().collect::<Vec<_>>(),
+            [format!("rank 0 on {node} os=debian ckpt=1"), format!("rank 1 on {node} os=debian ckpt=1")],
+            "{out:#?}"
+        );
+        // One line per step, from rank 0, naming the CRIU the node checked.
+        assert_eq!(out.stderr.matches(PROTECTED).count(), 1, "{}", out.stderr);
+    }
 }
 
 #[test]
