@@ -23,8 +23,8 @@ use crate::procfs::{self, Pid};
 use crate::protocol::{self, Channel, ToAgent, ToTask};
 use crate::storage::Staging;
 use crate::user::User;
-use crate::{cgroup, storage};
-use ckpt_config::Settings;
+use crate::{cgroup, namespaces, storage};
+use ckpt_config::{ContainerNetwork, Settings};
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -255,6 +255,15 @@ fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
     procfs::ns_inode(pid, "mnt").is_ok_and(|n| n != own).then_some(fd)
 }
 
+/// How the agent starts a program for the task.
+enum Start {
+    /// The restore command, which makes the container's namespaces itself.
+    Restore { status_fd: OwnedFd },
+    /// A container: under our init, in namespaces of its own, with the
+    /// user's groups.
+    Container { network: ContainerNetwork, user: User },
+}
+
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
 /// `/` (what the container sees as its working directory is an Apptainer
 /// option, never a path root resolves).
@@ -263,9 +272,19 @@ fn spawn_for_task(
     stdio: &[OwnedFd; 3],
     cgroups: Vec<std::ffi::CString>,
     env: &[(String, String)],
-    extra_fd: Option<&OwnedFd>,
-    groups_of: Option<&User>,
+    how: &Start,
 ) -> Result<Child> {
+    let argv = match how {
+        Start::Container { network, .. } => {
+            let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
+            namespaces::init_argv(&helper, *network, None, argv)
+        }
+        Start::Restore { .. } => argv.to_vec(),
+    };
+    let (extra_fd, groups_of) = match how {
+        Start::Restore { status_fd } => (Some(status_fd), None),
+        Start::Container { user, .. } => (None, Some(user)),
+    };
     let mut cmd = Command::new(&argv[0]);
     if let Some(user) = groups_of {
         user.give_groups(&mut cmd);
@@ -286,7 +305,11 @@ fn spawn_for_task(
             Ok(())
         });
     }
-    cmd.spawn().context(|| format!("cannot start {}", argv[0]))
+    match how {
+        Start::Container { network, .. } => namespaces::spawn_init(&mut cmd, *network),
+        Start::Restore { .. } => cmd.spawn(),
+    }
+    .context(|| format!("cannot start {}", argv[0]))
 }
 
 /// Restores the task's checkpoint through `checkpoint-container restore`
@@ -326,12 +349,14 @@ fn try_restore(
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
     let cgroups = task_cgroups(t, task)?;
-    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w), None)?;
-    drop(status_w);
+    let how = Start::Restore { status_fd: status_w };
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], &how)?;
+    drop(how);
     let mut line = String::new();
     let _ = std::io::BufReader::new(File::from(status_r).take(64)).read_line(&mut line);
-    if line.trim() == "restored" {
-        return Ok(Some(Running::new(child, Some(m.process.root_pid), t.uid)?));
+    if let Some(pid) = line.trim().strip_prefix("restored") {
+        let pid = pid.trim().parse::<Pid>().ok().filter(|&p| p > 0);
+        return Ok(Some(Running::new(child, pid, t.uid)?));
     }
     // The restore command has told the user why; start fresh.
     let mut child = child;
@@ -435,7 +460,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         Some(r) => r,
         None => {
             let cgroups = task_cgroups(t, &task)?;
-            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, Some(&user))?;
+            let how = Start::Container { network: settings.container_network, user: user.clone() };
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &how)?;
             Running::new(child, None, t.uid)?
         }
     };
