@@ -167,8 +167,6 @@ pub struct Invocation<'a> {
 pub struct CriuCommand {
     cmd: std::process::Command,
     pid_ns: Option<std::fs::File>,
-    /// The container has a network namespace of its own.
-    pub own_network: bool,
 }
 
 impl CriuCommand {
@@ -383,9 +381,8 @@ impl Invocation<'_> {
         if let Some(why) = untrusted_proc(&mountinfo) {
             return Err(refuse(why));
         }
-        let own_network = joined.net.is_some();
         let mut args = self.args.clone();
-        if own_network {
+        if joined.net.is_some() {
             caps.insert(caps::Capability::CAP_NET_ADMIN);
             args.push("--tcp-established".into());
             if args.first().map(String::as_str) == Some("dump") {
@@ -410,7 +407,7 @@ impl Invocation<'_> {
             envp: cstrings(envp).map_err(not_runnable)?,
         }
         .command();
-        Ok(CriuCommand { cmd, pid_ns: joined.pid, own_network })
+        Ok(CriuCommand { cmd, pid_ns: joined.pid })
     }
 }
 

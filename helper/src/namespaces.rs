@@ -237,7 +237,8 @@ pub fn open_checked(pid: Pid) -> std::result::Result<Joined, String> {
         }
         Some(pid_ns)
     };
-    let net_joined = if inode(&net)? == ino("/proc/self/ns/net".into())? {
+    let own_net = ino("/proc/self/ns/net".into())?;
+    let net_joined = if inode(&net)? == own_net {
         None
     } else {
         if related(&net, NS_GET_USERNS).map_err(|e| format!("cannot tell who owns its network namespace: {e}"))? != own_user {
@@ -245,12 +246,15 @@ pub fn open_checked(pid: Pid) -> std::result::Result<Joined, String> {
         }
         Some(net)
     };
-    let same = |ns: &str, f: Option<&File>, own: u64| -> std::result::Result<bool, String> {
-        Ok(ino(format!("/proc/{pid}/ns/{ns}"))? == f.map(inode).transpose()?.unwrap_or(own))
-    };
-    let own_net = ino("/proc/self/ns/net".into())?;
-    if !same("mnt", Some(&mnt), 0)? || !same("pid", pid_joined.as_ref(), own_pid)? || !same("net", net_joined.as_ref(), own_net)? {
-        return Err("it changed namespaces while being checked".into());
+    let expected = [
+        ("mnt", inode(&mnt)?),
+        ("pid", pid_joined.as_ref().map(inode).transpose()?.unwrap_or(own_pid)),
+        ("net", net_joined.as_ref().map(inode).transpose()?.unwrap_or(own_net)),
+    ];
+    for (ns, want) in expected {
+        if ino(format!("/proc/{pid}/ns/{ns}"))? != want {
+            return Err("it changed namespaces while being checked".into());
+        }
     }
     Ok(Joined { mnt, pid: pid_joined, net: net_joined })
 }
