@@ -44,8 +44,39 @@ pub struct Settings {
     /// then moved to `checkpoint_dir` once the container is released; none:
     /// written to `checkpoint_dir` directly.
     pub staging_dir: Option<PathBuf>,
+    /// Which network namespace protected containers run in.
+    pub container_network: ContainerNetwork,
     /// The TOML file these settings were read from, if one was read.
     pub config_file: Option<PathBuf>,
+}
+
+/// The network a protected container sees: a namespace of its own with only
+/// loopback (TCP inside the container is checkpointed), or the node's (the
+/// container reaches the network; a connected TCP socket makes the
+/// checkpoint fail).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerNetwork {
+    #[default]
+    Isolated,
+    Node,
+}
+
+impl ContainerNetwork {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerNetwork::Isolated => "isolated",
+            ContainerNetwork::Node => "node",
+        }
+    }
+
+    pub fn parse(key: &str, value: &str) -> Result<ContainerNetwork, ConfigError> {
+        match value {
+            "isolated" => Ok(ContainerNetwork::Isolated),
+            "node" => Ok(ContainerNetwork::Node),
+            _ => Err(ConfigError::BadValue { key: key.to_string(), value: value.to_string(), why: "expected isolated or node" }),
+        }
+    }
 }
 
 /// How page images are stored: as CRIU writes them, or compressed with
@@ -86,6 +117,7 @@ impl Default for Settings {
             apptainer_conf: DEFAULT_APPTAINER_CONF.into(),
             compression: Compression::None,
             staging_dir: None,
+            container_network: ContainerNetwork::Isolated,
             config_file: None,
         }
     }
@@ -140,7 +172,8 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const KEYS: [&str; 8] = ["helper", "checkpoint_dir", "criu", "apptainer", "apptainer_conf", "compression", "staging_dir", "config"];
+const KEYS: [&str; 9] =
+    ["helper", "checkpoint_dir", "criu", "apptainer", "apptainer_conf", "compression", "staging_dir", "container_network", "config"];
 
 /// The admin TOML file. Unknown keys are refused, like unknown arguments.
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +186,7 @@ struct TomlFile {
     apptainer_conf: Option<String>,
     compression: Option<Compression>,
     staging_dir: Option<String>,
+    container_network: Option<ContainerNetwork>,
 }
 
 /// Arguments from the plugstack.conf line, validated but not yet merged.
@@ -165,6 +199,7 @@ struct PlugstackArgs {
     apptainer_conf: Option<PathBuf>,
     compression: Option<Compression>,
     staging_dir: Option<PathBuf>,
+    container_network: Option<ContainerNetwork>,
     config: Option<PathBuf>,
 }
 
@@ -175,6 +210,12 @@ fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, Conf
         let (key, value) = arg.split_once('=').ok_or_else(|| ConfigError::Malformed { arg: arg.to_string() })?;
         if key == "compression" {
             if out.compression.replace(Compression::parse(key, value)?).is_some() {
+                return Err(ConfigError::Duplicate { key: key.to_string() });
+            }
+            continue;
+        }
+        if key == "container_network" {
+            if out.container_network.replace(ContainerNetwork::parse(key, value)?).is_some() {
                 return Err(ConfigError::Duplicate { key: key.to_string() });
             }
             continue;
@@ -263,6 +304,9 @@ impl Settings {
         if let Some(p) = args.staging_dir {
             settings.staging_dir = Some(p);
         }
+        if let Some(n) = args.container_network {
+            settings.container_network = n;
+        }
         Ok(settings)
     }
 
@@ -289,6 +333,9 @@ impl Settings {
         }
         if let Some(v) = file.staging_dir {
             self.staging_dir = Some(checked_path("staging_dir", &v)?);
+        }
+        if let Some(n) = file.container_network {
+            self.container_network = n;
         }
         Ok(())
     }
@@ -340,6 +387,19 @@ mod tests {
         let read = |_: &Path| Ok(Some("compression = \"zstd\"\nstaging_dir = \"/run/ckpt\"\n".to_string()));
         let s = Settings::load(&["compression=none"], read).unwrap();
         assert_eq!((s.compression, s.staging_dir), (Compression::None, Some(PathBuf::from("/run/ckpt"))));
+    }
+
+    #[test]
+    fn container_network_is_isolated_unless_the_site_says_node() {
+        assert_eq!(load(&[]).unwrap().container_network, ContainerNetwork::Isolated);
+        assert_eq!(load(&["container_network=node"]).unwrap().container_network, ContainerNetwork::Node);
+        let e = load(&["container_network=host"]).unwrap_err();
+        assert_eq!(e.to_string(), "setting container_network=\"host\" is invalid: expected isolated or node");
+        assert!(matches!(load(&["container_network=node", "container_network=node"]), Err(ConfigError::Duplicate { .. })));
+        let read = |_: &Path| Ok(Some("container_network = \"node\"\n".to_string()));
+        assert_eq!(Settings::load(&[] as &[&str], read).unwrap().container_network, ContainerNetwork::Node);
+        let s = Settings::load(&["container_network=isolated"], read).unwrap();
+        assert_eq!(s.container_network, ContainerNetwork::Isolated);
     }
 
     #[test]

@@ -24,8 +24,8 @@ use crate::protocol::{self, Channel, ToAgent, ToTask};
 use crate::step::{self, Barrier, StepTask};
 use crate::storage::Staging;
 use crate::user::User;
-use crate::{cgroup, storage};
-use ckpt_config::Settings;
+use crate::{cgroup, namespaces, storage};
+use ckpt_config::{ContainerNetwork, Settings};
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -265,18 +265,32 @@ fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
     procfs::ns_inode(pid, "mnt").is_ok_and(|n| n != own).then_some(fd)
 }
 
+/// How the agent starts a program for the task.
+enum Start<'a> {
+    /// The restore command, which makes the container's namespaces itself.
+    Restore { status_fd: OwnedFd },
+    /// A container: under our init, in namespaces of its own, with the
+    /// user's groups, and the descriptors Slurm gave the task beyond stdio
+    /// (at their numbers).
+    Container { network: ContainerNetwork, user: User, slurm_fds: &'a [(RawFd, OwnedFd)] },
+}
+
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
 /// `/` (what the container sees as its working directory is an Apptainer
-/// option, never a path root resolves). `extra` are further descriptors the
-/// child gets, each at the number given.
-fn spawn_for_task(
-    argv: &[String],
-    stdio: &[OwnedFd; 3],
-    cgroups: Vec<std::ffi::CString>,
-    env: &[(String, String)],
-    extra: &[(RawFd, &OwnedFd)],
-    groups_of: Option<&User>,
-) -> Result<Child> {
+/// option, never a path root resolves).
+fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::CString>, env: &[(String, String)], how: &Start) -> Result<Child> {
+    let argv = match how {
+        Start::Container { network, .. } => {
+            let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
+            namespaces::init_argv(&helper, *network, None, argv)
+        }
+        Start::Restore { .. } => argv.to_vec(),
+    };
+    // Further descriptors the child gets, each at the number given.
+    let (extra, groups_of): (Vec<(RawFd, RawFd)>, _) = match how {
+        Start::Restore { status_fd } => (vec![(3, status_fd.as_raw_fd())], None),
+        Start::Container { user, slurm_fds, .. } => (slurm_fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(), Some(user)),
+    };
     let mut cmd = Command::new(&argv[0]);
     if let Some(user) = groups_of {
         user.give_groups(&mut cmd);
@@ -284,7 +298,6 @@ fn spawn_for_task(
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
     cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
-    let extra: Vec<(RawFd, RawFd)> = extra.iter().map(|(to, from)| (*to, from.as_raw_fd())).collect();
     // SAFETY: allocation-free calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -306,7 +319,11 @@ fn spawn_for_task(
             Ok(())
         });
     }
-    cmd.spawn().context(|| format!("cannot start {}", argv[0]))
+    match how {
+        Start::Container { network, .. } => namespaces::spawn_init(&mut cmd, *network),
+        Start::Restore { .. } => cmd.spawn(),
+    }
+    .context(|| format!("cannot start {}", argv[0]))
 }
 
 /// Restores the task's checkpoint through `checkpoint-container restore`
@@ -346,13 +363,18 @@ fn try_restore(
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
     let cgroups = task_cgroups(t, task)?;
-    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], &[(3, &status_w)], None)?;
-    drop(status_w);
+    let how = Start::Restore { status_fd: status_w };
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], &how)?;
+    drop(how);
+    // "restored PID LINE": the program's pid on the node, and the line for
+    // the user (told once its step goes on).
     let mut line = String::new();
     let _ = std::io::BufReader::new(File::from(status_r).take(4096)).read_line(&mut line);
-    if line.starts_with("restored ") {
-        let mut running = Running::new(child, Some(m.process.root_pid), t.uid)?;
-        running.restored = Some(line.trim().to_string());
+    if let Some(rest) = line.trim().strip_prefix("restored ") {
+        let (pid, said) = rest.split_once(' ').unwrap_or((rest, ""));
+        let pid = pid.parse::<Pid>().ok().filter(|&p| p > 0);
+        let mut running = Running::new(child, pid, t.uid)?;
+        running.restored = Some(said.to_string()).filter(|s| !s.is_empty());
         return Ok(Some(running));
     }
     // The restore command has told the user why; start fresh.
@@ -481,8 +503,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
         None => {
             let cgroups = task_cgroups(t, &task)?;
-            let slurm_fds: Vec<(RawFd, &OwnedFd)> = slurm_fds.iter().map(|(n, fd)| (*n, fd)).collect();
-            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &slurm_fds, Some(&user))?;
+            let how = Start::Container { network: settings.container_network, user: user.clone(), slurm_fds: &slurm_fds };
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &how)?;
             Running::new(child, None, t.uid)?
         }
     };

@@ -7,7 +7,7 @@ use crate::manifest::{self, JobIds, Manifest, Owner};
 use crate::procfs::{self, Pid};
 use crate::storage::{self, Staging, DUMP_LOG};
 use crate::streamer::Capture;
-use ckpt_config::Settings;
+use ckpt_config::{ContainerNetwork, Settings};
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -108,6 +108,34 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
     Ok(out)
 }
 
+/// Whether the container has a network namespace of its own (made by its
+/// init) or uses the node's.
+fn container_network(pid: Pid) -> Result<ContainerNetwork> {
+    let me = std::process::id() as Pid;
+    let theirs = procfs::ns_inode(pid, "net").context(|| format!("process {pid}"))?;
+    Ok(if theirs == procfs::ns_inode(me, "net").context(|| "own namespaces".into())? {
+        ContainerNetwork::Node
+    } else {
+        ContainerNetwork::Isolated
+    })
+}
+
+/// In the node's network namespace a TCP connection cannot be checkpointed
+/// (repairing it would take `CAP_NET_ADMIN` over the node's network, and
+/// its peer is outside the tree): refused with the peer named, before CRIU
+/// would fail without naming it.
+fn refuse_tcp_connections(pids: &[Pid]) -> Result<()> {
+    let connections = procfs::tcp_connections(pids).context(|| "cannot read the TCP sockets of the container".into())?;
+    match connections.first() {
+        None => Ok(()),
+        Some(c) => fail(format!(
+            "process {} has a TCP connection to {} open (fd {}): the container uses the node's network (container_network = node), \
+             where connections cannot be checkpointed",
+            c.pid, c.peer, c.fd
+        )),
+    }
+}
+
 /// How long CRIU may take to dump: past it, it is killed and the
 /// checkpoint fails like any other (the job goes on under the usual rules).
 pub const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
@@ -148,7 +176,14 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let image = req.image.as_path();
     let image_stamp = storage::stamp(image)?;
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
+    // Pids as the container's PID namespace numbers them: what CRIU sees
+    // and restores.
     let ids = procfs::threads(&pids);
+    let root_pid = procfs::ns_pid(req.pid).context(|| format!("process {}", req.pid))?;
+    let network = container_network(req.pid)?;
+    if network == ContainerNetwork::Node {
+        refuse_tcp_connections(&pids)?;
+    }
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
     let externals = external_files(req.pid, &pids)?;
     let (cwd, env) = match &req.started_in {
@@ -171,7 +206,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let listener = Capture::bind(&staging.work, uid, gid)?;
     let mut args: Vec<String> =
         ["dump", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", DUMP_LOG].map(String::from).into();
-    args.extend(["-t".into(), req.pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
+    args.extend(["-t".into(), root_pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
     keys.dedup();
     for key in keys {
@@ -183,16 +218,12 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     if req.leave_running {
         args.push("--leave-stopped".into());
     }
-    let invocation = Invocation { criu: &settings.criu, mnt_ns_of: req.pid, uid, gid, caps: CRIU_CAPS, images_dir: &criu_dir, args };
+    let invocation = Invocation { criu: &settings.criu, ns_of: req.pid, uid, gid, caps: CRIU_CAPS, images_dir: &criu_dir, args };
     phase("CRIU starts");
     let started = Instant::now();
-    let child = invocation
-        .command()?
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context(|| "cannot run CRIU".into())?;
+    let mut criu_cmd = invocation.command()?;
+    criu_cmd.cmd().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let child = criu_cmd.spawn().context(|| "cannot run CRIU".into())?;
     // Threads only once CRIU is forked: the images, and meanwhile the
     // container image's digest (the manifest pins what restore must find).
     let capture = Capture::start(listener, staging.images.clone(), settings.compression);
@@ -250,8 +281,9 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
             image_size,
             image_blake3,
             image_stamp,
+            network,
         },
-        process: manifest::Process { root_pid: req.pid, comm, pids: ids, stdio },
+        process: manifest::Process { root_pid, comm, pids: ids, stdio },
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
         files,
     };

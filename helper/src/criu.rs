@@ -131,28 +131,52 @@ pub fn check(criu: &Path) -> Result<Version, CriuError> {
 /// streamer, so CRIU never reads or writes the checkpoint directory.
 pub const CRIU_CAPS: &[caps::Capability] = &[caps::Capability::CAP_CHECKPOINT_RESTORE, caps::Capability::CAP_SYS_PTRACE];
 
-/// fd number at which CRIU receives the directory it works in (the image
-/// streamer's socket, its log); it is told `-D /proc/self/fd/IMAGES_FD`,
-/// which resolves in any mount namespace.
+/// fd numbers at which CRIU receives the directory it works in (the image
+/// streamer's socket, its log), the empty directory (its plugin directory
+/// and `PATH`) and its kernel-feature cache. It is given them as
+/// `/proc/self/fd/N`, which resolves in any mount and PID namespace: the
+/// container's /proc does not show the helper when the container has a PID
+/// namespace of its own.
 pub const IMAGES_FD: i32 = 100;
+const EMPTY_FD: i32 = 101;
+const KDAT_FD: i32 = 102;
 
-/// One CRIU run inside a container's mount namespace, as the container's
-/// user.
+/// One CRIU run inside a container's namespaces, as the container's user.
 ///
-/// Why inside: CRIU then sees the container's mounts as its own and neither
-/// dumps nor rebuilds them (Apptainer's session mounts are what stopped every
-/// attempt to dump the mount namespace, see docs/checkpoint-engine.md). Why
-/// as the user: prlimit, /proc and file reopening then work with the user's
-/// rights, and the restored files are opened with them.
+/// Why inside its mount namespace: CRIU then sees the container's mounts as
+/// its own and neither dumps nor rebuilds them (Apptainer's session mounts
+/// are what stopped every attempt to dump the mount namespace, see
+/// docs/checkpoint-engine.md). Its PID namespace: CRIU restores pids and
+/// checks sessions in its own one. Its network namespace (when it has one):
+/// TCP connections are repaired in place. Why as the user: prlimit, /proc
+/// and file reopening then work with the user's rights, and the restored
+/// files are opened with them.
 pub struct Invocation<'a> {
     pub criu: &'a Path,
-    /// A process whose mount namespace CRIU joins.
-    pub mnt_ns_of: i32,
+    /// A process whose namespaces CRIU joins.
+    pub ns_of: i32,
     pub uid: u32,
     pub gid: u32,
     pub caps: &'a [caps::Capability],
     pub images_dir: &'a std::fs::File,
     pub args: Vec<String>,
+}
+
+/// CRIU ready to start in the container's namespaces: [`CriuCommand::cmd`]
+/// to set stdio, then [`CriuCommand::spawn`].
+pub struct CriuCommand {
+    cmd: std::process::Command,
+    pid_ns: Option<std::fs::File>,
+}
+
+impl CriuCommand {
+    pub fn cmd(&mut self) -> &mut std::process::Command {
+        &mut self.cmd
+    }
+
+    pub fn spawn(mut self) -> std::io::Result<std::process::Child> {
+        crate::namespaces::spawn_in_pid_ns(&mut self.cmd, self.pid_ns.as_ref())
+    }
 }
 
 /// The program interpreter (dynamic loader) named in an ELF executable.
@@ -187,12 +211,6 @@ const KDAT_WORK: &str = "/run/checkpoint-container/kdat-work";
 /// How long making it may take (it probes the kernel: well under a second).
 const KDAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// A path of this node's filesystem as a process in another mount namespace
-/// of the same PID namespace reaches it: through this helper's root.
-fn through_own_root(path: &str) -> String {
-    format!("/proc/{}/root{path}", std::process::id())
-}
-
 /// Creates (once) and checks the empty directory: root-owned, writable by
 /// root only, with nothing in it.
 fn empty_dir() -> Result<&'static str, String> {
@@ -204,16 +222,17 @@ fn empty_dir() -> Result<&'static str, String> {
 }
 
 /// What a CRIU child gets: its binary (an fd, executed with execveat, so no
-/// path is resolved in the container), the mount namespace to join (none:
-/// the node's), the identity, the images directory at IMAGES_FD, argv and
-/// the whole environment.
+/// path is resolved in the container), the mount and network namespaces to
+/// join (none: the node's), the identity, the directories it is given by fd
+/// (`fds`: source, number in CRIU), argv and the whole environment.
 struct Spawn {
     binary: std::fs::File,
     mnt: Option<std::fs::File>,
+    net: Option<std::fs::File>,
     uid: u32,
     gid: u32,
     caps: caps::CapsHashSet,
-    images_fd: i32,
+    fds: Vec<(std::fs::File, i32)>,
     argv: Vec<std::ffi::CString>,
     envp: Vec<std::ffi::CString>,
 }
@@ -242,7 +261,7 @@ impl Spawn {
         // Never executed by path: the pre_exec hook below execs the fd.
         let mut cmd = std::process::Command::new("/nonexistent/criu");
         cmd.env_clear();
-        let Spawn { binary, mnt, uid, gid, caps, images_fd, argv, envp } = self;
+        let Spawn { binary, mnt, net, uid, gid, caps, fds, argv, envp } = self;
         // SAFETY: runs in the forked child before exec: syscalls only, no
         // allocation unless one fails (the agent has other threads, which
         // may hold the allocator's lock at the fork).
@@ -251,10 +270,23 @@ impl Spawn {
                 use std::io::Error;
                 let _keep = (&argv, &envp);
                 let check = |rc: libc::c_int| if rc == -1 { Err(Error::last_os_error()) } else { Ok(()) };
+                if let Some(net) = &net {
+                    check(libc::setns(net.as_raw_fd(), libc::CLONE_NEWNET))?;
+                }
                 if let Some(mnt) = &mnt {
                     check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS))?;
                 }
-                check(libc::dup2(images_fd, IMAGES_FD))?;
+                // A session of its own, led inside its PID namespace: with
+                // --shell-job the restored tree joins CRIU's session, which
+                // must not be one the namespace cannot see (getsid 0).
+                check(libc::setsid())?;
+                // Moved out of the way first: a source may sit on another
+                // one's target number.
+                for (from, to) in &fds {
+                    let moved = libc::fcntl(from.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1000);
+                    check(moved)?;
+                    check(libc::dup2(moved, *to))?;
+                }
                 check(libc::setgroups(1, &gid))?;
                 check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
                 check(libc::setresgid(gid, gid, gid))?;
@@ -302,37 +334,6 @@ fn untrusted_proc(mountinfo: &str) -> Option<String> {
     }
 }
 
-/// Checks that `mnt` (opened from /proc/<pid>/ns/mnt) is a mount namespace
-/// other than ours, owned by our user namespace, still the one of `pid`
-/// (whose mounts the caller read), and that `pid` shares our PID namespace.
-fn namespace_is_roots(mnt: &std::fs::File, pid: i32) -> Result<(), String> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    use std::os::unix::fs::MetadataExt;
-    const NS_GET_USERNS: libc::c_ulong = 0xb701;
-    let ino = |p: String| std::fs::metadata(&p).map(|m| m.ino()).map_err(|e| format!("cannot read {p}: {e}"));
-    let mnt_ino = mnt.metadata().map_err(|e| e.to_string())?.ino();
-    if mnt_ino == ino("/proc/self/ns/mnt".into())? {
-        return Err("it shares this node's mount namespace".into());
-    }
-    if ino(format!("/proc/{pid}/ns/mnt"))? != mnt_ino {
-        return Err("it changed mount namespace while being checked".into());
-    }
-    if ino(format!("/proc/{pid}/ns/pid"))? != ino("/proc/self/ns/pid".into())? {
-        return Err("it runs in a PID namespace of its own (Apptainer's --pid, --containall)".into());
-    }
-    // SAFETY: NS_GET_USERNS returns a new fd or -1.
-    let owner = unsafe { libc::ioctl(mnt.as_raw_fd(), NS_GET_USERNS) };
-    if owner < 0 {
-        return Err(format!("cannot tell who owns its mount namespace: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: just returned by the kernel, owned here only.
-    let owner = unsafe { std::fs::File::from_raw_fd(owner) };
-    if owner.metadata().map_err(|e| e.to_string())?.ino() != ino("/proc/self/ns/user".into())? {
-        return Err("its mount namespace belongs to a user namespace of its own".into());
-    }
-    Ok(())
-}
-
 fn cstrings(v: impl IntoIterator<Item = String>) -> Result<Vec<std::ffi::CString>, String> {
     v.into_iter().map(|s| std::ffi::CString::new(s).map_err(|_| "an argument contains a NUL byte".to_string())).collect()
 }
@@ -349,42 +350,71 @@ impl Invocation<'_> {
     ///   (`cr_system`: iptables, sh, tar, ip) is not found;
     /// - its kernel-feature cache was made in the node's mount namespace
     ///   (`ensure_kdat`), so it does not probe (which runs `sh -c iptables`).
-    pub fn command(&self) -> Result<std::process::Command, CriuError> {
+    ///
+    /// In a network namespace of the container's own, CRIU also gets
+    /// `CAP_NET_ADMIN` (TCP repair needs it in the namespace's owning user
+    /// namespace, the node's) and `--tcp-established`, with no network lock
+    /// (`--network-lock skip`: every process using that namespace is in the
+    /// frozen tree or is our init and Apptainer, and locking would run
+    /// iptables). docs/security.md says why that capability stays there.
+    pub fn command(&self) -> Result<CriuCommand, CriuError> {
         let not_runnable = |why: String| CriuError::NotRunnable { path: self.criu.to_path_buf(), why };
-        let caps: caps::CapsHashSet = self.caps.iter().copied().collect();
+        let mut caps: caps::CapsHashSet = self.caps.iter().copied().collect();
         let kdat = ensure_kdat(self.criu, self.uid, self.gid, &caps).map_err(|e| not_runnable(format!("no kernel-feature cache: {e}")))?;
-        let empty = through_own_root(empty_dir().map_err(not_runnable)?);
+        let kdat_dir = std::fs::File::open(&kdat).map_err(|e| not_runnable(format!("cannot open {}: {e}", kdat.display())))?;
+        let empty =
+            std::fs::File::open(empty_dir().map_err(not_runnable)?).map_err(|e| not_runnable(format!("cannot open {EMPTY_DIR}: {e}")))?;
         let binary = open_static(self.criu)?;
-        let mnt = std::fs::File::open(format!("/proc/{}/ns/mnt", self.mnt_ns_of))
-            .map_err(|e| not_runnable(format!("cannot open the mount namespace of process {}: {e}", self.mnt_ns_of)))?;
-        let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.mnt_ns_of))
-            .map_err(|e| not_runnable(format!("cannot read the mounts of process {}: {e}", self.mnt_ns_of)))?;
-        let refuse = |why: String| not_runnable(format!("refusing to run it in the container of process {}: {why}", self.mnt_ns_of));
+        let refuse = |why: String| not_runnable(format!("refusing to run it in the container of process {}: {why}", self.ns_of));
         // The process is the user's and may switch namespaces at any time:
-        // what CRIU joins is the namespace just opened, and it must be one
-        // only root can have made or changed (owned by our user namespace),
-        // in our PID namespace (paths through /proc/<helper> must name the
-        // helper), and the one whose mounts were just read.
-        namespace_is_roots(&mnt, self.mnt_ns_of).map_err(refuse)?;
+        // what CRIU joins are the namespaces just opened, each one only root
+        // can have made or changed (owned by our user namespace; a PID
+        // namespace a child of ours), and the mount namespace the one whose
+        // mounts are read below.
+        let joined = crate::namespaces::open_checked(self.ns_of).map_err(refuse)?;
+        let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.ns_of))
+            .map_err(|e| not_runnable(format!("cannot read the mounts of process {}: {e}", self.ns_of)))?;
+        let still = std::fs::File::open(format!("/proc/{}/ns/mnt", self.ns_of)).is_ok_and(|f| same_file(&f, &joined.mnt));
+        if !still {
+            return Err(refuse("it changed mount namespace while being checked".into()));
+        }
         if let Some(why) = untrusted_proc(&mountinfo) {
             return Err(refuse(why));
         }
-        let mut argv = vec!["criu".to_string(), "--no-default-config".into(), "-L".into(), empty.clone()];
-        argv.extend(self.args.iter().cloned());
-        let envp = vec![format!("PATH={empty}"), format!("XDG_RUNTIME_DIR={}", through_own_root(&kdat.display().to_string()))];
-        use std::os::fd::AsRawFd;
-        Ok(Spawn {
+        let mut args = self.args.clone();
+        if joined.net.is_some() {
+            caps.insert(caps::Capability::CAP_NET_ADMIN);
+            args.push("--tcp-established".into());
+            if args.first().map(String::as_str) == Some("dump") {
+                args.extend(["--network-lock".into(), "skip".into()]);
+            }
+        }
+        let fd_path = |fd: i32| format!("/proc/self/fd/{fd}");
+        let mut argv = vec!["criu".to_string(), "--no-default-config".into(), "-L".into(), fd_path(EMPTY_FD)];
+        argv.extend(args);
+        let envp = vec![format!("PATH={}", fd_path(EMPTY_FD)), format!("XDG_RUNTIME_DIR={}", fd_path(KDAT_FD))];
+        let images = self.images_dir.try_clone().map_err(|e| not_runnable(format!("dup: {e}")))?;
+        let fds = vec![(images, IMAGES_FD), (empty, EMPTY_FD), (kdat_dir, KDAT_FD)];
+        let cmd = Spawn {
             binary,
-            mnt: Some(mnt),
+            mnt: Some(joined.mnt),
+            net: joined.net,
             uid: self.uid,
             gid: self.gid,
             caps,
-            images_fd: self.images_dir.as_raw_fd(),
+            fds,
             argv: cstrings(argv).map_err(not_runnable)?,
             envp: cstrings(envp).map_err(not_runnable)?,
         }
-        .command())
+        .command();
+        Ok(CriuCommand { cmd, pid_ns: joined.pid })
     }
+}
+
+/// Whether two open files are the same inode (namespaces compare so).
+fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    matches!((a.metadata(), b.metadata()), (Ok(x), Ok(y)) if x.ino() == y.ino() && x.dev() == y.dev())
 }
 
 /// Where CRIU's kernel-feature cache (`criu.kdat`, looked for in
@@ -411,7 +441,6 @@ fn kdat_dir(criu: &Path) -> Option<PathBuf> {
 /// plain one of sane size, into its root-owned cache; the user never
 /// writes the cache, and CRIU in the container only reads it.
 pub fn ensure_kdat(criu: &Path, uid: u32, gid: u32, caps: &caps::CapsHashSet) -> Result<PathBuf, String> {
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = kdat_dir(criu).ok_or_else(|| format!("cannot key the cache for {}", criu.display()))?;
     if dir.join(KDAT_FILE).is_file() {
@@ -423,16 +452,20 @@ pub fn ensure_kdat(criu: &Path, uid: u32, gid: u32, caps: &caps::CapsHashSet) ->
     let work_fd = std::fs::File::open(work).map_err(|e| format!("cannot open {}: {e}", work.display()))?;
     let binary = open_static(criu).map_err(|e| e.to_string())?;
     let here = format!("/proc/self/fd/{IMAGES_FD}");
-    let argv = ["criu", "--no-default-config", "-L", empty, "check", "--unprivileged", "-v4", "-o", "check.log", "-D", &here, "-W", &here]
-        .map(String::from);
-    let envp = [format!("PATH={empty}"), format!("XDG_RUNTIME_DIR={here}")];
+    let empty_path = format!("/proc/self/fd/{EMPTY_FD}");
+    let argv =
+        ["criu", "--no-default-config", "-L", &empty_path, "check", "--unprivileged", "-v4", "-o", "check.log", "-D", &here, "-W", &here]
+            .map(String::from);
+    let envp = [format!("PATH={empty_path}"), format!("XDG_RUNTIME_DIR={here}")];
+    let empty = std::fs::File::open(empty).map_err(|e| format!("cannot open {empty}: {e}"))?;
     let spawn = Spawn {
         binary,
         mnt: None,
+        net: None,
         uid,
         gid,
         caps: caps.clone(),
-        images_fd: work_fd.as_raw_fd(),
+        fds: vec![(work_fd, IMAGES_FD), (empty, EMPTY_FD)],
         argv: cstrings(argv)?,
         envp: cstrings(envp)?,
     };
@@ -486,13 +519,6 @@ pub fn first_error(log: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crius_namespace_must_be_another_one_owned_by_root() {
-        let own = std::fs::File::open("/proc/self/ns/mnt").unwrap();
-        let e = namespace_is_roots(&own, std::process::id() as i32).unwrap_err();
-        assert!(e.contains("shares this node's mount namespace"), "{e}");
-    }
 
     #[test]
     fn parses_release_and_git_builds() {

@@ -8,7 +8,7 @@ use checkpoint_container::apptainer::ContainerCommand;
 use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
-use checkpoint_container::{agent, criu, launch, storage, task};
+use checkpoint_container::{agent, criu, launch, namespaces, storage, task};
 use ckpt_config::{read_optional_file, Settings};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -40,6 +40,10 @@ struct Cli {
     /// the configuration)
     #[arg(long, global = true, value_name = "DIR")]
     staging_dir: Option<PathBuf>,
+    /// Network of protected containers: isolated (loopback only) or node
+    /// (overrides the configuration)
+    #[arg(long, global = true, value_name = "WHICH")]
+    container_network: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -129,6 +133,19 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "/var/log/slurm/checkpoint-container.log")]
         log: PathBuf,
     },
+    /// PID 1 of a protected container's PID namespace: runs the site's
+    /// Apptainer there (the helper starts this as root; not for people)
+    #[command(hide = true)]
+    ContainerInit {
+        /// Bring the loopback interface of a fresh network namespace up
+        #[arg(long)]
+        loopback: bool,
+        /// Keep every pid up to this one free in the namespace
+        #[arg(long)]
+        last_pid: Option<i32>,
+        #[arg(last = true, required = true, value_name = "APPTAINER_COMMAND")]
+        command: Vec<String>,
+    },
     /// Open paths with the caller's rights and pass them back on fd 3 (the
     /// helper runs this as the job user; not for people)
     #[command(hide = true)]
@@ -161,6 +178,17 @@ struct JobArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The container's init reads no configuration and logs nothing: it only
+    // runs what it was given.
+    if let Command::ContainerInit { loopback, last_pid, command } = &cli.command {
+        return match namespaces::run_init(*loopback, *last_pid, command) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("checkpoint-container: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Agents write the node's agent log: every line with its time, level
     // and pid (the task's name is in the message). Commands people run
     // print warnings and errors only.
@@ -209,13 +237,14 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
 fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     // Command-line overrides are checked exactly like plugstack.conf
     // arguments, and the agent passes them on to the commands it runs.
-    let overrides: [(&str, Option<String>); 6] = [
+    let overrides: [(&str, Option<String>); 7] = [
         ("criu", cli.criu_path.as_ref().map(|p| p.display().to_string())),
         ("checkpoint_dir", cli.checkpoint_dir.as_ref().map(|p| p.display().to_string())),
         ("apptainer", cli.apptainer.as_ref().map(|p| p.display().to_string())),
         ("apptainer_conf", cli.apptainer_conf.as_ref().map(|p| p.display().to_string())),
         ("compression", cli.compression.clone()),
         ("staging_dir", cli.staging_dir.as_ref().map(|p| p.display().to_string())),
+        ("container_network", cli.container_network.clone()),
     ];
     let mut args: Vec<String> = Vec::new();
     let mut settings_args = Vec::new();
@@ -284,16 +313,18 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
                 unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             }
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
-            let done = restore(&settings, &req, |m, secs| {
+            let done = restore(&settings, &req, |m, secs, pid| {
                 let line = format!("restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());
                 match status_fd {
-                    // The agent tells the user, once the step goes on.
+                    // The agent signals and dumps the program by this pid
+                    // (the container's namespace numbers it differently),
+                    // and tells the user once the step goes on.
                     Some(fd) => {
                         use std::io::Write;
                         use std::os::fd::FromRawFd;
                         // SAFETY: the caller handed us this fd for this one line.
                         let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-                        let _ = writeln!(f, "{line}");
+                        let _ = writeln!(f, "restored {} {line}", pid.unwrap_or(0));
                     }
                     None => eprintln!("checkpoint-container: {line}"),
                 }
@@ -317,6 +348,7 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             }
             Ok(0)
         }
+        Command::ContainerInit { .. } => unreachable!("handled in main"),
         Command::OpenAsUser { requests } => {
             launch::serve_open_as_user(&requests)?;
             Ok(0)

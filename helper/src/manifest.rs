@@ -62,11 +62,21 @@ pub struct Container {
     /// finds the same needs not re-digest it (only root can set a ctime).
     #[serde(default)]
     pub image_stamp: String,
+    /// The network namespace it ran in: a restore gives it the same kind
+    /// (checkpoints older than this field used the node's).
+    #[serde(default = "node_network")]
+    pub network: ckpt_config::ContainerNetwork,
+}
+
+fn node_network() -> ckpt_config::ContainerNetwork {
+    ckpt_config::ContainerNetwork::Node
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Process {
+    /// Pids as the container's PID namespace numbers them (the node's for
+    /// a container started by hand).
     pub root_pid: i32,
     pub comm: String,
     /// Every pid and thread id of the dumped tree: restore needs them free.
@@ -144,6 +154,7 @@ mod tests {
                 image_size: 3,
                 image_blake3: "ab".into(),
                 image_stamp: "1:3:4:5".into(),
+                network: ckpt_config::ContainerNetwork::Isolated,
             },
             process: Process { root_pid: 42, comm: "sim".into(), pids: vec![42, 43], stdio: vec!["/dev/null".into()] },
             stats: Stats { dump_seconds: 0.5, images_bytes: 10 },
@@ -158,6 +169,12 @@ mod tests {
     fn round_trips_through_toml() {
         let m = sample();
         assert_eq!(Manifest::parse(Path::new("m"), &m.to_toml()).unwrap(), m);
+    }
+
+    #[test]
+    fn checkpoints_without_a_network_field_used_the_nodes() {
+        let text = sample().to_toml().replace("network = \"isolated\"\n", "");
+        assert_eq!(Manifest::parse(Path::new("m"), &text).unwrap().container.network, ckpt_config::ContainerNetwork::Node);
     }
 
     #[test]

@@ -99,19 +99,96 @@ pub fn regular_file_fd(pid: Pid, fd: i32) -> io::Result<Option<(u64, u64)>> {
     Ok(Some((mnt_id, meta.ino())))
 }
 
-/// Every thread id of the given processes (a process's own pid included):
-/// restore needs all of them free.
+/// The pid a process has in its own PID namespace (the last `NSpid` of
+/// its status; the same as ours when it shares our namespace). `rest` is
+/// "status" or "task/TID/status".
+fn ns_id(pid: Pid, rest: &str) -> io::Result<Pid> {
+    let status = fs::read_to_string(proc_path(pid, rest))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no NSpid in /proc/{pid}/{rest}")))
+}
+
+/// The pid a process has in its own PID namespace.
+pub fn ns_pid(pid: Pid) -> io::Result<Pid> {
+    ns_id(pid, "status")
+}
+
+/// The process of `root`'s tree (ours in ours) whose pid in its own PID
+/// namespace is `ns_pid`.
+pub fn find_ns_pid(root: Pid, ns_pid: Pid) -> Option<Pid> {
+    tree(root).ok()?.into_iter().find(|&p| self::ns_pid(p).is_ok_and(|n| n == ns_pid))
+}
+
+/// Every thread id of the given processes (a process's own pid included),
+/// as their PID namespace numbers them: restore needs all of them free.
 pub fn threads(pids: &[Pid]) -> Vec<Pid> {
     let mut out = Vec::new();
     for &pid in pids {
-        match fs::read_dir(proc_path(pid, "task")) {
-            Ok(tasks) => out.extend(tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<Pid>().ok())),
-            Err(_) => out.push(pid),
-        }
+        let tids: Vec<Pid> = match fs::read_dir(proc_path(pid, "task")) {
+            Ok(tasks) => tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<Pid>().ok()).collect(),
+            Err(_) => vec![pid],
+        };
+        out.extend(tids.into_iter().filter_map(|tid| ns_id(pid, &format!("task/{tid}/status")).ok()));
     }
     out.sort();
     out.dedup();
     out
+}
+
+/// A connected TCP socket of a process: its fd and the peer's address.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TcpConnection {
+    pub pid: Pid,
+    pub fd: i32,
+    pub peer: String,
+}
+
+/// Connected TCP sockets (any state but listening or closed) the processes
+/// hold, read from /proc/PID/net/tcp{,6} of their network namespace.
+pub fn tcp_connections(pids: &[Pid]) -> io::Result<Vec<TcpConnection>> {
+    let Some(&first) = pids.first() else { return Ok(Vec::new()) };
+    let mut peers = std::collections::HashMap::new();
+    for table in ["net/tcp", "net/tcp6"] {
+        let Ok(text) = fs::read_to_string(proc_path(first, table)) else { continue };
+        peers.extend(text.lines().skip(1).filter_map(parse_tcp_line));
+    }
+    let mut out = Vec::new();
+    for &pid in pids {
+        for fd in fds(pid).unwrap_or_default() {
+            let Ok(target) = fd_target(pid, fd) else { continue };
+            let Some(ino) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')).and_then(|i| i.parse::<u64>().ok()) else {
+                continue;
+            };
+            if let Some(peer) = peers.get(&ino) {
+                out.push(TcpConnection { pid, fd, peer: peer.clone() });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// (inode, peer address) of a line of /proc/net/tcp{,6} whose socket is
+/// connected: not listening (0A) or closed (07).
+fn parse_tcp_line(line: &str) -> Option<(u64, String)> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (remote, state, inode) = (f.get(2)?, f.get(3)?, f.get(9)?.parse::<u64>().ok()?);
+    if matches!(*state, "0A" | "07") {
+        return None;
+    }
+    let (addr, port) = remote.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // Each 32-bit word is in the host's (little-endian) byte order.
+    let words: Vec<u32> = (0..addr.len() / 8).filter_map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).ok()).collect();
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some((inode, std::net::SocketAddr::new(ip, port).to_string()))
 }
 
 /// Resident memory of a process tree (bytes): about what its page images
@@ -132,6 +209,16 @@ pub fn kib_field(text: &str, key: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_peers_are_read_from_proc_net_tcp() {
+        let est = "   1: 0B0BD50A:9C40 0A0BD50A:0016 01 00000000:00000000 00:00000000 00000000  2001        0 4242 1 0 20 4 30 10 -1";
+        assert_eq!(parse_tcp_line(est), Some((4242, "10.213.11.10:22".to_string())));
+        let listen = "   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0 100 0 0 10 0";
+        assert_eq!(parse_tcp_line(listen), None);
+        let v6 = "   0: 00000000000000000000000001000000:9C40 00000000000000000000000001000000:1F90 01 0:0 00:0 0 2001 0 7 1";
+        assert_eq!(parse_tcp_line(v6), Some((7, "[::1]:8080".to_string())));
+    }
 
     #[test]
     fn kib_fields_are_read_in_bytes_by_exact_key() {

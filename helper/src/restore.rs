@@ -5,6 +5,7 @@ use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
 use crate::error::{fail, Context, EngineError, Result};
 use crate::launch::{self, Launch};
 use crate::manifest::Manifest;
+use crate::namespaces;
 use crate::procfs::{self, Pid};
 use crate::storage;
 use crate::streamer::Serve;
@@ -57,24 +58,19 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
     // What CRIU will give each restored thread, read from the images
     // themselves (whose checksums are checked first).
     crate::core_images::check(&req.images, &m)?;
-    for &pid in &m.process.pids {
-        if procfs::exists(pid) {
-            let comm = procfs::comm(pid).unwrap_or_default();
-            return fail(format!("pid {pid} needed by the checkpoint is in use on this node (by {comm})"));
-        }
-    }
     Ok(m)
 }
 
-/// Moves the node's pid counter past every pid the checkpoint needs, so the
-/// processes the restore itself starts (Apptainer, the placeholder, CRIU)
-/// cannot take one of them (the reference paper's answer to pid clashes).
-fn reserve_pids(pids: &[Pid]) -> Result<()> {
-    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
-    let Some(&max) = pids.iter().max() else { return Ok(()) };
-    let current: Pid = std::fs::read_to_string(LAST_PID).context(|| format!("cannot read {LAST_PID}"))?.trim().parse().unwrap_or(0);
-    if current < max {
-        std::fs::write(LAST_PID, max.to_string()).context(|| format!("cannot write {LAST_PID}"))?;
+/// The pids the checkpoint needs are free in the placeholder's fresh PID
+/// namespace by construction (its init moved the namespace's pid counter
+/// past them before starting anything); says which one is not, if one is.
+fn pids_free(placeholder: &Placeholder, m: &Manifest) -> Result<()> {
+    for p in procfs::tree(placeholder.child.id() as Pid).unwrap_or_default() {
+        let Ok(taken) = procfs::ns_pid(p) else { continue };
+        if m.process.pids.contains(&taken) {
+            let comm = procfs::comm(p).unwrap_or_default();
+            return fail(format!("pid {taken} needed by the checkpoint is in use in the container's PID namespace (by {comm})"));
+        }
     }
     Ok(())
 }
@@ -134,19 +130,21 @@ impl Placeholder {
                 launch.image_name
             ));
         }
-        let argv = &launch.argv;
+        // Under our init, in fresh PID and (as it was) network namespaces,
+        // with every pid up to the largest the checkpoint needs kept free.
+        let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
+        let last_pid = m.process.pids.iter().copied().max();
+        let argv = namespaces::init_argv(&helper, m.container.network, last_pid, &launch.argv);
         let mut cmd = Command::new(&argv[0]);
         user.give_groups(&mut cmd);
-        let mut child = cmd
-            .args(&argv[1..])
+        cmd.args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env_clear()
             .envs(launch.env.iter().cloned())
-            .current_dir("/")
-            .spawn()
-            .context(|| format!("cannot start {}", argv[0]))?;
+            .current_dir("/");
+        let mut child = namespaces::spawn_init(&mut cmd, m.container.network).context(|| format!("cannot start {}", launch.argv[0]))?;
         let me = std::process::id() as Pid;
         let own_mnt = procfs::ns_inode(me, "mnt").context(|| "own namespaces".into())?;
         let own_user = procfs::ns_inode(me, "user").context(|| "own namespaces".into())?;
@@ -178,12 +176,15 @@ impl Placeholder {
         }
     }
 
-    /// Lets the placeholder end (its stdin closes) and reaps Apptainer.
+    /// Lets the placeholder end (its stdin closes) and reaps its init (which
+    /// ends with Apptainer, and the namespace with it).
     fn finish(mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
 
+    /// Kills the init, and so everything in its PID namespace (whatever
+    /// CRIU may have restored there too).
     fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.payload.signal(libc::SIGKILL);
@@ -265,25 +266,15 @@ fn released(pid: Pid) -> bool {
     }
 }
 
-/// Kills what a failed restore may have left of the tree: processes with
-/// the checkpoint's pids that belong to its owner (held by pidfd, so a pid
-/// reused meanwhile is never signalled).
-fn kill_leftovers(m: &Manifest) {
-    for &pid in &m.process.pids {
-        if let Some(fd) = procfs::PidFd::of_user(pid, m.owner.uid) {
-            let _ = fd.signal(libc::SIGKILL);
-        }
-    }
-}
-
 /// How the restored program ended, once it has.
 pub struct Restored {
     pub exit_code: i32,
 }
 
 /// Restores and waits for the restored program to end. `on_restored` is
-/// called once the tree runs again (with the seconds the restore took).
-pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOnce(&Manifest, f64)) -> Result<Restored> {
+/// called once the tree runs again (with the seconds the restore took, and
+/// the restored root's pid in this helper's PID namespace, if still alive).
+pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOnce(&Manifest, f64, Option<Pid>)) -> Result<Restored> {
     let mut on_restored = Some(on_restored);
     let entered = Instant::now();
     let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
@@ -294,9 +285,12 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let work = work_dir.path.clone();
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
-    reserve_pids(&m.process.pids)?;
     let placeholder = Placeholder::start(settings, &m)?;
     phase("placeholder runs");
+    if let Err(e) = pids_free(&placeholder, &m) {
+        placeholder.kill();
+        return Err(e);
+    }
 
     let mut args: Vec<String> = [
         "restore",
@@ -322,7 +316,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     };
     let invocation = Invocation {
         criu: &settings.criu,
-        mnt_ns_of: placeholder.payload.pid,
+        ns_of: placeholder.payload.pid,
         uid: m.owner.uid,
         gid: m.owner.gid,
         caps: CRIU_CAPS,
@@ -340,7 +334,8 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     });
     let spawned = spawned.and_then(|mut c| {
         let [out, err] = stdio;
-        c.stdin(Stdio::null()).stdout(out).stderr(err).spawn().context(|| "cannot run CRIU".into())
+        c.cmd().stdin(Stdio::null()).stdout(out).stderr(err);
+        c.spawn().context(|| "cannot run CRIU".into())
     });
     let mut criu_child = match spawned {
         Ok(c) => c,
@@ -356,18 +351,24 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         .map(|(fd, r)| if fd == 1 { relay(r, Box::new(std::io::stdout())) } else { relay(r, Box::new(std::io::stderr())) })
         .collect();
 
-    // The pid file appears once the tree is restored and running.
+    // The pid file appears once the tree is restored and running. The
+    // restored root is CRIU's child, known here by its pid in the
+    // container's namespace.
     let pidfile = work.join("restore.pid");
     let mut announced = false;
+    let mut root = None;
     let status = loop {
         if let Some(status) = criu_child.try_wait().context(|| "waiting for CRIU".into())? {
             break status;
         }
-        if !announced && pidfile.exists() && released(m.process.root_pid) {
-            announced = true;
-            if let Some(f) = on_restored.take() {
-                phase("restored tree runs");
-                f(&m, started.elapsed().as_secs_f64());
+        if !announced && pidfile.exists() {
+            root = root.or_else(|| procfs::find_ns_pid(criu_child.id() as Pid, m.process.root_pid));
+            if root.is_none_or(released) {
+                announced = true;
+                if let Some(f) = on_restored.take() {
+                    phase("restored tree runs");
+                    f(&m, started.elapsed().as_secs_f64(), root);
+                }
             }
         }
         if !announced && started.elapsed() > RESTORE_TIMEOUT {
@@ -380,14 +381,13 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         // The program ran and ended between two polls.
         announced = true;
         if let Some(f) = on_restored.take() {
-            f(&m, restore_seconds);
+            f(&m, restore_seconds, None);
         }
     }
     let placeholder = if !announced && !status.success() {
         // Whatever CRIU had recreated may still hold the relayed pipes:
-        // gone first, and the relays are not waited for.
+        // gone first (with the namespace), and the relays are not waited for.
         placeholder.kill();
-        kill_leftovers(&m);
         None
     } else {
         for r in relays {

@@ -169,6 +169,7 @@ fn helper_command(settings: &Settings) -> Command {
     cmd.arg("--criu-path").arg(&settings.criu).arg("--checkpoint-dir").arg(&settings.checkpoint_dir);
     cmd.arg("--apptainer").arg(&settings.apptainer).arg("--apptainer-conf").arg(&settings.apptainer_conf);
     cmd.arg("--compression").arg(settings.compression.as_str());
+    cmd.arg("--container-network").arg(settings.container_network.as_str());
     if let Some(dir) = &settings.staging_dir {
         cmd.arg("--staging-dir").arg(dir);
     }

@@ -517,3 +517,143 @@ impl BatchJob {
         let _ = std::fs::remove_dir_all(&self.host_dir);
     }
 }
+
+/// `pingpong OUT STEPS MS`: two processes pass a counter over a loopback TCP
+/// connection, the child adding one each time; the parent appends
+/// `counter=N pid=P sid=S` per step, then `done N`. A reset or a lost
+/// connection shows as a counter that restarts, repeats or stops.
+/// `hold OUT STEPS MS IP PORT`: the same lines, with a connection to IP:PORT
+/// held open. `listen PORT`: accepts connections and keeps them.
+pub const TCP_COUNTER: &str = r#"
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int full(int fd, void *b, size_t n, int wr) {
+    char *p = b;
+    while (n) {
+        ssize_t r = wr ? write(fd, p, n) : read(fd, p, n);
+        if (r <= 0) return 0;
+        p += r; n -= r;
+    }
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "listen")) {
+        int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])) };
+        if (bind(l, (void *)&a, sizeof a) || listen(l, 16)) return 1;
+        for (;;) accept(l, 0, 0);
+    }
+    int steps = atoi(argv[3]), ms = atoi(argv[4]);
+    int out = open(argv[2], O_WRONLY | O_APPEND | O_CREAT, 0644);
+    int s = -1;
+    pid_t child = 0;
+    if (!strcmp(argv[1], "hold")) {
+        s = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[6])) };
+        inet_pton(AF_INET, argv[5], &a.sin_addr);
+        if (connect(s, (void *)&a, sizeof a)) { dprintf(out, "cannot connect\n"); return 1; }
+    } else {
+        int l = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        socklen_t len = sizeof a;
+        if (bind(l, (void *)&a, len) || listen(l, 1) || getsockname(l, (void *)&a, &len)) return 1;
+        child = fork();
+        if (child == 0) {
+            int c = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(c, (void *)&a, len)) _exit(1);
+            close(l);
+            uint32_t n;
+            while (full(c, &n, 4, 0)) {
+                n = htonl(ntohl(n) + 1);
+                if (!full(c, &n, 4, 1)) break;
+            }
+            _exit(0);
+        }
+        s = accept(l, 0, 0);
+        close(l);
+    }
+    uint32_t n = 0;
+    for (int i = 1; i <= steps; i++) {
+        if (child) {
+            uint32_t x = htonl(n), m;
+            if (!full(s, &x, 4, 1) || !full(s, &m, 4, 0)) { dprintf(out, "connection lost at %u\n", n); return 1; }
+            m = ntohl(m);
+            if (m != n + 1) { dprintf(out, "sent %u got %u\n", n, m); return 1; }
+            n = m;
+        } else {
+            n = i;
+        }
+        dprintf(out, "counter=%u pid=%d sid=%d\n", n, getpid(), getsid(0));
+        usleep(ms * 1000);
+    }
+    dprintf(out, "done %u\n", n);
+    if (child) kill(child, SIGKILL);
+    return 0;
+}
+"#;
+
+/// A directory of alice's in /shared holding [`TCP_COUNTER`] (built as
+/// `tcpc`) and what a job running it writes (`out.txt`, `job.out`), plus
+/// the `--bind` options the job's container gets.
+pub struct TcpCounter {
+    pub path: String,
+    pub host: PathBuf,
+    binds: Vec<String>,
+}
+
+impl TcpCounter {
+    /// `binds`: extra Apptainer binds, sources relative to the directory.
+    pub fn new(c: &Cluster, binds: &[&str]) -> TcpCounter {
+        let name = format!("ns-{}", unique());
+        let path = format!("/shared/{name}");
+        c.sh("node1", "root", &format!("install -d -o alice -g alice -m 0755 {path}")).ok();
+        let host = c.shared.join(&name);
+        gcc(TCP_COUNTER, &host.join("tcpc"), &["-static", "-O2"]);
+        let binds = binds.iter().map(|b| format!("--bind {path}/{b}")).collect();
+        TcpCounter { path, host, binds }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.host.join("out.txt")).unwrap_or_default().lines().map(String::from).collect()
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.host.join("job.out")).unwrap_or_default()
+    }
+
+    pub fn wait_lines(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.lines().len() < n {
+            assert!(Instant::now() < deadline, "out.txt stuck at {} lines:\n{}", self.lines().len(), self.output());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Submits, as alice on node1, a protected job running `tcpc ARGS`.
+    pub fn submit(&self, c: &Cluster, args: &str) -> u32 {
+        let script = format!(
+            "#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o {0}/job.out\n#SBATCH --open-mode=append\n\
+             echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n\
+             srun apptainer -s exec --bind {0}:/data {1} {TEST_SIF} /data/tcpc {args}\n",
+            self.path,
+            self.binds.join(" ")
+        );
+        c.sbatch("alice", &["-w", "node1"], &script)
+    }
+}
+
+/// `key=value` of a line the TCP counter wrote (-1 if absent).
+pub fn counter_field(line: &str, key: &str) -> i64 {
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).and_then(|v| v.parse().ok()).unwrap_or(-1)
+}

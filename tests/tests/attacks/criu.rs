@@ -5,7 +5,8 @@
 //! capabilities while the checkpoint and restore still worked.
 
 use super::marker_library;
-use cluster_tests::{cluster, unique, Cluster, Workload, WorkloadSpec};
+use cluster_tests::{cluster, counter_field, unique, Cluster, TcpCounter, Workload, WorkloadSpec};
+use std::time::Duration;
 
 /// Lines of a marker that show code run with capabilities (a CapEff other
 /// than zero) or inside CRIU.
@@ -124,4 +125,50 @@ fn criu_configuration_in_the_users_home_is_not_read() {
     let ran = std::fs::read_to_string(w.host_dir.join("action-ran")).unwrap_or_default();
     assert!(ran.is_empty(), "CRIU ran the user's action script: {ran}");
     w.cleanup(c);
+}
+
+#[test]
+fn tcp_checkpoint_with_net_admin_runs_and_loads_nothing_of_the_container() {
+    // In a protected job's own network namespace CRIU also holds
+    // CAP_NET_ADMIN and dumps TCP connections, for which it would by default
+    // lock the network by running iptables. The user binds programs of
+    // those names over /usr/sbin, a plugin directory over /usr/lib/criu and
+    // a preload list over /etc/ld.so.preload, and keeps a loopback TCP
+    // connection open; the job is requeued and restored on the other node.
+    let c = cluster();
+    let job = TcpCounter::new(c, &["sbin:/usr/sbin", "plugins:/usr/lib/criu", "preload:/etc/ld.so.preload"]);
+    let names =
+        "sh iptables iptables-save iptables-restore iptables-legacy iptables-legacy-save iptables-legacy-restore ip6tables ip nft tar";
+    let script = "#!/bin/sh\\necho \\\"$0 $(grep CapEff /proc/$$/status)\\\" >> /data/program-ran\\nexit 0\\n";
+    c.sh(
+        "node1",
+        "alice",
+        &format!("cd {} && mkdir sbin plugins && for p in {names}; do printf '{script}' > sbin/$p; chmod 755 sbin/$p; done", job.path),
+    )
+    .ok();
+    marker_library(&job.host.join("plugins/evil.so"), "/data/plugin-ran");
+    marker_library(&job.host.join("preload.so"), "/data/preload-ran");
+    std::fs::write(job.host.join("preload"), "/data/preload.so\n").unwrap();
+    for node in ["node1", "node2"] {
+        c.sh(node, "root", "rm -rf /run/checkpoint-container/criu-kdat").ok();
+    }
+    let steps = 60;
+    let id = job.submit(c, &format!("pingpong /data/out.txt {steps} 100"));
+    job.wait_lines(8);
+    c.exec("ctl", "root", &["scontrol", "requeue", &id.to_string()]).ok();
+    c.release(id, Some("node2"));
+    assert_eq!(c.wait_job(id, Duration::from_secs(120)), "COMPLETED", "{}", job.output());
+    let out = job.output();
+    assert!(out.contains("checkpointed task 0") && out.contains("restored process"), "{out}");
+    let lines = job.lines();
+    assert_eq!(lines.len(), steps + 1, "{lines:?}");
+    assert!(lines[..steps].iter().enumerate().all(|(i, l)| counter_field(l, "counter") == i as i64 + 1), "{lines:?}");
+    let ran = std::fs::read_to_string(job.host.join("program-ran")).unwrap_or_default();
+    assert!(ran.is_empty(), "CRIU ran the user's programs: {ran}");
+    assert!(!job.host.join("plugin-ran").exists(), "CRIU loaded the user's plugin");
+    let preloaded = std::fs::read_to_string(job.host.join("preload-ran")).unwrap_or_default();
+    let privileged: Vec<&str> =
+        preloaded.lines().filter(|l| l.contains("criu") || !l.trim_end().ends_with("CapEff:\t0000000000000000")).collect();
+    assert!(privileged.is_empty(), "a process with capabilities loaded the user's preload library: {privileged:?}");
+    let _ = std::fs::remove_dir_all(&job.host);
 }
