@@ -24,7 +24,7 @@ use crate::protocol::{self, Channel, ToAgent, ToTask};
 use crate::step::{self, Barrier, StepTask};
 use crate::storage::Staging;
 use crate::user::User;
-use crate::{cgroup, namespaces, storage};
+use crate::{cgroup, listing, namespaces, storage};
 use ckpt_config::{ContainerNetwork, Settings};
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
@@ -116,6 +116,7 @@ pub fn collect_garbage(settings: &Settings) -> Vec<u32> {
         // Only directories the agent made (root, private) are ever removed.
         let ours = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o077 == 0);
         if ours && job_is_over(job) && std::fs::remove_dir_all(&path).is_ok() {
+            listing::forget_job(settings, job);
             removed.push(job);
         }
     }
@@ -147,6 +148,7 @@ fn job_is_over(job: u32) -> bool {
 
 /// Removes the task's checkpoint, and the job's directory once it is empty.
 fn forget_checkpoint(settings: &Settings, t: &Task) {
+    listing::forget(settings, t.uid, t.gid, t.job_id, Some((t.step_id, t.task_id)));
     let job = settings.checkpoint_dir.join(t.job_id.to_string());
     let _ = std::fs::remove_dir_all(job.join(format!("step{}.task{}", t.step_id, t.task_id)));
     let _ = std::fs::remove_dir(job);
@@ -592,10 +594,11 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 channel.send(&ToTask::Stopped)?;
                 // A staged checkpoint goes to checkpoint_dir now, while the
                 // node is already free for whatever preempted the job.
-                if let Some(staged) = to_move {
+                if let Some((staged, moved)) = to_move {
                     let started = Instant::now();
                     match staged.commit() {
                         Ok(()) => {
+                            list_checkpoint(settings, t, &moved, "complete");
                             log::info!("{}: checkpoint moved to {} in {:.2} s", t.name(), ckpt.display(), started.elapsed().as_secs_f64())
                         }
                         Err(e) => {
@@ -629,14 +632,15 @@ struct StartedAs<'a> {
 }
 
 /// Checkpoints the task's container; returns the line for the user, and a
-/// staged checkpoint still to be moved into place (announced to restores).
+/// staged checkpoint still to be moved into place (announced to restores)
+/// with its manifest.
 fn checkpoint_for_requeue(
     settings: &Settings,
     t: &Task,
     running: &mut Running,
     started: &StartedAs,
     ckpt: &Path,
-) -> (String, Option<Staging>) {
+) -> (String, Option<(Staging, crate::manifest::Manifest)>) {
     let Some(pid) = running.payload(t.uid).map(|p| p.pid) else {
         return (format!("{}: no running container to checkpoint", t.name()), None);
     };
@@ -663,9 +667,11 @@ fn checkpoint_for_requeue(
     let sealed = dump(settings, &request).and_then(|(m, sealed)| {
         if !sealed.staged() {
             sealed.commit()?;
+            list_checkpoint(settings, t, &m, "complete");
             return Ok((m, None));
         }
         sealed.announce_move()?;
+        list_checkpoint(settings, t, &m, "moving");
         Ok((m, Some(sealed)))
     });
     match sealed {
@@ -676,7 +682,7 @@ fn checkpoint_for_requeue(
                 m.stats.images_bytes as f64 / 1048576.0,
                 m.stats.dump_seconds
             ),
-            to_move,
+            to_move.map(|staged| (staged, m)),
         ),
         Err(e) => {
             running.kill(t.uid);
@@ -768,5 +774,22 @@ fn restore_step(
             }
             Ok(None)
         }
+    }
+}
+
+/// Leaves the user an entry for the checkpoint just written (listing.rs);
+/// a failure costs her only the entry.
+fn list_checkpoint(settings: &Settings, t: &Task, m: &crate::manifest::Manifest, state: &str) {
+    let entry = listing::Entry {
+        job: t.job_id,
+        step: t.step_id,
+        task: t.task_id,
+        node: m.node.clone(),
+        created_unix: m.created_unix,
+        bytes: m.stats.images_bytes,
+        state: state.into(),
+    };
+    if let Err(e) = listing::record(settings, t.uid, t.gid, &entry) {
+        log::warn!("{}: no list entry for the checkpoint: {e}", t.name());
     }
 }

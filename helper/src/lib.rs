@@ -9,6 +9,7 @@ pub mod core_images;
 pub mod criu;
 pub mod error;
 pub mod launch;
+pub mod listing;
 pub mod manifest;
 pub mod namespaces;
 pub mod policy;

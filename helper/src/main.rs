@@ -8,7 +8,7 @@ use checkpoint_container::apptainer::ContainerCommand;
 use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
-use checkpoint_container::{agent, criu, launch, namespaces, storage, task};
+use checkpoint_container::{agent, criu, launch, listing, namespaces, storage, task};
 use ckpt_config::{read_optional_file, Settings};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -96,6 +96,9 @@ enum Command {
     /// Remove the checkpoints of jobs that will not run again (agents also
     /// do this whenever a task starts); prints the job ids removed
     Gc,
+    /// Show your own checkpoints: job, step, task, size, age, node, state
+    /// (for users; needs no privilege and shows nobody else's)
+    List,
     /// Run a --checkpoint-container task (the plugin puts this in front of
     /// the task's apptainer command; runs as the job user)
     Task {
@@ -335,6 +338,11 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
             for job in agent::collect_garbage(&settings) {
                 println!("{job}");
             }
+            Ok(0)
+        }
+        Command::List => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            print!("{}", listing::table(&listing::own_entries(&settings)?, now));
             Ok(0)
         }
         Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
