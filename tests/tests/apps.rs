@@ -7,9 +7,12 @@
 //!
 //! Each test runs its uninterrupted reference as a second protected job
 //! (root-started Apptainer mounts the SIF; an unprotected run would unpack
-//! all 600 MB of it first, there being no squashfuse on the nodes).
+//! all 600 MB of it first, there being no squashfuse on the nodes), on the
+//! node the restore does not go to: containers share the node's PID and
+//! network namespaces, and the reference would hold the very pids and ports
+//! the checkpoint needs (both nodes' pid sequences run in step).
 
-use cluster_tests::{cluster, unique, BatchJob, Cluster};
+use cluster_tests::{cluster, BatchJob, Cluster};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -93,11 +96,20 @@ fn assert_restored_once(c: &Cluster, job: &BatchJob, node: &str) {
     assert_eq!(out.matches("checkpoint-container: restored process").count(), 1, "not restored:\n{out}");
 }
 
+/// The node the reference runs on when the restore goes to `node`.
+fn elsewhere(node: &str) -> &'static str {
+    if node == "node1" {
+        "node2"
+    } else {
+        "node1"
+    }
+}
+
 fn lammps_serial_requeued_then_restored_on(node: &str) {
     let c = cluster();
     let lmp = "lmp -in in.melt -log log.lammps";
     let job = lammps_job(c, &["-w", "node1"], lmp);
-    let reference = lammps_job(c, &["-w", "node2"], lmp);
+    let reference = lammps_job(c, &["-w", elsewhere(node)], lmp);
     requeue_when(c, &job, || thermo_rows(&job.lines("log.lammps").join("\n")).len() >= 8);
     c.release(job.id, Some(node));
     assert_restored_once(c, &job, node);
@@ -139,7 +151,7 @@ fn lammps_two_ranks_under_mpirun_preempted_restore_on_the_other_node() {
     let c = cluster();
     let lmp = "mpirun -np 2 --map-by :OVERSUBSCRIBE lmp -in in.melt -log log.lammps";
     let job = lammps_job(c, &["-w", "node1", "-c", "2"], lmp);
-    let reference = lammps_job(c, &["-w", "node2", "-c", "2"], lmp);
+    let reference = lammps_job(c, &["-w", "node1", "-c", "2"], lmp);
     let deadline = std::time::Instant::now() + 2 * MINUTE;
     while thermo_rows(&job.lines("log.lammps").join("\n")).len() < 8 {
         assert!(std::time::Instant::now() < deadline, "no progress; job output:\n{}", job.output());
@@ -169,17 +181,14 @@ const GMX_LOG: u32 = 100;
 /// A 3 nm box of SPC/E water (884 molecules, from GROMACS' own spc216.gro
 /// and OPLS-AA files), energy-minimised, ready for `GMX_STEPS` of MD with
 /// PME, v-rescale and a fixed seed: `md.tpr` in a directory of alice's,
-/// made once per test run. `mdrun -reprod` on one core then gives the same
+/// made once per recipe (kept in /shared, named by the recipe's hash). `mdrun -reprod` on one core then gives the same
 /// energies to the digit, run after run.
 fn gromacs_input(c: &Cluster) -> &'static str {
     static DIR: OnceLock<String> = OnceLock::new();
     DIR.get_or_init(|| {
         let sif = c.apps_sif();
-        let dir = format!("/shared/gmx-input-{}", unique());
-        c.sh("node1", "root", &format!("install -d -o alice -g alice {dir}")).ok();
         let prepare = format!(
             r#"set -e
-cd {dir}
 cat > em.mdp <<EOF
 integrator = steep
 nsteps = 500
@@ -220,7 +229,11 @@ EOF
 srun --checkpoint-container -w node1 apptainer -s exec {sif} bash prepare.sh > prepare.log 2>&1 || {{ cat prepare.log; exit 1; }}
 "#
         );
-        c.sh("node1", "alice", &prepare).ok();
+        let mut recipe = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&prepare, &mut recipe);
+        let dir = format!("/shared/gmx-input-{:016x}", std::hash::Hasher::finish(&recipe));
+        c.sh("node1", "root", &format!("install -d -o alice -g alice {dir}")).ok();
+        c.sh("node1", "alice", &format!("cd {dir} && {{ [ -s md.tpr ] || {{ {prepare}\n}}; }}")).ok();
         dir
     })
 }
@@ -253,7 +266,7 @@ fn gromacs_requeued_then_restored_on_node2(mdrun: &str) {
         })
     };
     let job = submit("node1");
-    let reference = submit("node2");
+    let reference = submit("node1");
     requeue_when(c, &job, || gromacs_steps(&job.lines("md.log")).len() >= 6);
     c.release(job.id, Some("node2"));
     assert_restored_once(c, &job, "node2");
