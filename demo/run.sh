@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job, shown on the running dev cluster (./dev demo starts it):
 # a user runs Apptainer containers with --checkpoint-container through srun
-# and sbatch, on both compute nodes.
+# and sbatch, on both compute nodes; then a LAMMPS job is preempted on node1,
+# finishes on node2, and its output is compared with an uninterrupted run's.
+# Exits 1, saying why, when the comparison fails.
 set -euo pipefail
 DC="$(dirname "$0")/../cluster/devcluster"
 SIF=/shared/images/test.sif
@@ -59,7 +61,8 @@ sbatch --parsable -p low -w $2 lammps.sh"
 }
 state() { "$DC" exec ctl -- scontrol -o show job "$1" | grep -o 'JobState=[A-Z]*' | cut -d= -f2; }
 # Thermo rows (Step Temp E_pair E_mol TotEng Press) of a LAMMPS output.
-thermo() { "$DC" exec node1 -- awk 'NF == 6 && $1 ~ /^[0-9]+$/ && $2 ~ /^[-0-9.e]+$/' "$1"; }
+shared=$("$DC" paths | awk '$1 == "shared" { print $2 }')
+thermo() { awk 'NF == 6 && $1 ~ /^[0-9]+$/ && $2 ~ /^[-0-9.e]+$/' "$shared${1#/shared}" 2>/dev/null || true; }
 job=$(lammps_job "$dir" node1)
 ref=$(lammps_job "$dir/ref" node2)
 echo "alice's job $job runs LAMMPS on node1; job $ref runs the same input, uninterrupted, on node2"
@@ -79,7 +82,8 @@ thermo "$dir/job.out" | tail -n 3
 echo "--- and of the uninterrupted run:"
 thermo "$dir/ref/job.out" | tail -n 3
 steps=$(thermo "$dir/job.out" | awk '{print $1}')
-if ! grep -q 'checkpoint-container: restored process' <<<"$("$DC" exec node1 -- cat "$dir/job.out")"; then
+echo "--- thermo rows written: $(wc -l <<<"$steps") (uninterrupted: $(thermo "$dir/ref/job.out" | wc -l), one per 100 steps)"
+if ! grep -q 'checkpoint-container: restored process' "$shared${dir#/shared}/job.out"; then
   echo "DEMO FAILED: job $job was not restored on node2; it started over (the reason is in the lines above)" >&2
   exit 1
 elif [[ $(sort -n <<<"$steps" | uniq -d) || $(thermo "$dir/job.out") != "$(thermo "$dir/ref/job.out")" ]]; then
