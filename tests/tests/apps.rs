@@ -76,12 +76,16 @@ fn lammps_job(c: &Cluster, sbatch_args: &[&str], lmp: &str) -> BatchJob {
     c.submit_job(sbatch_args, Some(&setup), |dir| (format!("cd {dir}\nsrun apptainer -s exec {sif} {lmp}"), 0, 0))
 }
 
-fn requeue_when(c: &Cluster, job: &BatchJob, progressed: impl Fn() -> bool) {
+fn wait_until(job: &BatchJob, progressed: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + 2 * MINUTE;
     while !progressed() {
         assert!(std::time::Instant::now() < deadline, "no progress; job output:\n{}", job.output());
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn requeue_when(c: &Cluster, job: &BatchJob, progressed: impl Fn() -> bool) {
+    wait_until(job, progressed);
     c.exec("ctl", "root", &["scontrol", "requeue", &job.id.to_string()]).ok();
     c.wait_state(job.id, &["PENDING"], MINUTE);
 }
@@ -152,11 +156,7 @@ fn lammps_two_ranks_under_mpirun_preempted_restore_on_the_other_node() {
     let lmp = "mpirun -np 2 --map-by :OVERSUBSCRIBE lmp -in in.melt -log log.lammps";
     let job = lammps_job(c, &["-w", "node1", "-c", "2"], lmp);
     let reference = lammps_job(c, &["-w", "node1", "-c", "2"], lmp);
-    let deadline = std::time::Instant::now() + 2 * MINUTE;
-    while thermo_rows(&job.lines("log.lammps").join("\n")).len() < 8 {
-        assert!(std::time::Instant::now() < deadline, "no progress; job output:\n{}", job.output());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(&job, || thermo_rows(&job.lines("log.lammps").join("\n")).len() >= 8);
     let high = c.sbatch("bob", &["-p", "high", "-w", "node1", "-c", "2"], "#!/bin/bash\nsleep 1\n");
     assert_eq!(c.wait_job(high, 2 * MINUTE), "COMPLETED");
     c.release(job.id, Some("node2"));
