@@ -186,6 +186,7 @@ pub fn unique() -> String {
 
 /// The test SIF image every node sees.
 pub const TEST_SIF: &str = "/shared/images/test.sif";
+const APPS_SIF: &str = "/shared/images/apps.sif";
 
 /// What an uninterrupted run of the workload prints last (computed by the
 /// same program with `--expect`).
@@ -431,20 +432,47 @@ impl Cluster {
     /// `{W}` is replaced by the containerised workload command writing to
     /// /data/<name>).
     pub fn submit_workload_job(&self, sbatch_args: &[&str], srun_lines: &[&str], mem_mib: u32, steps: u32) -> BatchJob {
+        self.submit_job(sbatch_args, None, |dir| {
+            let workload = format!(
+                "apptainer -s exec --bind /opt/checkpoint-container --bind {dir}:/data {TEST_SIF} {WORKLOAD} --mem-mib {mem_mib} --steps {steps} --interval-ms 100"
+            );
+            let body: Vec<String> = srun_lines.iter().map(|l| l.replace("{W}", &workload)).collect();
+            (body.join("\n"), mem_mib, steps)
+        })
+    }
+
+    /// Submits, as alice, a `--checkpoint-container` batch script running
+    /// in a fresh /shared directory of hers (its output: job.out there,
+    /// appended to by every run). `setup` (shell, as alice) runs in the
+    /// directory first; `body` gets the directory and returns the script's
+    /// commands and the workload's memory and step count (0 if not the
+    /// workload).
+    pub fn submit_job(&self, sbatch_args: &[&str], setup: Option<&str>, body: impl FnOnce(&str) -> (String, u32, u32)) -> BatchJob {
         let name = format!("job-{}", unique());
         let dir = format!("/shared/{name}");
         self.sh("node1", "root", &format!("install -d -o alice -g alice -m 0755 {dir}")).ok();
-        let workload = format!(
-            "apptainer -s exec --bind /opt/checkpoint-container --bind {dir}:/data {TEST_SIF} {WORKLOAD} --mem-mib {mem_mib} --steps {steps} --interval-ms 100"
-        );
-        let body: Vec<String> = srun_lines.iter().map(|l| l.replace("{W}", &workload)).collect();
+        if let Some(setup) = setup {
+            self.sh("node1", "alice", &format!("cd {dir} && {setup}")).ok();
+        }
+        let (body, mem_mib, steps) = body(&dir);
         let script = format!(
             "#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o {dir}/job.out\n#SBATCH --open-mode=append\n\
-             echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n{}\n",
-            body.join("\n")
+             echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n{body}\n"
         );
         let id = self.sbatch("alice", sbatch_args, &script);
         BatchJob { id, host_dir: self.shared.join(&name), dir, mem_mib, steps }
+    }
+
+    /// The application SIF (LAMMPS, GROMACS, Open MPI; `cluster/apps.sh`),
+    /// put in /shared/images on first use (built once, cached on this
+    /// machine: minutes when cold).
+    pub fn apps_sif(&self) -> &'static str {
+        static READY: OnceLock<()> = OnceLock::new();
+        READY.get_or_init(|| {
+            let out = Command::new(&self.devcluster).arg("apps").output().expect("run devcluster apps");
+            assert!(out.status.success(), "devcluster apps failed: {}", String::from_utf8_lossy(&out.stderr));
+        });
+        APPS_SIF
     }
 
     /// Waits until the job is in one of `states`.
