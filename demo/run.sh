@@ -11,9 +11,11 @@ SIF=/shared/images/test.sif
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 as_alice() { "$DC" exec node1 --user alice -- bash -c "$1"; }
 
-step "srun --checkpoint-container on both nodes (alice, unprivileged Apptainer)"
-as_alice "srun --checkpoint-container -N2 -n2 --ntasks-per-node=1 apptainer -s exec $SIF \
-  sh -c 'echo \"rank \$SLURM_PROCID: container on \$(hostname), \$(. /etc/os-release; echo \$PRETTY_NAME)\"'"
+step "srun --checkpoint-container on each node, two tasks (alice, unprivileged Apptainer)"
+for node in node1 node2; do
+  as_alice "srun --checkpoint-container -w $node -n2 apptainer -s exec $SIF \
+    sh -c 'echo \"rank \$SLURM_PROCID: container on \$(hostname), \$(. /etc/os-release; echo \$PRETTY_NAME)\"'"
+done
 
 step "sbatch with '#SBATCH --checkpoint-container', one job per node"
 as_alice "rm -f demo-*.out"
