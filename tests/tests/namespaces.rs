@@ -76,7 +76,7 @@ fn tcp_inside_a_container_survives_a_restore_on_a_node_where_its_pids_are_taken(
     assert!(!node_pid.is_empty() && !node_pid.contains('\n'), "restored program not found: {node_pid:?}");
     let nspid = c.sh("node2", "root", &format!("grep NSpid /proc/{node_pid}/status")).ok().stdout;
     assert_eq!(nspid.split_whitespace().count(), 3, "in a PID namespace of its own: {nspid}");
-    let task = c.sh("node2", "root", "pgrep -u alice -f '^/opt/checkpoint-container/bin/checkpoint-container task'").ok().stdout;
+    let task = c.sh("node2", "root", &format!("pgrep -u alice -f '^{} task'", cluster_tests::HELPER)).ok().stdout;
     let task = task.split_whitespace().next().expect("the task process");
     let cgroups = |p: &str| c.sh("node2", "root", &format!("cat /proc/{p}/cgroup")).ok().stdout;
     let restored_cgroups = cgroups(&node_pid);
