@@ -252,11 +252,10 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
             .or_else(|| criu::first_error(&log))
             .or_else(|| String::from_utf8_lossy(&out.stderr).lines().last().map(str::to_string))
             .unwrap_or_else(|| format!("exit status {}", out.status));
-        return fail(format!(
-            "CRIU could not dump process {}: {why} (the container keeps running; an earlier checkpoint at {} is untouched)",
-            req.pid,
-            req.target.display()
-        ));
+        // What happens to the container is the caller's to say; an
+        // earlier checkpoint is named only when there is one.
+        let earlier = if req.target.exists() { format!(" (the checkpoint already at {} is untouched)", req.target.display()) } else { String::new() };
+        return fail(format!("CRIU could not dump process {}: {why}{earlier}", req.pid));
     }
     let files = streamed?;
     let (image_size, image_blake3) = image_digest.join().unwrap_or_else(|_| fail("image digest thread panicked"))?;
