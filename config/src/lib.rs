@@ -28,6 +28,12 @@ pub const DEFAULT_CRIU: &str = "/usr/libexec/checkpoint-container/criu";
 pub const DEFAULT_APPTAINER: &str = "/usr/bin/apptainer";
 /// Its configuration, whose setuid-mode rules root-started containers obey.
 pub const DEFAULT_APPTAINER_CONF: &str = "/etc/apptainer/apptainer.conf";
+/// Bound on the node-local (tmpfs) files one checkpoint carries: far above
+/// what programs keep there (Open MPI's shared-memory segment of a node's
+/// ranks is a few MiB to some hundreds), far below what a user could make
+/// the checkpoint storage absorb by filling /dev/shm (RAM, up to half the
+/// node's memory by default).
+pub const DEFAULT_NODE_LOCAL_FILES_MAX: u64 = 1 << 30;
 
 /// Effective settings after defaults, the TOML file and plugstack.conf
 /// arguments are combined.
@@ -44,6 +50,9 @@ pub struct Settings {
     /// then moved to `checkpoint_dir` once the container is released; none:
     /// written to `checkpoint_dir` directly.
     pub staging_dir: Option<PathBuf>,
+    /// Most bytes of node-local (tmpfs) files a checkpoint may carry; more
+    /// fails the checkpoint.
+    pub node_local_files_max: u64,
     /// The TOML file these settings were read from, if one was read.
     pub config_file: Option<PathBuf>,
 }
@@ -86,6 +95,7 @@ impl Default for Settings {
             apptainer_conf: DEFAULT_APPTAINER_CONF.into(),
             compression: Compression::None,
             staging_dir: None,
+            node_local_files_max: DEFAULT_NODE_LOCAL_FILES_MAX,
             config_file: None,
         }
     }
@@ -140,7 +150,44 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const KEYS: [&str; 8] = ["helper", "checkpoint_dir", "criu", "apptainer", "apptainer_conf", "compression", "staging_dir", "config"];
+const KEYS: [&str; 9] =
+    ["helper", "checkpoint_dir", "criu", "apptainer", "apptainer_conf", "compression", "staging_dir", "node_local_files_max", "config"];
+
+/// A size in bytes: a number, optionally followed by KiB, MiB, GiB or TiB
+/// (binary units only: "1GB" would leave the admin guessing which).
+pub fn parse_size(key: &str, value: &str) -> Result<u64, ConfigError> {
+    let bad =
+        || ConfigError::BadValue { key: key.to_string(), value: value.to_string(), why: "expected a size such as 1GiB, 512MiB or 1048576" };
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let number: u64 = value[..digits].parse().map_err(|_| bad())?;
+    let shift = match &value[digits..] {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// A size as `parse_size` reads it back: the largest exact binary unit.
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes != 0 && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// A size in the TOML file: `"1GiB"` or a plain number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TomlSize {
+    Bytes(u64),
+    Text(String),
+}
 
 /// The admin TOML file. Unknown keys are refused, like unknown arguments.
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +200,7 @@ struct TomlFile {
     apptainer_conf: Option<String>,
     compression: Option<Compression>,
     staging_dir: Option<String>,
+    node_local_files_max: Option<TomlSize>,
 }
 
 /// Arguments from the plugstack.conf line, validated but not yet merged.
@@ -165,6 +213,7 @@ struct PlugstackArgs {
     apptainer_conf: Option<PathBuf>,
     compression: Option<Compression>,
     staging_dir: Option<PathBuf>,
+    node_local_files_max: Option<u64>,
     config: Option<PathBuf>,
 }
 
@@ -175,6 +224,12 @@ fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, Conf
         let (key, value) = arg.split_once('=').ok_or_else(|| ConfigError::Malformed { arg: arg.to_string() })?;
         if key == "compression" {
             if out.compression.replace(Compression::parse(key, value)?).is_some() {
+                return Err(ConfigError::Duplicate { key: key.to_string() });
+            }
+            continue;
+        }
+        if key == "node_local_files_max" {
+            if out.node_local_files_max.replace(parse_size(key, value)?).is_some() {
                 return Err(ConfigError::Duplicate { key: key.to_string() });
             }
             continue;
@@ -263,6 +318,9 @@ impl Settings {
         if let Some(p) = args.staging_dir {
             settings.staging_dir = Some(p);
         }
+        if let Some(n) = args.node_local_files_max {
+            settings.node_local_files_max = n;
+        }
         Ok(settings)
     }
 
@@ -289,6 +347,11 @@ impl Settings {
         }
         if let Some(v) = file.staging_dir {
             self.staging_dir = Some(checked_path("staging_dir", &v)?);
+        }
+        match file.node_local_files_max {
+            Some(TomlSize::Bytes(n)) => self.node_local_files_max = n,
+            Some(TomlSize::Text(t)) => self.node_local_files_max = parse_size("node_local_files_max", &t)?,
+            None => {}
         }
         Ok(())
     }
@@ -340,6 +403,24 @@ mod tests {
         let read = |_: &Path| Ok(Some("compression = \"zstd\"\nstaging_dir = \"/run/ckpt\"\n".to_string()));
         let s = Settings::load(&["compression=none"], read).unwrap();
         assert_eq!((s.compression, s.staging_dir), (Compression::None, Some(PathBuf::from("/run/ckpt"))));
+    }
+
+    #[test]
+    fn node_local_files_max_is_a_binary_size() {
+        assert_eq!(load(&[]).unwrap().node_local_files_max, 1 << 30);
+        assert_eq!(load(&["node_local_files_max=64MiB"]).unwrap().node_local_files_max, 64 << 20);
+        assert_eq!(load(&["node_local_files_max=4096"]).unwrap().node_local_files_max, 4096);
+        for bad in ["1GB", "1 GiB", "GiB", "-1", "99999999999TiB"] {
+            let e = load(&[&format!("node_local_files_max={bad}")]).unwrap_err();
+            assert!(e.to_string().contains("expected a size such as 1GiB"), "{bad}: {e}");
+        }
+        let read = |_: &Path| Ok(Some("node_local_files_max = \"2GiB\"\n".to_string()));
+        assert_eq!(Settings::load(&[] as &[&str], read).unwrap().node_local_files_max, 2 << 30);
+        let read = |_: &Path| Ok(Some("node_local_files_max = 1000\n".to_string()));
+        assert_eq!(Settings::load(&[] as &[&str], read).unwrap().node_local_files_max, 1000);
+        for n in [0, 1000, 1 << 20, 3 << 30, (1 << 20) + 1] {
+            assert_eq!(parse_size("k", &format_size(n)).unwrap(), n);
+        }
     }
 
     #[test]

@@ -305,7 +305,7 @@ fn untrusted_proc(mountinfo: &str) -> Option<String> {
 /// Checks that `mnt` (opened from /proc/<pid>/ns/mnt) is a mount namespace
 /// other than ours, owned by our user namespace, still the one of `pid`
 /// (whose mounts the caller read), and that `pid` shares our PID namespace.
-fn namespace_is_roots(mnt: &std::fs::File, pid: i32) -> Result<(), String> {
+pub(crate) fn namespace_is_roots(mnt: &std::fs::File, pid: i32) -> Result<(), String> {
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::fs::MetadataExt;
     const NS_GET_USERNS: libc::c_ulong = 0xb701;

@@ -10,6 +10,7 @@ pub mod criu;
 pub mod error;
 pub mod launch;
 pub mod manifest;
+pub mod node_local;
 pub mod policy;
 pub mod procfs;
 pub mod protocol;

@@ -40,6 +40,10 @@ struct Cli {
     /// the configuration)
     #[arg(long, global = true, value_name = "DIR")]
     staging_dir: Option<PathBuf>,
+    /// Most bytes of node-local (tmpfs) files a checkpoint may carry, e.g.
+    /// 1GiB (overrides the configuration)
+    #[arg(long, global = true, value_name = "SIZE")]
+    node_local_files_max: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -197,13 +201,14 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
 fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     // Command-line overrides are checked exactly like plugstack.conf
     // arguments, and the agent passes them on to the commands it runs.
-    let overrides: [(&str, Option<String>); 6] = [
+    let overrides: [(&str, Option<String>); 7] = [
         ("criu", cli.criu_path.as_ref().map(|p| p.display().to_string())),
         ("checkpoint_dir", cli.checkpoint_dir.as_ref().map(|p| p.display().to_string())),
         ("apptainer", cli.apptainer.as_ref().map(|p| p.display().to_string())),
         ("apptainer_conf", cli.apptainer_conf.as_ref().map(|p| p.display().to_string())),
         ("compression", cli.compression.clone()),
         ("staging_dir", cli.staging_dir.as_ref().map(|p| p.display().to_string())),
+        ("node_local_files_max", cli.node_local_files_max.clone()),
     ];
     let mut args: Vec<String> = Vec::new();
     let mut settings_args = Vec::new();

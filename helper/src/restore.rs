@@ -297,6 +297,11 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     reserve_pids(&m.process.pids)?;
     let placeholder = Placeholder::start(settings, &m)?;
     phase("placeholder runs");
+    // CRIU reopens them by path: node-local files first (node_local.rs).
+    if let Err(e) = crate::node_local::recreate(&m, &req.images, placeholder.payload.pid) {
+        placeholder.kill();
+        return Err(e);
+    }
 
     let mut args: Vec<String> = [
         "restore",
