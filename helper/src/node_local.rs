@@ -66,7 +66,7 @@ fn tmpfs_devices(mountinfo: &str) -> HashMap<u64, bool> {
 /// Bytes as the user reads them in a message.
 fn human(bytes: u64) -> String {
     if bytes < 1 << 20 {
-        format!("{bytes} bytes")
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
     } else {
         format!("{:.1} MiB", bytes as f64 / 1048576.0)
     }
