@@ -517,7 +517,8 @@ impl BatchJob {
 /// holds `SHM.fd` open for a copy of the counter, checks both against its
 /// own memory every step, and appends `step=N acc=X` to `out` (then `done
 /// steps=N acc=X`, or `MISMATCH …` and exit 3 when a file lost its state).
-/// `mem_mib` of touched memory make the dump take a while.
+/// `mem_mib` of touched memory make the dump take a while. A run that starts
+/// fresh exits at once if `/data/stop-before-start` exists.
 const SHM_PROGRAM: &str = r#"#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -529,6 +530,8 @@ const SHM_PROGRAM: &str = r#"#include <fcntl.h>
 struct state { uint64_t counter, acc; };
 int main(int argc, char **argv) {
     if (argc < 6) return 2;
+    /* A test that wants only the restore to touch the files stops a fresh run. */
+    if (access("/data/stop-before-start", F_OK) == 0) return 4;
     const char *path = argv[1];
     uint64_t steps = strtoull(argv[2], 0, 10);
     long size = atol(argv[3]);
@@ -623,6 +626,11 @@ impl ShmJob {
         assert_eq!(lines.iter().filter(|l| l.starts_with("step=1 ")).count(), 2, "started over: {lines:?}");
         assert!(!lines.iter().any(|l| l.starts_with("MISMATCH")), "{lines:?}");
         assert_eq!(lines.last().unwrap(), &self.expected_done());
+    }
+
+    /// Makes a fresh start of the program exit before it opens anything.
+    pub fn stop_fresh_starts(&self, cluster: &Cluster) {
+        cluster.sh("node1", "alice", &format!("touch {}/stop-before-start", self.job.dir)).ok();
     }
 
     pub fn cleanup(&self, cluster: &Cluster) {
