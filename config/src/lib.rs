@@ -174,7 +174,7 @@ pub fn parse_size(key: &str, value: &str) -> Result<u64, ConfigError> {
 /// A size as `parse_size` reads it back: the largest exact binary unit.
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if bytes != 0 && bytes % (1 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

@@ -31,8 +31,9 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// How long one file's copy may take: the child is the user's, who can stop
-/// it; a tmpfs file of the size limit copies in about a second.
+/// How long copying all of a checkpoint's node-local files may take: each
+/// copier is the user's, who can stop it; files of the default size limit
+/// copy in about a second.
 const TIMEOUT: Duration = Duration::from_secs(60);
 const CHUNK: usize = 1 << 20;
 
@@ -154,10 +155,11 @@ impl Pending {
         let Some((mnt, user)) = &self.mnt else { return Ok((Vec::new(), Vec::new())) };
         let (mut listed, mut sealed) = (Vec::new(), Vec::new());
         let mut used = 0;
+        let deadline = Instant::now() + TIMEOUT;
         for (i, f) in self.files.iter().enumerate() {
             let name = format!("node-local-{i}.data");
             let mut dest = crate::storage::create_private(&dir.join(&name))?;
-            let copied = read_as_user(mnt, user, f, &mut dest, limit - used).map_err(|e| match e {
+            let copied = read_as_user(mnt, user, f, &mut dest, limit - used, deadline).map_err(|e| match e {
                 Copy::TooBig(size) => too_big(self.root, used + size, limit, (&f.path, size)),
                 Copy::Failed(why) => EngineError(format!("cannot save node-local file {}: {why}", f.path)),
             })?;
@@ -186,6 +188,7 @@ pub fn recreate(m: &Manifest, dir: &Path, pid: Pid) -> Result<()> {
     let mnt = File::open(procfs::proc_path(pid, "ns/mnt")).context(|| format!("mount namespace of process {pid}"))?;
     crate::criu::namespace_is_roots(&mnt, pid).map_err(|why| EngineError(format!("refusing to write node-local files: {why}")))?;
     let user = User::lookup(m.owner.uid, m.owner.gid)?;
+    let deadline = Instant::now() + TIMEOUT;
     for f in &m.node_local {
         let entry = m.files.iter().find(|e| e.name == f.data && !e.zstd && e.size == f.size);
         let Some(entry) = entry.filter(|_| f.uid == m.owner.uid && f.data.starts_with("node-local-")) else {
@@ -199,7 +202,8 @@ pub fn recreate(m: &Manifest, dir: &Path, pid: Pid) -> Result<()> {
         if crate::storage::checksum(&path)? != entry.xxh3 || src.metadata().map(|md| md.len()).ok() != Some(f.size) {
             return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.data));
         }
-        write_as_user(&mnt, &user, f, src).map_err(|why| EngineError(format!("cannot recreate node-local file {}: {why}", f.path)))?;
+        write_as_user(&mnt, &user, f, src, deadline)
+            .map_err(|why| EngineError(format!("cannot recreate node-local file {}: {why}", f.path)))?;
     }
     Ok(())
 }
@@ -341,7 +345,7 @@ fn wait_ready(fd: &File, events: i16, deadline: Instant) -> std::io::Result<()> 
     // SAFETY: poll on one fd we own.
     let rc = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
     match rc {
-        0 => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no progress within {} s", TIMEOUT.as_secs()))),
+        0 => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("not done within {} s", TIMEOUT.as_secs()))),
         n if n < 0 => Err(std::io::Error::last_os_error()),
         _ => Ok(()),
     }
@@ -391,7 +395,7 @@ struct Copied {
 
 /// The user's copier reads `f.path` in the container and checks it is the
 /// inode found; root writes what it sends into `dest`, at most `room` bytes.
-fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64) -> std::result::Result<Copied, Copy> {
+fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64, deadline: Instant) -> std::result::Result<Copied, Copy> {
     let failed = |e: String| Copy::Failed(e);
     let path = CString::new(f.path.clone()).map_err(|_| failed("its path contains a NUL byte".into()))?;
     let (mut from_child, to_root) = pipe().map_err(|e| failed(e.0))?;
@@ -433,7 +437,6 @@ fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64) 
     })
     .map_err(|e| failed(e.0))?;
     drop(to_root);
-    let deadline = Instant::now() + TIMEOUT;
     let result = (|| {
         nonblocking(&from_child).map_err(|e| failed(e.0))?;
         let io = |e: std::io::Error| failed(format!("reading it from the copier: {e}"));
@@ -465,7 +468,7 @@ fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64) 
 
 /// The user's writer creates or replaces `f.path` in the container (only a
 /// regular file of hers) with the bytes root sends from `src`.
-fn write_as_user(mnt: &File, user: &User, f: &NodeLocalFile, mut src: File) -> std::result::Result<(), String> {
+fn write_as_user(mnt: &File, user: &User, f: &NodeLocalFile, mut src: File, deadline: Instant) -> std::result::Result<(), String> {
     let path = CString::new(f.path.clone()).map_err(|_| "its path contains a NUL byte".to_string())?;
     let (from_root, mut to_child) = pipe().map_err(|e| e.0)?;
     let (mut status_r, status_w) = pipe().map_err(|e| e.0)?;
@@ -532,7 +535,6 @@ fn write_as_user(mnt: &File, user: &User, f: &NodeLocalFile, mut src: File) -> s
     })
     .map_err(|e| e.0)?;
     drop((from_root, status_w));
-    let deadline = Instant::now() + TIMEOUT;
     let result = (|| {
         nonblocking(&to_child).map_err(|e| e.0)?;
         nonblocking(&status_r).map_err(|e| e.0)?;
@@ -583,9 +585,9 @@ mod tests {
 347 334 0:88 /sub /scratch rw - tmpfs tmp rw\n";
         let devs = tmpfs_devices(info);
         assert_eq!(devs.len(), 3);
-        assert_eq!(devs[&libc::makedev(0, 86)], true);
-        assert_eq!(devs[&libc::makedev(0, 99)], false, "Apptainer's session files");
-        assert_eq!(devs[&libc::makedev(0, 88)], true, "whole somewhere counts");
+        assert!(devs[&libc::makedev(0, 86)]);
+        assert!(!devs[&libc::makedev(0, 99)], "Apptainer's session files");
+        assert!(devs[&libc::makedev(0, 88)], "whole somewhere counts");
     }
 
     #[test]
