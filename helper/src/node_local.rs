@@ -97,6 +97,7 @@ pub struct Pending {
 pub fn find(root: Pid, pids: &[Pid], uid: u32, gid: u32, limit: u64) -> Result<Pending> {
     let mountinfo = std::fs::read_to_string(procfs::proc_path(root, "mountinfo")).context(|| format!("mounts of process {root}"))?;
     let tmpfs = tmpfs_devices(&mountinfo);
+    let visible = procfs::mount_ids(root).context(|| format!("mounts of process {root}"))?;
     let mut seen = HashSet::new();
     let mut files = Vec::new();
     for &pid in pids {
@@ -106,6 +107,15 @@ pub fn find(root: Pid, pids: &[Pid], uid: u32, gid: u32, limit: u64) -> Result<P
                 // kernel's object, no path resolved.
                 let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
                 let Some(&whole) = tmpfs.get(&meta.dev()) else { continue };
+                // An fd opened outside the container (a batch job's output
+                // file, restored onto the helper's own fd) is not the
+                // container's file, even on the same tmpfs.
+                if kind == "fd" {
+                    let fd = entry.file_name().to_str().and_then(|n| n.parse().ok()).unwrap_or(-1);
+                    if !procfs::regular_file_fd(pid, fd).ok().flatten().is_some_and(|(mnt, _)| visible.contains(&mnt)) {
+                        continue;
+                    }
+                }
                 if !meta.is_file() || meta.nlink() == 0 || !seen.insert((meta.dev(), meta.ino())) {
                     continue;
                 }
