@@ -77,22 +77,23 @@ fn a_symlink_placed_at_a_node_local_path_before_restore_makes_root_write_nothing
     requeue_after(c, &job, 5);
     c.wait_state(job.job.id, &["PENDING"], MINUTE);
     assert!(job.job.output().contains("checkpointed task 0"), "{}", job.job.output());
-    // On the node it will restore on, alice's symlinks at the checkpoint's
-    // paths: to a file only root could create, and to bob's file. Only the
-    // restore may touch them (a fresh run stops at once).
+    // In place of the files the killed run left, alice's symlinks: to a file
+    // only root could create, and to bob's file. Only the restore may touch
+    // them (a fresh run stops at once). Same node: other tests change
+    // alice's groups on node1 only, which a restore elsewhere refuses.
     let marker = format!("/etc/ckpt-marker-{}", unique());
     let bobs = format!("/dev/shm/bob-{}", unique());
-    c.sh("node2", "bob", &format!("echo bob > {bobs} && chmod 0644 {bobs}")).ok();
-    c.sh("node2", "alice", &format!("ln -s {marker} {0} && ln -s {bobs} {0}.fd", job.shm)).ok();
+    c.sh("node1", "bob", &format!("echo bob > {bobs} && chmod 0644 {bobs}")).ok();
+    c.sh("node1", "alice", &format!("rm {0} {0}.fd && ln -s {marker} {0} && ln -s {bobs} {0}.fd", job.shm)).ok();
     job.stop_fresh_starts(c);
-    c.release(job.job.id, Some("node2"));
+    c.release(job.job.id, Some("node1"));
     c.wait_job(job.job.id, 2 * MINUTE);
     let out = job.job.output();
     assert!(out.contains(&format!("cannot recreate node-local file {}: a symlink is in its path (not followed)", job.shm)), "{out}");
     assert!(out.contains("starts fresh after the failed restore"), "{out}");
-    assert!(!c.sh("node2", "root", &format!("ls {marker}")).success(), "root created {marker}");
-    assert_eq!(c.sh("node2", "root", &format!("cat {bobs}")).ok().stdout, "bob\n", "bob's file unchanged");
-    c.sh("node2", "root", &format!("rm -f {bobs}"));
+    assert!(!c.sh("node1", "root", &format!("ls {marker}")).success(), "root created {marker}");
+    assert_eq!(c.sh("node1", "root", &format!("cat {bobs}")).ok().stdout, "bob\n", "bob's file unchanged");
+    c.sh("node1", "root", &format!("rm -f {bobs}"));
     job.cleanup(c);
 }
 
@@ -102,11 +103,13 @@ fn another_users_file_at_a_node_local_path_is_not_overwritten_at_restore() {
     let job = c.submit_shm_job(&["-w", "node1"], 200, 4096, 16);
     requeue_after(c, &job, 5);
     c.wait_state(job.job.id, &["PENDING"], MINUTE);
-    // bob got there first on the other node, with a file alice may write.
-    // Only the restore may touch it (a fresh run stops at once).
-    c.sh("node2", "bob", &format!("echo bob > {0} && chmod 0666 {0}", job.shm)).ok();
+    // Once the killed run's file is gone, bob takes its path, with a file
+    // alice may write. Only the restore may touch it (a fresh run stops at
+    // once).
+    c.sh("node1", "alice", &format!("rm {}", job.shm)).ok();
+    c.sh("node1", "bob", &format!("echo bob > {0} && chmod 0666 {0}", job.shm)).ok();
     job.stop_fresh_starts(c);
-    c.release(job.job.id, Some("node2"));
+    c.release(job.job.id, Some("node1"));
     c.wait_job(job.job.id, 2 * MINUTE);
     let out = job.job.output();
     // With fs.protected_regular set, the kernel refuses her the open itself.
@@ -114,6 +117,6 @@ fn another_users_file_at_a_node_local_path_is_not_overwritten_at_restore() {
         .iter()
         .any(|why| out.contains(&format!("cannot recreate node-local file {}{why}", job.shm)));
     assert!(refused, "{out}");
-    assert_eq!(c.sh("node2", "root", &format!("cat {}", job.shm)).ok().stdout, "bob\n", "bob's file unchanged");
+    assert_eq!(c.sh("node1", "root", &format!("cat {}", job.shm)).ok().stdout, "bob\n", "bob's file unchanged");
     job.cleanup(c);
 }
