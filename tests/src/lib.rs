@@ -518,7 +518,8 @@ impl BatchJob {
 /// own memory every step, and appends `step=N acc=X` to `out` (then `done
 /// steps=N acc=X`, or `MISMATCH …` and exit 3 when a file lost its state).
 /// `mem_mib` of touched memory make the dump take a while. A run that starts
-/// fresh exits at once if `/data/stop-before-start` exists.
+/// fresh exits at once if `/data/stop-before-start` exists. An optional
+/// sixth argument names one more file it holds open, read-only.
 const SHM_PROGRAM: &str = r#"#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -544,6 +545,7 @@ int main(int argc, char **argv) {
     snprintf(side, sizeof side, "%s.fd", path);
     int held = open(side, O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (out < 0 || fd < 0 || held < 0 || ftruncate(fd, size)) { perror("open"); return 2; }
+    if (argc > 6 && open(argv[6], O_RDONLY) < 0) { perror(argv[6]); return 2; }
     struct state *s = mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (s == MAP_FAILED) { perror("mmap"); return 2; }
     close(fd);
@@ -580,6 +582,11 @@ pub struct ShmJob {
 
 impl Cluster {
     pub fn submit_shm_job(&self, sbatch_args: &[&str], steps: u32, size: u64, mem_mib: u32) -> ShmJob {
+        self.submit_shm_job_holding(sbatch_args, steps, size, mem_mib, "")
+    }
+
+    /// The same, also holding `extra` open (read-only) if not empty.
+    pub fn submit_shm_job_holding(&self, sbatch_args: &[&str], steps: u32, size: u64, mem_mib: u32, extra: &str) -> ShmJob {
         let name = format!("job-{}", unique());
         let dir = format!("/shared/{name}");
         self.sh("node1", "root", &format!("install -d -o alice -g alice -m 0755 {dir}")).ok();
@@ -589,7 +596,7 @@ impl Cluster {
         let script = format!(
             "#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o {dir}/job.out\n#SBATCH --open-mode=append\n\
              echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n\
-             srun apptainer -s exec --bind {dir}:/data {TEST_SIF} /data/shmprog {shm} {steps} {size} /data/out.txt {mem_mib}\n"
+             srun apptainer -s exec --bind {dir}:/data {TEST_SIF} /data/shmprog {shm} {steps} {size} /data/out.txt {mem_mib} {extra}\n"
         );
         let id = self.sbatch("alice", sbatch_args, &script);
         ShmJob { job: BatchJob { id, host_dir, dir, mem_mib, steps }, shm }

@@ -68,3 +68,27 @@ fn node_local_files_over_the_site_limit_fail_the_checkpoint_in_one_line() {
     job.assert_started_over();
     job.cleanup(c);
 }
+
+#[test]
+fn another_users_file_on_tmpfs_held_open_fails_the_checkpoint_naming_it() {
+    let c = cluster();
+    // bob's file alice may read: carrying it would copy bob's data, and
+    // writing it back would need bob's rights.
+    let bobs = format!("/dev/shm/bob-{}", cluster_tests::unique());
+    c.sh("node1", "bob", &format!("echo bob > {bobs} && chmod 0644 {bobs}")).ok();
+    let job = c.submit_shm_job_holding(&["-w", "node1"], 40, 4096, 16, &bobs);
+    requeue_after(c, &job, 5);
+    let out = job.job.output();
+    let line = out.lines().find(|l| l.contains("checkpoint of task 0 of step")).unwrap_or_default();
+    assert!(line.contains(" failed: process "), "{out}");
+    let why = format!(
+        "maps or holds open {bobs}, a file on tmpfs owned by uid 2002: only the job user's own node-local files can travel \
+with a checkpoint; it will run again from the start"
+    );
+    assert!(line.ends_with(&why), "{line}");
+    c.release(job.job.id, Some("node1"));
+    assert_eq!(c.wait_job(job.job.id, 2 * MINUTE), "COMPLETED", "{}", job.job.output());
+    job.assert_started_over();
+    c.sh("node1", "root", &format!("rm -f {bobs}"));
+    job.cleanup(c);
+}
