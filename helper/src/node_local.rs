@@ -411,6 +411,8 @@ fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64, 
     let (mut from_child, to_root) = pipe().map_err(|e| failed(e.0))?;
     let ids = Ids { uid: user.uid, gid: user.gid, groups: &user.groups };
     let (dev, ino, out, mnt_fd) = (f.dev, f.ino, to_root.as_raw_fd(), mnt.as_raw_fd());
+    // SAFETY: in the forked child: syscalls on fds and data prepared before
+    // the fork; the report is plain integers.
     let child = fork(|| unsafe {
         let mut r = Report::default();
         if let Err((stage, errno)) = enter_as_user(mnt_fd, &[out], &ids) {
@@ -487,6 +489,8 @@ fn write_as_user(mnt: &File, user: &User, f: &NodeLocalFile, mut src: File, dead
     let (mode, gid, mnt_fd) = (f.mode & 0o7777, f.gid, mnt.as_raw_fd());
     let keep = [from_root.as_raw_fd(), status_w.as_raw_fd()];
     let bufp = buf.as_mut_ptr();
+    // SAFETY: in the forked child: syscalls on fds and data prepared before
+    // the fork (`bufp` is CHUNK bytes, the parent's copy untouched).
     let child = fork(|| unsafe {
         let mut r = Report::default();
         let fail_with = |mut r: Report, stage: u32| {
