@@ -28,6 +28,12 @@ pub const DEFAULT_CRIU: &str = "/usr/libexec/checkpoint-container/criu";
 pub const DEFAULT_APPTAINER: &str = "/usr/bin/apptainer";
 /// Its configuration, whose setuid-mode rules root-started containers obey.
 pub const DEFAULT_APPTAINER_CONF: &str = "/etc/apptainer/apptainer.conf";
+/// Bound on the node-local (tmpfs) files one checkpoint carries: far above
+/// what programs keep there (Open MPI's shared-memory segment of a node's
+/// ranks is a few MiB to some hundreds), far below what a user could make
+/// the checkpoint storage absorb by filling /dev/shm (RAM, up to half the
+/// node's memory by default).
+pub const DEFAULT_NODE_LOCAL_FILES_MAX: u64 = 1 << 30;
 
 /// Effective settings after defaults, the TOML file and plugstack.conf
 /// arguments are combined.
@@ -46,6 +52,9 @@ pub struct Settings {
     pub staging_dir: Option<PathBuf>,
     /// Which network namespace protected containers run in.
     pub container_network: ContainerNetwork,
+    /// Most bytes of node-local (tmpfs) files a checkpoint may carry; more
+    /// fails the checkpoint.
+    pub node_local_files_max: u64,
     /// The TOML file these settings were read from, if one was read.
     pub config_file: Option<PathBuf>,
 }
@@ -118,6 +127,7 @@ impl Default for Settings {
             compression: Compression::None,
             staging_dir: None,
             container_network: ContainerNetwork::Isolated,
+            node_local_files_max: DEFAULT_NODE_LOCAL_FILES_MAX,
             config_file: None,
         }
     }
@@ -172,8 +182,55 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const KEYS: [&str; 9] =
-    ["helper", "checkpoint_dir", "criu", "apptainer", "apptainer_conf", "compression", "staging_dir", "container_network", "config"];
+const KEYS: [&str; 10] =
+    [
+        "helper",
+        "checkpoint_dir",
+        "criu",
+        "apptainer",
+        "apptainer_conf",
+        "compression",
+        "staging_dir",
+        "container_network",
+        "node_local_files_max",
+        "config",
+    ];
+
+/// A size in bytes: a number, optionally followed by KiB, MiB, GiB or TiB
+/// (binary units only: "1GB" would leave the admin guessing which).
+pub fn parse_size(key: &str, value: &str) -> Result<u64, ConfigError> {
+    let bad =
+        || ConfigError::BadValue { key: key.to_string(), value: value.to_string(), why: "expected a size such as 1GiB, 512MiB or 1048576" };
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let number: u64 = value[..digits].parse().map_err(|_| bad())?;
+    let shift = match &value[digits..] {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// A size as `parse_size` reads it back: the largest exact binary unit.
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes != 0 && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// A size in the TOML file: `"1GiB"` or a plain number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TomlSize {
+    Bytes(u64),
+    Text(String),
+}
 
 /// The admin TOML file. Unknown keys are refused, like unknown arguments.
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +244,7 @@ struct TomlFile {
     compression: Option<Compression>,
     staging_dir: Option<String>,
     container_network: Option<ContainerNetwork>,
+    node_local_files_max: Option<TomlSize>,
 }
 
 /// Arguments from the plugstack.conf line, validated but not yet merged.
@@ -200,6 +258,7 @@ struct PlugstackArgs {
     compression: Option<Compression>,
     staging_dir: Option<PathBuf>,
     container_network: Option<ContainerNetwork>,
+    node_local_files_max: Option<u64>,
     config: Option<PathBuf>,
 }
 
@@ -216,6 +275,12 @@ fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, Conf
         }
         if key == "container_network" {
             if out.container_network.replace(ContainerNetwork::parse(key, value)?).is_some() {
+                return Err(ConfigError::Duplicate { key: key.to_string() });
+            }
+            continue;
+        }
+        if key == "node_local_files_max" {
+            if out.node_local_files_max.replace(parse_size(key, value)?).is_some() {
                 return Err(ConfigError::Duplicate { key: key.to_string() });
             }
             continue;
@@ -307,6 +372,9 @@ impl Settings {
         if let Some(n) = args.container_network {
             settings.container_network = n;
         }
+        if let Some(n) = args.node_local_files_max {
+            settings.node_local_files_max = n;
+        }
         Ok(settings)
     }
 
@@ -336,6 +404,11 @@ impl Settings {
         }
         if let Some(n) = file.container_network {
             self.container_network = n;
+        }
+        match file.node_local_files_max {
+            Some(TomlSize::Bytes(n)) => self.node_local_files_max = n,
+            Some(TomlSize::Text(t)) => self.node_local_files_max = parse_size("node_local_files_max", &t)?,
+            None => {}
         }
         Ok(())
     }
@@ -400,6 +473,24 @@ mod tests {
         assert_eq!(Settings::load(&[] as &[&str], read).unwrap().container_network, ContainerNetwork::Node);
         let s = Settings::load(&["container_network=isolated"], read).unwrap();
         assert_eq!(s.container_network, ContainerNetwork::Isolated);
+    }
+
+    #[test]
+    fn node_local_files_max_is_a_binary_size() {
+        assert_eq!(load(&[]).unwrap().node_local_files_max, 1 << 30);
+        assert_eq!(load(&["node_local_files_max=64MiB"]).unwrap().node_local_files_max, 64 << 20);
+        assert_eq!(load(&["node_local_files_max=4096"]).unwrap().node_local_files_max, 4096);
+        for bad in ["1GB", "1 GiB", "GiB", "-1", "99999999999TiB"] {
+            let e = load(&[&format!("node_local_files_max={bad}")]).unwrap_err();
+            assert!(e.to_string().contains("expected a size such as 1GiB"), "{bad}: {e}");
+        }
+        let read = |_: &Path| Ok(Some("node_local_files_max = \"2GiB\"\n".to_string()));
+        assert_eq!(Settings::load(&[] as &[&str], read).unwrap().node_local_files_max, 2 << 30);
+        let read = |_: &Path| Ok(Some("node_local_files_max = 1000\n".to_string()));
+        assert_eq!(Settings::load(&[] as &[&str], read).unwrap().node_local_files_max, 1000);
+        for n in [0, 1000, 1 << 20, 3 << 30, (1 << 20) + 1] {
+            assert_eq!(parse_size("k", &format_size(n)).unwrap(), n);
+        }
     }
 
     #[test]

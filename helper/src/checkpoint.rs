@@ -186,6 +186,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     }
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
     let externals = external_files(req.pid, &pids)?;
+    let node_local = crate::node_local::find(req.pid, &pids, uid, gid, settings.node_local_files_max)?;
     let (cwd, env) = match &req.started_in {
         Some(x) => x.clone(),
         None => started_in(req.pid)?,
@@ -237,6 +238,14 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     phase("CRIU done");
     let streamed = capture.finish();
     phase("images written");
+    // Node-local files are copied while the tree is stopped (or gone):
+    // their content is then the one its memory refers to.
+    let saved = match (&out, &streamed) {
+        (Ok(o), Ok(_)) if o.status.success() && !node_local.is_empty() => {
+            Some(node_local.save(&staging.images, settings.node_local_files_max))
+        }
+        _ => None,
+    };
     if req.leave_running {
         for &pid in &pids {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
@@ -257,7 +266,9 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         let earlier = if req.target.exists() { format!(" (the checkpoint already at {} is untouched)", req.target.display()) } else { String::new() };
         return fail(format!("CRIU could not dump process {}: {why}{earlier}", req.pid));
     }
-    let files = streamed?;
+    let mut files = streamed?;
+    let (node_local, node_local_files) = saved.transpose()?.unwrap_or_default();
+    files.extend(node_local_files);
     let (image_size, image_blake3) = image_digest.join().unwrap_or_else(|_| fail("image digest thread panicked"))?;
     if storage::stamp(image)? != image_stamp {
         return fail(format!("container image {} changed while the checkpoint was taken", req.image_name));
@@ -285,6 +296,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         process: manifest::Process { root_pid, comm, pids: ids, stdio },
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
         files,
+        node_local,
     };
     staging.write_manifest(&manifest)?;
     phase("sealed");

@@ -12,6 +12,7 @@ pub mod launch;
 pub mod listing;
 pub mod manifest;
 pub mod namespaces;
+pub mod node_local;
 pub mod policy;
 pub mod procfs;
 pub mod protocol;

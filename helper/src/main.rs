@@ -44,6 +44,10 @@ struct Cli {
     /// (overrides the configuration)
     #[arg(long, global = true, value_name = "WHICH")]
     container_network: Option<String>,
+    /// Most bytes of node-local (tmpfs) files a checkpoint may carry, e.g.
+    /// 1GiB (overrides the configuration)
+    #[arg(long, global = true, value_name = "SIZE")]
+    node_local_files_max: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -240,7 +244,7 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
 fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
     // Command-line overrides are checked exactly like plugstack.conf
     // arguments, and the agent passes them on to the commands it runs.
-    let overrides: [(&str, Option<String>); 7] = [
+    let overrides: [(&str, Option<String>); 8] = [
         ("criu", cli.criu_path.as_ref().map(|p| p.display().to_string())),
         ("checkpoint_dir", cli.checkpoint_dir.as_ref().map(|p| p.display().to_string())),
         ("apptainer", cli.apptainer.as_ref().map(|p| p.display().to_string())),
@@ -248,6 +252,7 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         ("compression", cli.compression.clone()),
         ("staging_dir", cli.staging_dir.as_ref().map(|p| p.display().to_string())),
         ("container_network", cli.container_network.clone()),
+        ("node_local_files_max", cli.node_local_files_max.clone()),
     ];
     let mut args: Vec<String> = Vec::new();
     let mut settings_args = Vec::new();

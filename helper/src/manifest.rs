@@ -20,6 +20,24 @@ pub struct Manifest {
     pub process: Process,
     pub stats: Stats,
     pub files: Vec<ImageFile>,
+    /// Files on tmpfs the tree mapped or held open, recreated before CRIU
+    /// restores (node_local.rs); their content is one of `files`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_local: Vec<NodeLocalFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLocalFile {
+    /// Where the program saw it, in its container.
+    pub path: String,
+    /// The entry of `files` holding its content.
+    pub data: String,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Which Slurm job, step and task the checkpoint belongs to (absent when an
@@ -161,7 +179,16 @@ mod tests {
             files: vec![
                 ImageFile { name: "core-42.img".into(), size: 10, xxh3: "cd".into(), zstd: false },
                 ImageFile { name: "pages-1.img".into(), size: 5, xxh3: "ef".into(), zstd: true },
+                ImageFile { name: "node-local-0.data".into(), size: 3, xxh3: "01".into(), zstd: false },
             ],
+            node_local: vec![NodeLocalFile {
+                path: "/dev/shm/seg".into(),
+                data: "node-local-0.data".into(),
+                size: 3,
+                mode: 0o600,
+                uid: 2001,
+                gid: 2001,
+            }],
         }
     }
 

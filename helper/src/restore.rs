@@ -287,7 +287,9 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
     let placeholder = Placeholder::start(settings, &m)?;
     phase("placeholder runs");
-    if let Err(e) = pids_free(&placeholder, &m) {
+    // CRIU reopens them by path: node-local files first (node_local.rs).
+    let ready = pids_free(&placeholder, &m).and_then(|()| crate::node_local::recreate(&m, &req.images, placeholder.payload.pid));
+    if let Err(e) = ready {
         placeholder.kill();
         return Err(e);
     }

@@ -310,7 +310,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// A new root-only file; never follows or reuses an existing one.
-fn create_private(path: &Path) -> Result<File> {
+pub fn create_private(path: &Path) -> Result<File> {
     File::options()
         .write(true)
         .create_new(true)

@@ -173,6 +173,7 @@ fn helper_command(settings: &Settings) -> Command {
     if let Some(dir) = &settings.staging_dir {
         cmd.arg("--staging-dir").arg(dir);
     }
+    cmd.arg("--node-local-files-max").arg(ckpt_config::format_size(settings.node_local_files_max));
     cmd
 }
 

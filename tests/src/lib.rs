@@ -685,3 +685,139 @@ impl TcpCounter {
 pub fn counter_field(line: &str, key: &str) -> i64 {
     line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).and_then(|v| v.parse().ok()).unwrap_or(-1)
 }
+
+/// A program that keeps its state in node-local files, as Open MPI does: it
+/// maps `SHM` (MAP_SHARED, `size` bytes) for its counter and accumulator and
+/// holds `SHM.fd` open for a copy of the counter, checks both against its
+/// own memory every step, and appends `step=N acc=X` to `out` (then `done
+/// steps=N acc=X`, or `MISMATCH …` and exit 3 when a file lost its state).
+/// `mem_mib` of touched memory make the dump take a while. A run that starts
+/// fresh exits at once if `/data/stop-before-start` exists. An optional
+/// sixth argument names one more file it holds open, read-only.
+const SHM_PROGRAM: &str = r#"#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#define K 6364136223846793005ULL
+struct state { uint64_t counter, acc; };
+int main(int argc, char **argv) {
+    if (argc < 6) return 2;
+    /* A test that wants only the restore to touch the files stops a fresh run. */
+    if (access("/data/stop-before-start", F_OK) == 0) return 4;
+    const char *path = argv[1];
+    uint64_t steps = strtoull(argv[2], 0, 10);
+    long size = atol(argv[3]);
+    int out = open(argv[4], O_WRONLY | O_APPEND | O_CREAT, 0644);
+    size_t mem = (size_t)atol(argv[5]) << 20;
+    char *ballast = malloc(mem + 1);
+    for (size_t i = 0; i < mem; i += 4096) ballast[i] = (char)i;
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    char side[4096];
+    snprintf(side, sizeof side, "%s.fd", path);
+    int held = open(side, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (out < 0 || fd < 0 || held < 0 || ftruncate(fd, size)) { perror("open"); return 2; }
+    if (argc > 6 && open(argv[6], O_RDONLY) < 0) { perror(argv[6]); return 2; }
+    struct state *s = mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (s == MAP_FAILED) { perror("mmap"); return 2; }
+    close(fd);
+    s->counter = 0; s->acc = 1;
+    uint64_t mine = 0, acc = 1, seen;
+    pwrite(held, &mine, sizeof mine, 0);
+    while (mine < steps) {
+        if (pread(held, &seen, sizeof seen, 0) != sizeof seen) seen = ~0ULL;
+        if (s->counter != mine || s->acc != acc || seen != mine) {
+            dprintf(out, "MISMATCH after step %llu: shared counter %llu acc %016llx, held %llu\n", (unsigned long long)mine,
+                    (unsigned long long)s->counter, (unsigned long long)s->acc, (unsigned long long)seen);
+            return 3;
+        }
+        mine++;
+        acc = acc * K + mine;
+        s->acc = s->acc * K + mine;
+        s->counter = mine;
+        pwrite(held, &mine, sizeof mine, 0);
+        dprintf(out, "step=%llu acc=%016llx\n", (unsigned long long)mine, (unsigned long long)acc);
+        usleep(100000);
+    }
+    dprintf(out, "done steps=%llu acc=%016llx\n", (unsigned long long)steps, (unsigned long long)acc);
+    return 0;
+}
+"#;
+
+/// A batch job running [`SHM_PROGRAM`] in a container with
+/// `--checkpoint-container`; its state lives in `/dev/shm/<shm name>`.
+pub struct ShmJob {
+    pub job: BatchJob,
+    /// The mapped file, as the node and the container see it.
+    pub shm: String,
+}
+
+impl Cluster {
+    pub fn submit_shm_job(&self, sbatch_args: &[&str], steps: u32, size: u64, mem_mib: u32) -> ShmJob {
+        self.submit_shm_job_holding(sbatch_args, steps, size, mem_mib, "")
+    }
+
+    /// The same, also holding `extra` open (read-only) if not empty.
+    pub fn submit_shm_job_holding(&self, sbatch_args: &[&str], steps: u32, size: u64, mem_mib: u32, extra: &str) -> ShmJob {
+        let name = format!("job-{}", unique());
+        let dir = format!("/shared/{name}");
+        self.sh("node1", "root", &format!("install -d -o alice -g alice -m 0755 {dir}")).ok();
+        let host_dir = self.shared.join(&name);
+        gcc(SHM_PROGRAM, &host_dir.join("shmprog"), &["-static", "-O1"]);
+        let shm = format!("/dev/shm/ckpt-test-{}", unique());
+        let script = format!(
+            "#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o {dir}/job.out\n#SBATCH --open-mode=append\n\
+             echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n\
+             srun apptainer -s exec --bind {dir}:/data {TEST_SIF} /data/shmprog {shm} {steps} {size} /data/out.txt {mem_mib} {extra}\n"
+        );
+        let id = self.sbatch("alice", sbatch_args, &script);
+        ShmJob { job: BatchJob { id, host_dir, dir, mem_mib, steps }, shm }
+    }
+}
+
+impl ShmJob {
+    /// The last line of an uninterrupted run.
+    pub fn expected_done(&self) -> String {
+        let mut acc: u64 = 1;
+        for step in 1..=u64::from(self.job.steps) {
+            acc = acc.wrapping_mul(6364136223846793005).wrapping_add(step);
+        }
+        format!("done steps={} acc={acc:016x}", self.job.steps)
+    }
+
+    /// out.txt holds every step once, in order, and the right result: the
+    /// program went on from its saved state, with its node-local files.
+    #[track_caller]
+    pub fn assert_continued(&self) {
+        let lines = self.job.lines("out.txt");
+        let steps = self.job.steps as usize;
+        assert_eq!(lines.len(), steps + 1, "out.txt: {lines:?}; job output:\n{}", self.job.output());
+        for (i, line) in lines[..steps].iter().enumerate() {
+            assert!(line.starts_with(&format!("step={} ", i + 1)), "out.txt line {}: {line}", i + 1);
+        }
+        assert_eq!(lines[steps], self.expected_done());
+    }
+
+    /// out.txt shows a second run from step 1 that ended right.
+    #[track_caller]
+    pub fn assert_started_over(&self) {
+        let lines = self.job.lines("out.txt");
+        assert_eq!(lines.iter().filter(|l| l.starts_with("step=1 ")).count(), 2, "started over: {lines:?}");
+        assert!(!lines.iter().any(|l| l.starts_with("MISMATCH")), "{lines:?}");
+        assert_eq!(lines.last().unwrap(), &self.expected_done());
+    }
+
+    /// Makes a fresh start of the program exit before it opens anything.
+    pub fn stop_fresh_starts(&self, cluster: &Cluster) {
+        cluster.sh("node1", "alice", &format!("touch {}/stop-before-start", self.job.dir)).ok();
+    }
+
+    pub fn cleanup(&self, cluster: &Cluster) {
+        for node in ["node1", "node2"] {
+            cluster.sh(node, "root", &format!("rm -f {0} {0}.fd", self.shm));
+        }
+        self.job.cleanup(cluster);
+    }
+}

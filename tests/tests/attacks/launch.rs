@@ -221,6 +221,15 @@ fn an_image_alice_can_change_is_not_mounted_by_root() {
 fn the_container_has_alices_groups_not_roots() {
     let c = cluster();
     c.sh("node1", "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
+    // Only for this test: a group alice has on node1 alone makes every
+    // later checkpoint of hers unrestorable on node2.
+    struct Ungroup;
+    impl Drop for Ungroup {
+        fn drop(&mut self) {
+            cluster().sh("node1", "root", "gpasswd -d alice ckpt-test").ok();
+        }
+    }
+    let _ungroup = Ungroup;
     let sorted = |s: &str| {
         let mut g: Vec<String> = s.split_whitespace().map(String::from).collect();
         g.sort();

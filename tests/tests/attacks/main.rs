@@ -10,6 +10,7 @@
 
 mod criu;
 mod launch;
+mod node_local;
 mod restore;
 mod storage;
 
