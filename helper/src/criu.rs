@@ -231,6 +231,10 @@ struct Spawn {
     net: Option<std::fs::File>,
     uid: u32,
     gid: u32,
+    /// Supplementary groups: the user's, as her container has them. CRIU
+    /// restores a process's groups only by finding them already its own
+    /// (it cannot setgroups without CAP_SETGID).
+    groups: Vec<libc::gid_t>,
     caps: caps::CapsHashSet,
     fds: Vec<(std::fs::File, i32)>,
     argv: Vec<std::ffi::CString>,
@@ -261,7 +265,7 @@ impl Spawn {
         // Never executed by path: the pre_exec hook below execs the fd.
         let mut cmd = std::process::Command::new("/nonexistent/criu");
         cmd.env_clear();
-        let Spawn { binary, mnt, net, uid, gid, caps, fds, argv, envp } = self;
+        let Spawn { binary, mnt, net, uid, gid, groups, caps, fds, argv, envp } = self;
         // SAFETY: runs in the forked child before exec: syscalls only, no
         // allocation unless one fails (the agent has other threads, which
         // may hold the allocator's lock at the fork).
@@ -287,7 +291,7 @@ impl Spawn {
                     check(moved)?;
                     check(libc::dup2(moved, *to))?;
                 }
-                check(libc::setgroups(1, &gid))?;
+                check(libc::setgroups(groups.len(), groups.as_ptr()))?;
                 check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
                 check(libc::setresgid(gid, gid, gid))?;
                 check(libc::setresuid(uid, uid, uid))?;
@@ -401,6 +405,7 @@ impl Invocation<'_> {
             net: joined.net,
             uid: self.uid,
             gid: self.gid,
+            groups: crate::user::User::lookup(self.uid, self.gid).map(|u| u.groups).map_err(|e| not_runnable(e.to_string()))?,
             caps,
             fds,
             argv: cstrings(argv).map_err(not_runnable)?,
@@ -464,6 +469,7 @@ pub fn ensure_kdat(criu: &Path, uid: u32, gid: u32, caps: &caps::CapsHashSet) ->
         net: None,
         uid,
         gid,
+        groups: vec![gid],
         caps: caps.clone(),
         fds: vec![(work_fd, IMAGES_FD), (empty, EMPTY_FD)],
         argv: cstrings(argv)?,

@@ -308,3 +308,30 @@ fn checkpoints_of_a_requeued_job_cancelled_while_pending_are_collected() {
     job.cleanup(c);
     waiting.cleanup(c);
 }
+
+/// Most users have supplementary groups. CRIU runs unprivileged and cannot
+/// setgroups: it must already have hers, or the restore fails
+/// (`Can't setgroups([2 gids])`).
+#[test]
+fn a_user_with_supplementary_groups_is_restored_with_them() {
+    let c = cluster();
+    let add = "getent group ckpt-extra >/dev/null || groupadd -g 3002 ckpt-extra; usermod -aG ckpt-extra alice";
+    for node in ["node1", "node2"] {
+        c.sh(node, "root", add).ok();
+    }
+    struct Ungroup;
+    impl Drop for Ungroup {
+        fn drop(&mut self) {
+            for node in ["node1", "node2"] {
+                cluster().sh(node, "root", "gpasswd -d alice ckpt-extra").ok();
+            }
+        }
+    }
+    let _ungroup = Ungroup;
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 60);
+    requeue_after(c, &job, "out.txt", 5);
+    c.release(job.id, Some("node2"));
+    assert_restored_and_cleaned(c, &job, 1);
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}
