@@ -182,19 +182,18 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const KEYS: [&str; 10] =
-    [
-        "helper",
-        "checkpoint_dir",
-        "criu",
-        "apptainer",
-        "apptainer_conf",
-        "compression",
-        "staging_dir",
-        "container_network",
-        "node_local_files_max",
-        "config",
-    ];
+const KEYS: [&str; 10] = [
+    "helper",
+    "checkpoint_dir",
+    "criu",
+    "apptainer",
+    "apptainer_conf",
+    "compression",
+    "staging_dir",
+    "container_network",
+    "node_local_files_max",
+    "config",
+];
 
 /// A size in bytes: a number, optionally followed by KiB, MiB, GiB or TiB
 /// (binary units only: "1GB" would leave the admin guessing which).

@@ -280,7 +280,13 @@ enum Start<'a> {
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
 /// `/` (what the container sees as its working directory is an Apptainer
 /// option, never a path root resolves).
-fn spawn_for_task(argv: &[String], stdio: &[OwnedFd; 3], cgroups: Vec<std::ffi::CString>, env: &[(String, String)], how: &Start) -> Result<Child> {
+fn spawn_for_task(
+    argv: &[String],
+    stdio: &[OwnedFd; 3],
+    cgroups: Vec<std::ffi::CString>,
+    env: &[(String, String)],
+    how: &Start,
+) -> Result<Child> {
     let argv = match how {
         Start::Container { network, .. } => {
             let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();

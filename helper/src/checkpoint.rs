@@ -187,6 +187,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
     let externals = external_files(req.pid, &pids)?;
     let node_local = crate::node_local::find(req.pid, &pids, uid, gid, settings.node_local_files_max)?;
+    let node_local_pending_dirs = node_local.dirs.clone();
     let (cwd, env) = match &req.started_in {
         Some(x) => x.clone(),
         None => started_in(req.pid)?,
@@ -263,11 +264,13 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
             .unwrap_or_else(|| format!("exit status {}", out.status));
         // What happens to the container is the caller's to say; an
         // earlier checkpoint is named only when there is one.
-        let earlier = if req.target.exists() { format!(" (the checkpoint already at {} is untouched)", req.target.display()) } else { String::new() };
+        let earlier =
+            if req.target.exists() { format!(" (the checkpoint already at {} is untouched)", req.target.display()) } else { String::new() };
         return fail(format!("CRIU could not dump process {}: {why}{earlier}", req.pid));
     }
     let mut files = streamed?;
     let (node_local, node_local_files) = saved.transpose()?.unwrap_or_default();
+    let node_local_dirs = node_local_pending_dirs;
     files.extend(node_local_files);
     let (image_size, image_blake3) = image_digest.join().unwrap_or_else(|_| fail("image digest thread panicked"))?;
     if storage::stamp(image)? != image_stamp {
@@ -297,6 +300,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
         files,
         node_local,
+        node_local_dirs,
     };
     staging.write_manifest(&manifest)?;
     phase("sealed");

@@ -91,7 +91,8 @@ pub fn record(settings: &Settings, uid: u32, gid: u32, entry: &Entry) -> Result<
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
     let tmp = format!(".{}.{}-{nanos}", entry.file_name(), std::process::id());
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = openat(Some(dir.as_raw_fd()), tmp.as_str(), flags, Mode::from_bits_truncate(0o600)).context(|| "cannot create a list entry".into())?;
+    let fd = openat(Some(dir.as_raw_fd()), tmp.as_str(), flags, Mode::from_bits_truncate(0o600))
+        .context(|| "cannot create a list entry".into())?;
     // SAFETY: just returned by openat, owned once.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     let text = toml::to_string(entry).map_err(|e| crate::error::EngineError(e.to_string()))?;

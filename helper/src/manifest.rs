@@ -24,6 +24,12 @@ pub struct Manifest {
     /// restores (node_local.rs); their content is one of `files`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_local: Vec<NodeLocalFile>,
+    /// Directories on tmpfs the tree needs at restore (those of its
+    /// node-local files, the ones it holds open, those its UNIX sockets are
+    /// bound in: an MPI launcher's session directory), shallowest first;
+    /// created as the user when missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_local_dirs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

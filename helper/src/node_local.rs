@@ -64,6 +64,55 @@ fn tmpfs_devices(mountinfo: &str) -> HashMap<u64, bool> {
     out
 }
 
+/// Mount points of the whole-filesystem tmpfs mounts of a mount table, with
+/// their device.
+fn tmpfs_mount_points(mountinfo: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
+        let (Some(majmin), Some(root), Some(point)) = (fields.get(2), fields.get(3), fields.get(4)) else { continue };
+        if fields.get(sep + 1) != Some(&"tmpfs") || *root != "/" {
+            continue;
+        }
+        let Some((major, minor)) = majmin.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))) else { continue };
+        out.push((point.to_string(), libc::makedev(major, minor)));
+    }
+    out
+}
+
+/// The directories between the tmpfs mount point holding `path` and `path`
+/// itself (both excluded), shallowest first; none when `path` is on no
+/// such tmpfs (`dev`: its device, when known).
+fn dirs_below_mount(mounts: &[(String, u64)], path: &str, dev: Option<u64>) -> Vec<String> {
+    let Some((point, _)) = mounts
+        .iter()
+        .filter(|(point, d)| dev.is_none_or(|dev| dev == *d) && path.strip_prefix(point.as_str()).is_some_and(|rest| rest.starts_with('/')))
+        .max_by_key(|(point, _)| point.len())
+    else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<String> =
+        Path::new(path).ancestors().skip(1).map(|a| a.to_string_lossy().into_owned()).take_while(|a| a.len() > point.len()).collect();
+    dirs.reverse();
+    dirs
+}
+
+/// Paths of the UNIX sockets bound by the tree (`inodes`: its sockets), from
+/// its network namespace's table.
+fn bound_socket_paths(root: Pid, inodes: &HashSet<u64>) -> Vec<String> {
+    let table = std::fs::read_to_string(procfs::proc_path(root, "net/unix")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (inode, path) = (f.get(6)?.parse::<u64>().ok()?, f.get(7)?);
+            (inodes.contains(&inode) && path.starts_with('/')).then(|| path.to_string())
+        })
+        .collect()
+}
+
 /// Bytes as the user reads them in a message.
 fn human(bytes: u64) -> String {
     if bytes < 1 << 20 {
@@ -89,6 +138,8 @@ fn too_big(root: Pid, total: u64, limit: u64, biggest: (&str, u64)) -> EngineErr
 pub struct Pending {
     root: Pid,
     files: Vec<Found>,
+    /// Directories to recreate (see `Manifest::node_local_dirs`).
+    pub dirs: Vec<String>,
     mnt: Option<(File, User)>,
 }
 
@@ -98,14 +149,37 @@ pub fn find(root: Pid, pids: &[Pid], uid: u32, gid: u32, limit: u64) -> Result<P
     let mountinfo = std::fs::read_to_string(procfs::proc_path(root, "mountinfo")).context(|| format!("mounts of process {root}"))?;
     let tmpfs = tmpfs_devices(&mountinfo);
     let visible = procfs::mount_ids(root).context(|| format!("mounts of process {root}"))?;
+    let mounts = tmpfs_mount_points(&mountinfo);
     let mut seen = HashSet::new();
     let mut files = Vec::new();
+    let (mut dirs, mut sockets) = (Vec::new(), HashSet::new());
     for &pid in pids {
         for kind in ["map_files", "fd"] {
             for entry in std::fs::read_dir(procfs::proc_path(pid, kind)).into_iter().flatten().flatten() {
+                if kind == "fd" {
+                    if let Some(inode) = std::fs::read_link(entry.path())
+                        .ok()
+                        .and_then(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok())
+                    {
+                        sockets.insert(inode);
+                        continue;
+                    }
+                }
                 // Root stats the process's own mapping or descriptor: the
                 // kernel's object, no path resolved.
                 let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
+                // A directory of hers it holds open on tmpfs (a session
+                // directory): recreated, with the ones above it.
+                if meta.is_dir() && meta.uid() == uid && tmpfs.contains_key(&meta.dev()) {
+                    if let Some(path) = std::fs::read_link(entry.path()).ok().and_then(|l| l.to_str().map(str::to_string)) {
+                        let mut these = dirs_below_mount(&mounts, &path, Some(meta.dev()));
+                        if !these.is_empty() {
+                            these.push(path);
+                        }
+                        dirs.extend(these);
+                    }
+                    continue;
+                }
                 let Some(&whole) = tmpfs.get(&meta.dev()) else { continue };
                 // An fd opened outside the container (a batch job's output
                 // file, restored onto the helper's own fd) is not the
@@ -133,16 +207,23 @@ node-local files can travel with a checkpoint",
                         meta.uid()
                     ));
                 }
+                dirs.extend(dirs_below_mount(&mounts, &path, Some(meta.dev())));
                 files.push(Found { path, dev: meta.dev(), ino: meta.ino(), size: meta.len() });
             }
         }
     }
+    for path in bound_socket_paths(root, &sockets) {
+        dirs.extend(dirs_below_mount(&mounts, &path, None));
+    }
+    // Shallowest first, once each.
+    dirs.sort_by_key(|d| (d.matches('/').count(), d.clone()));
+    dirs.dedup();
     let total: u64 = files.iter().map(|f| f.size).sum();
     if total > limit {
         let biggest = files.iter().max_by_key(|f| f.size).map(|f| (f.path.as_str(), f.size)).unwrap_or(("?", 0));
         return Err(too_big(root, total, limit, biggest));
     }
-    let mnt = if files.is_empty() {
+    let mnt = if files.is_empty() && dirs.is_empty() {
         None
     } else {
         let mnt = crate::namespaces::open_checked(root)
@@ -150,12 +231,12 @@ node-local files can travel with a checkpoint",
             .map_err(|why| EngineError(format!("refusing to read the node-local files of process {root}: {why}")))?;
         Some((mnt, User::lookup(uid, gid)?))
     };
-    Ok(Pending { root, files, mnt })
+    Ok(Pending { root, files, dirs, mnt })
 }
 
 impl Pending {
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        self.files.is_empty() && self.dirs.is_empty()
     }
 
     /// Copies each file, as the user, into `dir` (root-only): call once
@@ -192,12 +273,13 @@ impl Pending {
 /// user, in the mount namespace of `pid` (the placeholder container), before
 /// CRIU reopens them. `dir` is the verified checkpoint.
 pub fn recreate(m: &Manifest, dir: &Path, pid: Pid) -> Result<()> {
-    if m.node_local.is_empty() {
+    if m.node_local.is_empty() && m.node_local_dirs.is_empty() {
         return Ok(());
     }
     let mnt = crate::namespaces::open_checked(pid).map_err(|why| EngineError(format!("refusing to write node-local files: {why}")))?.mnt;
     let user = User::lookup(m.owner.uid, m.owner.gid)?;
     let deadline = Instant::now() + TIMEOUT;
+    make_dirs_as_user(&mnt, &user, &m.node_local_dirs, deadline)?;
     for f in &m.node_local {
         let entry = m.files.iter().find(|e| e.name == f.data && !e.zstd && e.size == f.size);
         let Some(entry) = entry.filter(|_| f.uid == m.owner.uid && f.data.starts_with("node-local-")) else {
@@ -226,6 +308,7 @@ const REPLACED: u32 = 4;
 const NOT_HERS: u32 = 5;
 const IO: u32 = 6;
 const ATTRS: u32 = 7;
+const MKDIR: u32 = 8;
 
 /// The child's report: stage, errno, then size, mode, gid of the file.
 #[repr(C)]
@@ -475,6 +558,50 @@ fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64, 
     })();
     reap(child, if result.is_ok() { deadline } else { Instant::now() });
     result
+}
+
+/// Creates the directories that are missing (mode 0700, as the user would
+/// with `mkdir -p`), in the container's mount namespace: a forked child that
+/// is the user, so it can create only what she can.
+fn make_dirs_as_user(mnt: &File, user: &User, dirs: &[String], deadline: Instant) -> Result<()> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<CString> =
+        dirs.iter().map(|d| CString::new(d.as_str())).collect::<std::result::Result<_, _>>().context(|| "a directory path".into())?;
+    let (mut status_r, status_w) = pipe()?;
+    let ids = Ids { uid: user.uid, gid: user.gid, groups: &user.groups };
+    let (mnt_fd, keep) = (mnt.as_raw_fd(), [status_w.as_raw_fd()]);
+    // SAFETY: in the forked child: syscalls on fds and data prepared before
+    // the fork.
+    let child = fork(|| unsafe {
+        let mut r = Report::default();
+        if let Err((stage, errno)) = enter_as_user(mnt_fd, &keep, &ids) {
+            (r.stage, r.errno) = (stage, errno);
+            send_report(0, &r);
+            return 1;
+        }
+        for (i, p) in paths.iter().enumerate() {
+            if libc::mkdir(p.as_ptr(), 0o700) != 0 && *libc::__errno_location() != libc::EEXIST {
+                (r.stage, r.errno, r.size) = (MKDIR, *libc::__errno_location(), i as u64);
+                send_report(0, &r);
+                return 1;
+            }
+        }
+        send_report(0, &r);
+        0
+    })?;
+    drop(status_w);
+    let report = nonblocking(&status_r).and_then(|()| read_report(&mut status_r, deadline).map_err(|e| EngineError(e.to_string())));
+    reap(child, deadline);
+    match report? {
+        Some(r) if r.stage == DONE => Ok(()),
+        Some(r) if r.stage == MKDIR => {
+            fail(format!("cannot recreate node-local directory {}: {}", dirs[r.size as usize], std::io::Error::from_raw_os_error(r.errno)))
+        }
+        Some(r) => fail(format!("cannot recreate node-local directories: {}", r.why(user.uid))),
+        None => fail("cannot recreate node-local directories: the writer ended without a word"),
+    }
 }
 
 /// The user's writer creates or replaces `f.path` in the container (only a

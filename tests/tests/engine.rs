@@ -204,7 +204,12 @@ fn failed_dump_keeps_the_container_running_and_the_earlier_checkpoint() {
     // Fill the filesystem: the next dump cannot fit.
     c.sh("node1", "root", &format!("dd if=/dev/zero of={fs}/filler bs=1M count=40 status=none")).ok();
     let out = checkpoint(&["--job-id", "2"]).failed();
-    assert!(out.stderr.contains("CRIU could not dump process") && out.stderr.contains(&format!("(the checkpoint already at {target} is untouched)")), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("CRIU could not dump process")
+            && out.stderr.contains(&format!("(the checkpoint already at {target} is untouched)")),
+        "{}",
+        out.stderr
+    );
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     let before = w.out_lines().len();
     w.wait_steps(before + 3);

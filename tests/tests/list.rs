@@ -9,7 +9,10 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// A job of `user` whose container sleeps, requeued once it runs: it is
 /// pending again with a checkpoint.
 fn checkpointed_job(c: &Cluster, user: &str) -> u32 {
-    let script = format!("#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o /tmp/list-{}.out\nsrun apptainer -s exec {TEST_SIF} sleep 600\n", unique());
+    let script = format!(
+        "#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o /tmp/list-{}.out\nsrun apptainer -s exec {TEST_SIF} sleep 600\n",
+        unique()
+    );
     let job = c.sbatch(user, &["-w", "node1"], &script);
     c.wait_state(job, &["RUNNING"], MINUTE);
     // The container must be up before the requeue.

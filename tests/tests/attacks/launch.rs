@@ -253,8 +253,7 @@ fn the_container_gets_the_tasks_descriptors_and_none_of_slurmstepds() {
     // (A step of several PMI ranks runs unprotected: requeue.rs.)
     for (mpi, tasks) in [("none", 2), ("pmi2", 1)] {
         let run = |flag: &str| {
-            let out =
-                as_alice(c, &format!("srun -w node1 -n{tasks} --mpi={mpi} {flag} apptainer -s exec {TEST_SIF} sh -c '{fds}'")).ok();
+            let out = as_alice(c, &format!("srun -w node1 -n{tasks} --mpi={mpi} {flag} apptainer -s exec {TEST_SIF} sh -c '{fds}'")).ok();
             let mut lines: Vec<String> = out.stdout.lines().map(String::from).collect();
             lines.sort();
             (lines, out)
