@@ -443,7 +443,14 @@ impl Cluster {
              echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n{}\n",
             body.join("\n")
         );
-        let id = self.sbatch("alice", sbatch_args, &script);
+        // Memory asked for as sites require it (CR_CPU_Memory, ConstrainRAMSpace),
+        // per CPU of the job, so a restored program must fit in the new job's
+        // limit: the workload's own plus room for Apptainer, whose unprivileged
+        // mode (no squashfuse here) extracts the test image, ~250 MB, into the
+        // node's tmpfs, charged to the job.
+        let mem = format!("--mem-per-cpu={}M", mem_mib + 768);
+        let args: Vec<&str> = std::iter::once(mem.as_str()).chain(sbatch_args.iter().copied()).collect();
+        let id = self.sbatch("alice", &args, &script);
         BatchJob { id, host_dir: self.shared.join(&name), dir, mem_mib, steps }
     }
 

@@ -85,7 +85,7 @@ fn job_requeued_twice_finishes_correctly() {
 }
 
 #[test]
-fn preemption_by_a_high_priority_job_checkpoints_and_restores() {
+fn preemption_by_a_high_priority_job_checkpoints_and_restores_on_the_other_node() {
     let c = cluster();
     let job = c.submit_workload_job(&["-w", "node1", "-c", "2"], ONE_STEP, 256, 80);
     job.wait_lines("out.txt", 10);
@@ -93,8 +93,9 @@ fn preemption_by_a_high_priority_job_checkpoints_and_restores() {
     assert_eq!(c.wait_job(high, 2 * MINUTE), "COMPLETED");
     // The low job was preempted (not cancelled): it is waiting to run again.
     c.wait_state(job.id, &["PENDING"], MINUTE);
-    c.release(job.id, None);
+    c.release(job.id, Some("node2"));
     assert_restored_and_cleaned(c, &job, 1);
+    assert!(job.output().contains("run restart=1 on node2"), "{}", job.output());
     job.assert_continued("out.txt");
     job.cleanup(c);
 }
