@@ -47,10 +47,7 @@ fn scontrol_requeue_checkpoints_and_the_requeued_job_restores() {
     let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 256, 80);
     let saved = requeue_after(c, &job, "out.txt", 10);
     assert!(saved < 80, "checkpointed mid-run");
-    let manifest = c
-        .exec("node1", "root", &[HELPER, "inspect", "--verify", &job.checkpoint_of(0, 0)])
-        .ok()
-        .stdout;
+    let manifest = c.exec("node1", "root", &[HELPER, "inspect", "--verify", &job.checkpoint_of(0, 0)]).ok().stdout;
     assert!(manifest.contains(&format!("job_id = {}", job.id)), "{manifest}");
     c.release(job.id, None);
     assert_restored_and_cleaned(c, &job, 1);
@@ -211,7 +208,8 @@ fn a_step_whose_task_fails_to_restore_discards_the_restored_tasks() {
 #[test]
 fn an_srun_mpi_step_of_several_ranks_runs_unprotected_and_says_why() {
     let c = cluster();
-    let out = c.sh("node1", "alice", &format!("srun -w node1 -n2 --mpi=pmi2 --checkpoint-container apptainer -s exec {TEST_SIF} true")).ok();
+    let out =
+        c.sh("node1", "alice", &format!("srun -w node1 -n2 --mpi=pmi2 --checkpoint-container apptainer -s exec {TEST_SIF} true")).ok();
     assert_eq!(out.stderr.matches("runs unprotected: its 2 MPI ranks run in separate containers (srun --mpi=pmi2)").count(), 2, "{out:#?}");
     assert!(out.stderr.contains("start it with mpirun inside one container"), "{out:#?}");
     assert!(!out.stderr.contains("is protected"), "{out:#?}");
@@ -242,9 +240,7 @@ fn another_user_cannot_read_or_restore_the_images() {
     let out = c.exec("node1", "alice", &[HELPER, "restore", "--images", &images]).failed();
     assert!(out.stderr.contains("Permission denied") || out.stderr.contains("not permitted"), "{}", out.stderr);
     // And root refuses it for bob.
-    let out = c
-        .exec("node1", "root", &[HELPER, "restore", "--images", &images, "--uid", "2002"])
-        .failed();
+    let out = c.exec("node1", "root", &[HELPER, "restore", "--images", &images, "--uid", "2002"]).failed();
     assert!(out.stderr.contains("belongs to uid 2001, not to uid 2002"), "{}", out.stderr);
     job.cleanup(c);
 }
