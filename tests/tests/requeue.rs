@@ -1,7 +1,7 @@
 //! Checkpoint on preemption and `scontrol requeue`, restore on the requeued
 //! run, with real slurmctld/slurmd, munge, Apptainer and CRIU.
 
-use cluster_tests::{cluster, BatchJob, Cluster, PlugstackOverride, HELPER, TEST_SIF};
+use cluster_tests::{cluster, job_mem_per_cpu_mib, BatchJob, Cluster, PlugstackOverride, HELPER, TEST_SIF};
 use std::time::Duration;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -304,4 +304,37 @@ fn checkpoints_of_a_requeued_job_cancelled_while_pending_are_collected() {
     assert!(left.split_whitespace().any(|d| d == waiting.id.to_string()), "the pending job lost its checkpoint: {left}");
     job.cleanup(c);
     waiting.cleanup(c);
+}
+
+/// Under task/cgroup (the dev cluster's default, as on production sites) the
+/// restored program is confined like any task of the new job: it sits in that
+/// job's step cgroups, whose memory limit is the job's request and whose
+/// cpuset holds the job's one CPU.
+#[test]
+fn the_restored_program_is_confined_to_the_new_jobs_cgroups() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 600);
+    requeue_after(c, &job, "out.txt", 5);
+    c.release(job.id, Some("node2"));
+    let deadline = std::time::Instant::now() + MINUTE;
+    let pid = loop {
+        let out = job.output();
+        if let Some(pid) = out.split("checkpoint-container: restored process ").nth(1).and_then(|r| r.split(' ').next()) {
+            break pid.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "not restored: {out}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let cgroups = c.exec("node2", "root", &["cat", &format!("/proc/{pid}/cgroup")]).ok().stdout;
+    let step = format!("/slurm/uid_2001/job_{}/step_0", job.id);
+    for controller in ["memory", "cpuset", "devices"] {
+        let line = cgroups.lines().find(|l| l.split(':').nth(1) == Some(controller)).unwrap_or_default();
+        assert!(line.contains(&step), "{controller}: {cgroups}");
+    }
+    let job_cg = format!("/slurm/uid_2001/job_{}", job.id);
+    let limit = c.exec("node2", "root", &["cat", &format!("/sys/fs/cgroup/memory{job_cg}/memory.limit_in_bytes")]).ok().stdout;
+    assert_eq!(limit.trim(), (u64::from(job_mem_per_cpu_mib(64)) << 20).to_string());
+    let cpus = c.exec("node2", "root", &["cat", &format!("/sys/fs/cgroup/cpuset{job_cg}/cpuset.cpus")]).ok().stdout;
+    assert!(cpus.trim().parse::<u32>().is_ok(), "one CPU: {cpus}");
+    job.cleanup(c);
 }
