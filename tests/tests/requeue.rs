@@ -326,15 +326,18 @@ fn the_restored_program_is_confined_to_the_new_jobs_cgroups() {
         std::thread::sleep(Duration::from_millis(300));
     };
     let cgroups = c.exec("node2", "root", &["cat", &format!("/proc/{pid}/cgroup")]).ok().stdout;
-    let step = format!("/slurm/uid_2001/job_{}/step_0", job.id);
-    for controller in ["memory", "cpuset", "devices"] {
-        let line = cgroups.lines().find(|l| l.split(':').nth(1) == Some(controller)).unwrap_or_default();
-        assert!(line.contains(&step), "{controller}: {cgroups}");
-    }
-    let job_cg = format!("/slurm/uid_2001/job_{}", job.id);
-    let limit = c.exec("node2", "root", &["cat", &format!("/sys/fs/cgroup/memory{job_cg}/memory.limit_in_bytes")]).ok().stdout;
+    // Slurm's cgroup/v1 path: /slurm[_NODE]/uid_U/job_J/step_S/task_T.
+    let job_dir = format!("/uid_2001/job_{}", job.id);
+    let job_cgroup = |controller: &str| -> String {
+        // Lines are "ID:CONTROLLER:PATH".
+        let path = cgroups.lines().map(|l| l.splitn(3, ':').collect::<Vec<_>>()).find(|f| f[1] == controller).map_or("", |f| f[2]);
+        assert!(path.contains(&format!("{job_dir}/step_0")), "{controller}: {cgroups}");
+        format!("/sys/fs/cgroup/{controller}{}{job_dir}", path.split(&job_dir).next().unwrap())
+    };
+    job_cgroup("devices");
+    let limit = c.exec("node2", "root", &["cat", &format!("{}/memory.limit_in_bytes", job_cgroup("memory"))]).ok().stdout;
     assert_eq!(limit.trim(), (u64::from(job_mem_per_cpu_mib(64)) << 20).to_string());
-    let cpus = c.exec("node2", "root", &["cat", &format!("/sys/fs/cgroup/cpuset{job_cg}/cpuset.cpus")]).ok().stdout;
+    let cpus = c.exec("node2", "root", &["cat", &format!("{}/cpuset.cpus", job_cgroup("cpuset"))]).ok().stdout;
     assert!(cpus.trim().parse::<u32>().is_ok(), "one CPU: {cpus}");
     job.cleanup(c);
 }
