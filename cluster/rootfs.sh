@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Builds (or reuses) the Debian sid root filesystem every dev-cluster host runs
+# Builds (or reuses) the Debian root filesystem every dev-cluster host runs
 # from, plus the directory the test SIF image is built from.
 #
-# Why sid: Apptainer is packaged only there, and CRIU >= 4 is needed on this
-# kernel (bookworm's 3.17 fails at start). The cache is keyed by a hash of
-# what shapes the tree, so changing the package set below rebuilds it; a warm
-# cache costs nothing. Only the suite, the packages and the configuration step
-# are hashed, so editing comments or other functions keeps the cache.
+# CKPT_DEVCLUSTER_SUITE picks the Debian suite, hence the Slurm release the
+# cluster runs: sid (default, Slurm 26.05) or trixie (Slurm 24.11). Why sid by
+# default: Apptainer is packaged only there (trixie's tree takes sid's
+# apptainer, pinned so that nothing else comes from sid). The cache is keyed by
+# a hash of what shapes the tree, so changing the package set below rebuilds
+# it; a warm cache costs nothing. Only the suite, the packages and the
+# configuration steps are hashed, so editing comments or other functions keeps
+# the cache.
 set -euo pipefail
 
 CACHE_DIR=${CKPT_CACHE_DIR:-/var/cache/ckpt-devcluster}
-SUITE=sid
+SUITE=${CKPT_DEVCLUSTER_SUITE:-sid}
+case $SUITE in
+  sid | trixie) ;;
+  *) echo "rootfs: CKPT_DEVCLUSTER_SUITE=$SUITE is not supported (sid or trixie)" >&2; exit 2 ;;
+esac
 # Everything a cluster host needs: Slurm (controller, node daemon, client and
 # headers for building the plugin), munge, Apptainer, CRIU and what they use.
 PACKAGES=(
@@ -20,17 +27,44 @@ PACKAGES=(
 )
 
 rootfs_key() {
-  { echo "$SUITE"; printf '%s\n' "${PACKAGES[@]}"; declare -f configure_rootfs; } |
-    sha256sum | cut -c1-16
+  {
+    echo "$SUITE"
+    printf '%s\n' "${PACKAGES[@]}"
+    declare -f configure_rootfs
+    [[ $SUITE == sid ]] || declare -f add_sid_apptainer
+  } | sha256sum | cut -c1-16
+}
+
+# Cache entries of this suite are named $(rootfs_prefix)KEY (sid keeps the
+# names it had before there were other suites).
+rootfs_prefix() {
+  if [[ $SUITE == sid ]]; then echo rootfs-; else echo "rootfs-$SUITE-"; fi
+}
+
+# Where cargo builds the plugin for this suite's Slurm, given the workspace's
+# target directory: the plugin binds to one release's headers, so each suite
+# has its own (the rest of the workspace is built once, in the first).
+plugin_target_dir() {
+  if [[ $SUITE == sid ]]; then echo "$1"; else echo "$1/$SUITE"; fi
+}
+
+# Apptainer is not packaged for trixie: take sid's, and only what it strictly
+# needs, by an apt source for sid (the mirror line debootstrap wrote, suite
+# changed) pinned below the tree's own suite.
+add_sid_apptainer() {
+  local root=$1
+  sed -n "s/^\(deb [^ ]* \)$SUITE\( .*\)/\1sid\2/p" "$root/etc/apt/sources.list" > "$root/etc/apt/sources.list.d/sid.list"
+  [[ -s $root/etc/apt/sources.list.d/sid.list ]] || { echo "rootfs: no deb line for $SUITE in the tree's sources.list" >&2; exit 1; }
+  printf 'Package: *\nPin: release n=sid\nPin-Priority: 100\n' > "$root/etc/apt/preferences.d/sid"
 }
 
 # Prints the path of a complete root filesystem, building it when needed.
 ensure_rootfs() {
   local key dir tmp
   key=$(rootfs_key)
-  dir="$CACHE_DIR/rootfs-$key"
+  dir="$CACHE_DIR/$(rootfs_prefix)$key"
   if [[ -f "$dir/.complete" ]]; then
-    ln -sfn "rootfs-$key" "$CACHE_DIR/rootfs"
+    [[ $SUITE != sid ]] || ln -sfn "rootfs-$key" "$CACHE_DIR/rootfs"
     echo "$dir"
     return
   fi
@@ -49,9 +83,14 @@ ensure_rootfs() {
   chmod 755 "$tmp/usr/sbin/policy-rc.d"
   mount -t proc proc "$tmp/proc"
   trap 'umount "$tmp/proc" 2>/dev/null || true' RETURN
+  local packages=("${PACKAGES[@]}")
+  if [[ $SUITE != sid ]]; then
+    add_sid_apptainer "$tmp"
+    packages=("${packages[@]/#apptainer/apptainer/sid}")
+  fi
   chroot "$tmp" apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive chroot "$tmp" apt-get install -y -qq \
-      --no-install-recommends "${PACKAGES[@]}" >&2
+      --no-install-recommends "${packages[@]}" >&2
   chroot "$tmp" apt-get clean
   umount "$tmp/proc"
   trap - RETURN
@@ -60,10 +99,18 @@ ensure_rootfs() {
   mv "$tmp.image" "$dir.image"
   mv "$tmp" "$dir"
   touch "$dir/.complete"
-  ln -sfn "rootfs-$key" "$CACHE_DIR/rootfs"
-  # Old caches of other package sets are dead weight.
-  find "$CACHE_DIR" -maxdepth 1 -name 'rootfs-*' ! -name "rootfs-$key*" \
-      -exec rm -rf {} + 2>/dev/null || true
+  [[ $SUITE != sid ]] || ln -sfn "rootfs-$key" "$CACHE_DIR/rootfs"
+  # Old caches of this suite's other package sets are dead weight (sid's
+  # names have no second dash, other suites' do).
+  local prefix
+  prefix=$(rootfs_prefix)
+  if [[ $SUITE == sid ]]; then
+    find "$CACHE_DIR" -maxdepth 1 -name 'rootfs-*' ! -name 'rootfs-*-*' ! -name "rootfs-$key*" \
+        -exec rm -rf {} + 2>/dev/null || true
+  else
+    find "$CACHE_DIR" -maxdepth 1 -name "$prefix*" ! -name "$prefix$key*" \
+        -exec rm -rf {} + 2>/dev/null || true
+  fi
   echo "$dir"
 }
 

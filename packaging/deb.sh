@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Debian package from a release build (`./dev package` calls it):
-#   packaging/deb.sh TARGET_DIR CRIU SLURM_INCLUDE OUT_DIR
-# TARGET_DIR holds the release binaries, CRIU is the statically linked CRIU
+#   packaging/deb.sh TARGET_DIR CRIU SLURM_INCLUDE OUT_DIR [PLUGIN_DIR]
+# TARGET_DIR holds the release binaries (PLUGIN_DIR the plugin, when it was
+# built apart against another Slurm's headers), CRIU is the statically linked CRIU
 # shipped with the helper, SLURM_INCLUDE the Slurm headers the plugin was
 # built against (its version decides the slurmd the package depends on: Slurm
 # loads a SPANK plugin only from its own release).
@@ -16,7 +17,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-target=$1 criu=$2 slurm_include=$3 out=$4
+target=$1 criu=$2 slurm_include=$3 out=$4 plugin_dir=${5:-$1}
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/Cargo.toml" | head -1)
 arch=$(dpkg --print-architecture)
@@ -31,7 +32,7 @@ root=$(mktemp -d)
 chmod 0755 "$root"
 trap 'rm -rf "$root"' EXIT
 doc=$root/usr/share/doc/checkpoint-container
-install -D -m 0644 "$target/libspank_checkpoint_container.so" "$root/usr/lib/$multiarch/slurm-wlm/spank_checkpoint_container.so"
+install -D -m 0644 "$plugin_dir/libspank_checkpoint_container.so" "$root/usr/lib/$multiarch/slurm-wlm/spank_checkpoint_container.so"
 install -D -m 0755 "$target/checkpoint-container" "$root/usr/libexec/checkpoint-container/checkpoint-container"
 install -D -m 0755 "$criu" "$root/usr/libexec/checkpoint-container/criu"
 install -D -m 0644 "$HERE/plugstack.conf.d/checkpoint-container.conf" "$root/etc/slurm/plugstack.conf.d/checkpoint-container.conf"

@@ -417,6 +417,15 @@ impl Workload {
     }
 }
 
+/// Memory a workload job asks for, as sites require it (CR_CPU_Memory,
+/// ConstrainRAMSpace), per CPU of the job, so a restored program must fit in
+/// the new job's limit: the workload's own plus room for Apptainer, whose
+/// unprivileged mode (no squashfuse here) extracts the test image, ~250 MB,
+/// into the node's tmpfs, charged to the job.
+pub fn job_mem_per_cpu_mib(mem_mib: u32) -> u32 {
+    mem_mib + 768
+}
+
 /// A batch job whose steps run the workload in containers with
 /// `--checkpoint-container`, with its files in a fresh /shared directory.
 pub struct BatchJob {
@@ -459,7 +468,9 @@ impl Cluster {
             "#!/bin/bash\n#SBATCH --checkpoint-container\n#SBATCH -o {dir}/job.out\n#SBATCH --open-mode=append\n\
              echo \"run restart=${{SLURM_RESTART_COUNT:-0}} on $(hostname)\"\n{body}\n"
         );
-        let id = self.sbatch("alice", sbatch_args, &script);
+        let mem = format!("--mem-per-cpu={}M", job_mem_per_cpu_mib(mem_mib));
+        let args: Vec<&str> = std::iter::once(mem.as_str()).chain(sbatch_args.iter().copied()).collect();
+        let id = self.sbatch("alice", &args, &script);
         BatchJob { id, host_dir: self.shared.join(&name), dir, mem_mib, steps }
     }
 

@@ -1,7 +1,7 @@
 //! Checkpoint on preemption and `scontrol requeue`, restore on the requeued
 //! run, with real slurmctld/slurmd, munge, Apptainer and CRIU.
 
-use cluster_tests::{cluster, BatchJob, Cluster, PlugstackOverride, HELPER, TEST_SIF};
+use cluster_tests::{cluster, job_mem_per_cpu_mib, BatchJob, Cluster, PlugstackOverride, HELPER, TEST_SIF};
 use std::time::Duration;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -82,7 +82,7 @@ fn job_requeued_twice_finishes_correctly() {
 }
 
 #[test]
-fn preemption_by_a_high_priority_job_checkpoints_and_restores() {
+fn preemption_by_a_high_priority_job_checkpoints_and_restores_on_the_other_node() {
     let c = cluster();
     let job = c.submit_workload_job(&["-w", "node1", "-c", "2"], ONE_STEP, 256, 80);
     job.wait_lines("out.txt", 10);
@@ -90,8 +90,9 @@ fn preemption_by_a_high_priority_job_checkpoints_and_restores() {
     assert_eq!(c.wait_job(high, 2 * MINUTE), "COMPLETED");
     // The low job was preempted (not cancelled): it is waiting to run again.
     c.wait_state(job.id, &["PENDING"], MINUTE);
-    c.release(job.id, None);
+    c.release(job.id, Some("node2"));
     assert_restored_and_cleaned(c, &job, 1);
+    assert!(job.output().contains("run restart=1 on node2"), "{}", job.output());
     job.assert_continued("out.txt");
     job.cleanup(c);
 }
@@ -329,5 +330,41 @@ fn a_user_with_supplementary_groups_is_restored_with_them() {
     c.release(job.id, Some("node2"));
     assert_restored_and_cleaned(c, &job, 1);
     job.assert_continued("out.txt");
+    job.cleanup(c);
+}
+
+/// Under task/cgroup (the dev cluster's default, as on production sites) the
+/// restored program is confined like any task of the new job: it sits in that
+/// job's step cgroups, whose memory limit is the job's request and whose
+/// cpuset holds the job's one CPU.
+#[test]
+fn the_restored_program_is_confined_to_the_new_jobs_cgroups() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 600);
+    requeue_after(c, &job, "out.txt", 5);
+    c.release(job.id, Some("node2"));
+    let deadline = std::time::Instant::now() + MINUTE;
+    while !job.output().contains("checkpoint-container: restored process ") {
+        assert!(std::time::Instant::now() < deadline, "not restored: {}", job.output());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The restored program as the node numbers it (the line gives its pid
+    // in the container's own PID namespace).
+    let pid = c.exec("node2", "root", &["pgrep", "-u", "alice", "-x", "ckpt-workload"]).ok().stdout.trim().to_string();
+    assert!(!pid.is_empty() && !pid.contains('\n'), "the restored program: {pid:?}");
+    let cgroups = c.exec("node2", "root", &["cat", &format!("/proc/{pid}/cgroup")]).ok().stdout;
+    // Slurm's cgroup/v1 path: /slurm[_NODE]/uid_U/job_J/step_S/task_T.
+    let job_dir = format!("/uid_2001/job_{}", job.id);
+    let job_cgroup = |controller: &str| -> String {
+        // Lines are "ID:CONTROLLER:PATH".
+        let path = cgroups.lines().map(|l| l.splitn(3, ':').collect::<Vec<_>>()).find(|f| f[1] == controller).map_or("", |f| f[2]);
+        assert!(path.contains(&format!("{job_dir}/step_0")), "{controller}: {cgroups}");
+        format!("/sys/fs/cgroup/{controller}{}{job_dir}", path.split(&job_dir).next().unwrap())
+    };
+    job_cgroup("devices");
+    let limit = c.exec("node2", "root", &["cat", &format!("{}/memory.limit_in_bytes", job_cgroup("memory"))]).ok().stdout;
+    assert_eq!(limit.trim(), (u64::from(job_mem_per_cpu_mib(64)) << 20).to_string());
+    let cpus = c.exec("node2", "root", &["cat", &format!("{}/cpuset.cpus", job_cgroup("cpuset"))]).ok().stdout;
+    assert!(cpus.trim().parse::<u32>().is_ok(), "one CPU: {cpus}");
     job.cleanup(c);
 }
