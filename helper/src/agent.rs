@@ -22,6 +22,7 @@ use crate::manifest::JobIds;
 use crate::procfs::{self, Pid};
 use crate::protocol::{self, Channel, ToAgent, ToTask};
 use crate::storage::Staging;
+use crate::task_view::TaskView;
 use crate::user::User;
 use crate::{cgroup, storage};
 use ckpt_config::Settings;
@@ -257,7 +258,8 @@ fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
 
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
 /// `/` (what the container sees as its working directory is an Apptainer
-/// option, never a path root resolves).
+/// option, never a path root resolves), with the task's limits, umask and
+/// CPU affinity when `view` is given.
 fn spawn_for_task(
     argv: &[String],
     stdio: &[OwnedFd; 3],
@@ -265,6 +267,7 @@ fn spawn_for_task(
     env: &[(String, String)],
     extra_fd: Option<&OwnedFd>,
     groups_of: Option<&User>,
+    view: Option<TaskView>,
 ) -> Result<Child> {
     let mut cmd = Command::new(&argv[0]);
     if let Some(user) = groups_of {
@@ -283,7 +286,7 @@ fn spawn_for_task(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            Ok(())
+            view.as_ref().map_or(Ok(()), TaskView::apply_in_child)
         });
     }
     cmd.spawn().context(|| format!("cannot start {}", argv[0]))
@@ -326,11 +329,18 @@ fn try_restore(
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
     let cgroups = task_cgroups(t, task)?;
-    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w), None)?;
+    // The restore itself is root's and keeps root's settings.
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], Some(&status_w), None, None)?;
     drop(status_w);
     let mut line = String::new();
     let _ = std::io::BufReader::new(File::from(status_r).take(64)).read_line(&mut line);
     if line.trim() == "restored" {
+        // CRIU leaves the restored program its own CPU affinity; this
+        // run's task is bound where this run's allocation is.
+        match TaskView::read(task).and_then(|v| v.bind_restored(child.id() as Pid, t.uid)) {
+            Ok(n) => log::info!("{}: {n} restored processes bound to the task's CPUs", t.name()),
+            Err(e) => log::warn!("{}: restored processes keep CRIU's CPU affinity: {e}", t.name()),
+        }
         return Ok(Some(Running::new(child, Some(m.process.root_pid), t.uid)?));
     }
     // The restore command has told the user why; start fresh.
@@ -435,7 +445,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         Some(r) => r,
         None => {
             let cgroups = task_cgroups(t, &task)?;
-            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, Some(&user))?;
+            let view = TaskView::read(&task).context(|| format!("{}: the task's settings", t.name()))?;
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, Some(&user), Some(view))?;
             Running::new(child, None, t.uid)?
         }
     };

@@ -17,4 +17,5 @@ pub mod restore;
 pub mod storage;
 pub mod streamer;
 pub mod task;
+pub mod task_view;
 pub mod user;

@@ -1,0 +1,183 @@
+//! A protected container sees what the same command sees unprotected: a
+//! probe runs in the test SIF both ways, as alice, and the two outputs may
+//! differ only in the lines docs/transparency.md lists (so a new difference
+//! fails, and so does one that is gone but still documented).
+
+use cluster_tests::{cluster, repo_root, unique, Cluster, TEST_SIF};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// What the container reports about itself, one `== section` at a time.
+const PROBE: &str = r#"#!/bin/sh
+echo "== env"; env | sort
+echo "== id"; id -a
+echo "== umask"; umask
+echo "== limits"; cat /proc/self/limits
+echo "== cwd"; pwd
+echo "== home"; echo "HOME=$HOME"; ls -ldn "$HOME"
+echo "== home-content"; ls -a "$HOME/$PROBE_DIR"
+echo "== status"; grep -E '^(Cpus_allowed_list|Mems_allowed_list|Groups|NoNewPrivs|Seccomp|Cap...):' /proc/self/status
+echo "== cgroup"; cat /proc/self/cgroup
+echo "== sys-fs-cgroup"; ls /sys/fs/cgroup
+echo "== hostname"; hostname
+echo "== mounts"; awk '{ for (i = 7; $i != "-"; i++); print $5, $(i + 1) }' /proc/self/mountinfo | sort
+echo "== uid_map"; cat /proc/self/uid_map
+echo "== pid1"; cat /proc/1/comm
+echo "== net"; ls /sys/class/net
+echo "== sched"; nice; cat /proc/self/oom_score_adj
+"#;
+
+/// Variables whose values belong to one job or step, not to how it ran.
+const PER_RUN: &[&str] = &[
+    "SLURM_JOB_ID",
+    "SLURM_JOBID",
+    "SLURM_JOB_SLUID",
+    "SLURM_JOB_START_TIME",
+    "SLURM_JOB_END_TIME",
+    "SLURM_STEP_ID",
+    "SLURM_STEPID",
+    "SLURM_SRUN_COMM_PORT",
+    "SLURM_STEP_LAUNCHER_PORT",
+    "SLURM_TASK_PID",
+];
+
+/// The job script's settings before srun, all different from the node's
+/// defaults, so that a container that does not get them shows it.
+const SETTINGS: &str = "ulimit -n 777 && ulimit -S -c 1234 && ulimit -S -s 4096 && umask 027";
+
+/// The probe's output as `key → lines`: one key per environment variable
+/// (`env:NAME`), one per other section; per-run values masked.
+fn parse(output: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in output.lines() {
+        if let Some(name) = line.strip_prefix("== ") {
+            section = name.to_string();
+            out.entry(section.clone()).or_default();
+            continue;
+        }
+        assert!(!section.is_empty(), "probe output starts with {line:?}:\n{output}");
+        if section == "env" {
+            let (name, value) = line.split_once('=').unwrap_or((line, ""));
+            let value = if PER_RUN.contains(&name) { "<per run>" } else { value };
+            out.insert(format!("env:{name}"), vec![value.to_string()]);
+        } else {
+            let masked: String = line
+                .split('/')
+                .map(|part| match part.split_once('_') {
+                    Some(("job" | "step", n)) if n.parse::<u32>().is_ok() => format!("{}_N", part.split('_').next().unwrap()),
+                    _ => part.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("/");
+            out.get_mut(&section).unwrap().push(masked);
+        }
+    }
+    out.remove("env");
+    out
+}
+
+/// Keys whose lines differ between the two runs, with both sides.
+fn differences(unprotected: &str, protected: &str) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+    let (a, b) = (parse(unprotected), parse(protected));
+    assert!(a.contains_key("uid_map") && b.contains_key("uid_map"), "probe incomplete:\n{unprotected}\n----\n{protected}");
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), (a.get(k).cloned().unwrap_or_default(), b.get(k).cloned().unwrap_or_default())))
+        .collect()
+}
+
+/// The probe keys of the table in docs/transparency.md's "Differences that
+/// remain" section: its rows' first cells.
+fn documented() -> BTreeSet<String> {
+    let doc = std::fs::read_to_string(repo_root().join("docs/transparency.md")).unwrap();
+    let start = doc.find("\n## Differences that remain").expect("docs/transparency.md: no \"Differences that remain\" section");
+    let section = &doc[start + 1..];
+    let section = &section[..section[1..].find("\n## ").map_or(section.len(), |e| e + 1)];
+    section.lines().filter_map(|l| l.strip_prefix("| `")?.split_once('`').map(|(key, _)| key.to_string())).collect()
+}
+
+/// The soft value of one line of /proc/self/limits in the probe's output.
+fn soft_limit<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines().find_map(|l| l.strip_prefix(name)).and_then(|rest| rest.split_whitespace().next()).unwrap_or("")
+}
+
+#[track_caller]
+fn assert_only_documented(what: &str, unprotected: &str, protected: &str) {
+    let diff = differences(unprotected, protected);
+    let found: BTreeSet<String> = diff.keys().cloned().collect();
+    let documented = documented();
+    assert!(!documented.is_empty(), "docs/transparency.md lists no differences");
+    let report: String = diff.iter().map(|(k, (a, b))| format!("{k}:\n  unprotected: {a:?}\n  protected:   {b:?}\n")).collect();
+    assert_eq!(
+        found, documented,
+        "{what}: the differences between an unprotected and a protected run are not the documented ones:\n{report}"
+    );
+}
+
+/// A fresh directory in alice's home (visible in both kinds of container)
+/// holding the probe; its name as seen from $HOME.
+fn probe_dir(c: &Cluster) -> String {
+    let name = format!("transp-{}", unique());
+    let script = format!("mkdir ~/{name} && cat > ~/{name}/probe.sh <<'PROBE_EOF'\n{PROBE}PROBE_EOF\ntouch ~/{name}/marker");
+    c.sh("node1", "alice", &script).ok();
+    name
+}
+
+fn cleanup(c: &Cluster, name: &str) {
+    c.sh("node1", "alice", &format!("rm -rf ~/{name}"));
+}
+
+#[test]
+fn srun_with_and_without_the_option_shows_the_container_the_same() {
+    let c = cluster();
+    let name = probe_dir(c);
+    let run = |option: &str| {
+        let out = c
+            .sh(
+                "node1",
+                "alice",
+                &format!(
+                    "cd ~/{name} && {SETTINGS} && PROBE_DIR={name} srun -N1 -n1 -w node1 {option} apptainer -s exec {TEST_SIF} sh ./probe.sh"
+                ),
+            )
+            .ok();
+        out.stdout
+    };
+    let unprotected = run("");
+    let protected = run("--checkpoint-container");
+    // The settings reached both (otherwise the comparison proves nothing).
+    for out in [&unprotected, &protected] {
+        assert!(out.contains("\n0027\n") && soft_limit(out, "Max open files") == "777", "{out}");
+        assert!(out.contains("marker"), "home content not visible:\n{out}");
+    }
+    assert_only_documented("srun", &unprotected, &protected);
+    cleanup(c, &name);
+}
+
+#[test]
+fn a_batch_job_with_resource_options_shows_its_steps_the_same() {
+    let c = cluster();
+    let name = probe_dir(c);
+    let srun = |option: &str, out: &str| {
+        // Outputs go below out/, which exists before either run.
+        format!("PROBE_DIR={name} srun -n1 {option} apptainer -s exec {TEST_SIF} sh ./probe.sh > out/{out} 2> out/{out}.err")
+    };
+    let script = format!(
+        "#!/bin/bash\n#SBATCH -N1 -n1 --cpus-per-task=2 --mem-per-cpu=100 -t 5 -o /dev/null\n\
+         cd ~/{name} && mkdir out && {SETTINGS}\n{}\n{}\n",
+        srun("", "unprotected.out"),
+        srun("--checkpoint-container", "protected.out")
+    );
+    let job = c.sbatch("alice", &[], &script);
+    assert_eq!(c.wait_job(job, Duration::from_secs(120)), "COMPLETED");
+    let unprotected = c.read_file("alice", &format!("/home/alice/{name}/out/unprotected.out"));
+    let protected = c.read_file("alice", &format!("/home/alice/{name}/out/protected.out"));
+    for out in [&unprotected, &protected] {
+        assert!(out.contains("\n0027\n") && soft_limit(out, "Max stack size") == "4194304", "{out}");
+        assert!(out.contains("SLURM_CPUS_PER_TASK=2"), "{out}");
+    }
+    assert_only_documented("sbatch", &unprotected, &protected);
+    cleanup(c, &name);
+}
