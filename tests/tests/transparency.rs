@@ -181,3 +181,35 @@ fn a_batch_job_with_resource_options_shows_its_steps_the_same() {
     assert_only_documented("sbatch", &unprotected, &protected);
     cleanup(c, &name);
 }
+
+/// Limits, umask and CPUs of alice's workload processes on `node`, one
+/// line each (empty when none runs).
+fn workload_view(c: &Cluster, node: &str) -> String {
+    let script = "for p in $(pgrep -u alice -f '^/opt/checkpoint-container/bin/ckpt-workload '); do \
+                  grep -E '^Max (open files|core file size|stack size)' /proc/$p/limits | tr -s ' '; \
+                  grep -E '^(Umask|Cpus_allowed_list):' /proc/$p/status; done";
+    c.sh(node, "root", script).ok().stdout
+}
+
+#[test]
+fn a_restored_program_has_the_settings_of_the_job_script() {
+    let c = cluster();
+    let line = format!("{SETTINGS} && srun {{W}} --out /data/out.txt");
+    let job = c.submit_workload_job(&["-w", "node1"], &[&line], 64, 80);
+    job.wait_lines("out.txt", 5);
+    let before = workload_view(c, "node1");
+    assert!(before.contains("Max open files 777 ") && before.contains("Umask:\t0027"), "{before}");
+    c.exec("ctl", "root", &["scontrol", "requeue", &job.id.to_string()]).ok();
+    c.wait_state(job.id, &["PENDING"], Duration::from_secs(60));
+    c.release(job.id, None);
+    c.wait_state(job.id, &["RUNNING"], Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !job.output().contains("checkpoint-container: restored process") {
+        assert!(std::time::Instant::now() < deadline, "no restore:\n{}", job.output());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(workload_view(c, "node1"), before, "after the restore; job output:\n{}", job.output());
+    assert_eq!(c.wait_job(job.id, Duration::from_secs(120)), "COMPLETED", "{}", job.output());
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}
