@@ -232,3 +232,34 @@ fn the_container_has_alices_groups_not_roots() {
     assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
     assert_eq!(sorted(&out.stdout), expected, "{out:#?}");
 }
+
+/// The agent inherited the job's umask from slurmstepd: alice's `umask 077`
+/// made the node's socket directory 0700, and every later protected task on
+/// the node, bob's too, failed to reach its agent (found while testing
+/// transparency). Her settings now reach her container only; and the limits
+/// root gives it are hers, never more.
+#[test]
+fn alices_umask_and_limits_reach_her_container_not_the_node() {
+    let c = cluster();
+    let probe = "umask; ulimit -S -n; ulimit -S -c; ulimit -H -n; ulimit -H -c";
+    // Her task must be the one that creates the directory (moved aside, not
+    // removed: root never recurses into what may hold mounts).
+    c.sh("node1", "root", &format!("[ ! -e /run/checkpoint-container ] || mv /run/checkpoint-container /run/ckpt-aside-{}", unique())).ok();
+    let run = |option: &str| {
+        as_alice(
+            c,
+            &format!("umask 077 && ulimit -n 500 && ulimit -c 0 && srun -w node1 {option} apptainer -s exec {TEST_SIF} sh -c '{probe}'"),
+        )
+        .ok()
+    };
+    let protected = run("--checkpoint-container");
+    assert!(!protected.stderr.contains(UNPROTECTED), "{protected:#?}");
+    assert!(protected.stdout.starts_with("0077\n500\n0\n"), "{protected:#?}");
+    // Slurm passes soft limits on; hard ones are the node's, as unprotected.
+    assert_eq!(protected.stdout, run("").stdout);
+    let dir = c.sh("node1", "root", "stat -c '%a %U' /run/checkpoint-container").ok().stdout;
+    assert_eq!(dir.trim(), "755 root", "the node's agent directory took alice's umask");
+    let bobs =
+        c.sh("node1", "bob", &format!("srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} sh -c 'echo ok; umask'")).ok();
+    assert_eq!(bobs.stdout, "ok\n0022\n", "{bobs:#?}");
+}
