@@ -3,7 +3,7 @@
 //! differ only in the lines docs/transparency.md lists (so a new difference
 //! fails, and so does one that is gone but still documented).
 
-use cluster_tests::{cluster, repo_root, unique, Cluster, TEST_SIF};
+use cluster_tests::{cluster, repo_root, unique, Cluster, SlurmConfOverride, TEST_SIF};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -156,30 +156,52 @@ fn srun_with_and_without_the_option_shows_the_container_the_same() {
     cleanup(c, &name);
 }
 
-#[test]
-fn a_batch_job_with_resource_options_shows_its_steps_the_same() {
-    let c = cluster();
+/// Runs the probe unprotected then protected as two steps of one batch job
+/// (`sbatch_opts` in `#SBATCH` lines, `srun_opts` on both sruns); returns
+/// both outputs.
+fn batch_probe(c: &Cluster, sbatch_opts: &str, srun_opts: &str) -> (String, String) {
     let name = probe_dir(c);
     let srun = |option: &str, out: &str| {
         // Outputs go below out/, which exists before either run.
-        format!("PROBE_DIR={name} srun -n1 {option} apptainer -s exec {TEST_SIF} sh ./probe.sh > out/{out} 2> out/{out}.err")
+        format!("PROBE_DIR={name} srun -n1 {srun_opts} {option} apptainer -s exec {TEST_SIF} sh ./probe.sh > out/{out} 2> out/{out}.err")
     };
     let script = format!(
-        "#!/bin/bash\n#SBATCH -N1 -n1 --cpus-per-task=2 --mem-per-cpu=100 -t 5 -o /dev/null\n\
+        "#!/bin/bash\n#SBATCH {sbatch_opts} -t 5 -o /dev/null\n\
          cd ~/{name} && mkdir out && {SETTINGS}\n{}\n{}\n",
         srun("", "unprotected.out"),
         srun("--checkpoint-container", "protected.out")
     );
     let job = c.sbatch("alice", &[], &script);
     assert_eq!(c.wait_job(job, Duration::from_secs(120)), "COMPLETED");
-    let unprotected = c.read_file("alice", &format!("/home/alice/{name}/out/unprotected.out"));
-    let protected = c.read_file("alice", &format!("/home/alice/{name}/out/protected.out"));
-    for out in [&unprotected, &protected] {
+    let read = |out: &str| c.read_file("alice", &format!("/home/alice/{name}/out/{out}"));
+    let outputs = (read("unprotected.out"), read("protected.out"));
+    for out in [&outputs.0, &outputs.1] {
         assert!(out.contains("\n0027\n") && soft_limit(out, "Max stack size") == "4194304", "{out}");
-        assert!(out.contains("SLURM_CPUS_PER_TASK=2"), "{out}");
     }
-    assert_only_documented("sbatch", &unprotected, &protected);
     cleanup(c, &name);
+    outputs
+}
+
+#[test]
+fn a_batch_job_with_resource_options_shows_its_steps_the_same() {
+    let c = cluster();
+    let (unprotected, protected) = batch_probe(c, "-N1 -n1 --cpus-per-task=2 --mem-per-cpu=100", "");
+    assert!(protected.contains("SLURM_CPUS_PER_TASK=2"), "{protected}");
+    assert_only_documented("sbatch", &unprotected, &protected);
+}
+
+/// With task/affinity (the dev cluster's default is task/none, which binds
+/// nothing) the task is bound to CPU 1 of its two: so must its container be
+/// (the agent, forked by slurmstepd before the binding, has both).
+#[test]
+fn a_task_bound_to_a_cpu_has_its_container_bound_the_same() {
+    let c = cluster();
+    let _affinity = SlurmConfOverride::new(c, "TaskPlugin", "task/affinity");
+    let (unprotected, protected) = batch_probe(c, "-N1 -n1 -c2", "-c2 --cpu-bind=map_cpu:1");
+    for out in [&unprotected, &protected] {
+        assert!(out.contains("Cpus_allowed_list:\t1\n"), "{out}");
+    }
+    assert_only_documented("sbatch with a CPU binding", &unprotected, &protected);
 }
 
 /// Limits, umask and CPUs of alice's workload processes on `node`, one
@@ -191,14 +213,19 @@ fn workload_view(c: &Cluster, node: &str) -> String {
     c.sh(node, "root", script).ok().stdout
 }
 
+/// The restored program keeps the dumped limits and umask (the first run's
+/// task's, the same job script's) and gets this run's CPU binding: the job
+/// script binds the first run to CPU 0 and the requeued one to CPU 1.
 #[test]
-fn a_restored_program_has_the_settings_of_the_job_script() {
+fn a_restored_program_has_the_settings_of_the_job_script_and_the_new_binding() {
     let c = cluster();
-    let line = format!("{SETTINGS} && srun {{W}} --out /data/out.txt");
-    let job = c.submit_workload_job(&["-w", "node1"], &[&line], 64, 80);
+    let _affinity = SlurmConfOverride::new(c, "TaskPlugin", "task/affinity");
+    let line = format!("{SETTINGS} && srun -c2 --cpu-bind=map_cpu:$((${{SLURM_RESTART_COUNT:-0}} % 2)) {{W}} --out /data/out.txt");
+    let job = c.submit_workload_job(&["-w", "node1", "-c2"], &[&line], 64, 80);
     job.wait_lines("out.txt", 5);
     let before = workload_view(c, "node1");
     assert!(before.contains("Max open files 777 ") && before.contains("Umask:\t0027"), "{before}");
+    assert!(before.contains("Cpus_allowed_list:\t0\n") && !before.contains("Cpus_allowed_list:\t1"), "{before}");
     c.exec("ctl", "root", &["scontrol", "requeue", &job.id.to_string()]).ok();
     c.wait_state(job.id, &["PENDING"], Duration::from_secs(60));
     c.release(job.id, None);
@@ -208,7 +235,16 @@ fn a_restored_program_has_the_settings_of_the_job_script() {
         assert!(std::time::Instant::now() < deadline, "no restore:\n{}", job.output());
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(workload_view(c, "node1"), before, "after the restore; job output:\n{}", job.output());
+    // The agent binds the restored processes once the restore reports back,
+    // just after that line.
+    let rebound = before.replace("Cpus_allowed_list:\t0\n", "Cpus_allowed_list:\t1\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut after = workload_view(c, "node1");
+    while after != rebound && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = workload_view(c, "node1");
+    }
+    assert_eq!(after, rebound, "after the restore; job output:\n{}", job.output());
     assert_eq!(c.wait_job(job.id, Duration::from_secs(120)), "COMPLETED", "{}", job.output());
     job.assert_continued("out.txt");
     job.cleanup(c);
