@@ -485,10 +485,10 @@ pub fn root_env(user_env: &[(String, String)], cleanenv: bool, config_dir: &Path
             out.push((format!("APPTAINERENV_{k}"), v.clone()));
         }
     }
-    // Unprotected, `USER_PATH` shows the user's PATH; root's Apptainer
-    // runs with the system's.
+    // Unprotected, `USER_PATH` shows the user's PATH (unless the
+    // environment is cleaned); root's Apptainer runs with the system's.
     let path = user_env.iter().find(|(k, _)| k == "PATH");
-    if let (Some((_, path)), false) = (path, explicit.contains(&"USER_PATH")) {
+    if let (Some((_, path)), false) = (path, cleanenv || explicit.contains(&"USER_PATH")) {
         out.push(("APPTAINERENV_USER_PATH".into(), format!("{path}{APPTAINER_PATH_SUFFIX}")));
     }
     out
@@ -690,10 +690,7 @@ mod tests {
             assert_eq!(get(k), None, "{k}");
         }
         let clean = root_env(&env, true, Path::new("/c"));
-        assert!(
-            clean.iter().all(|(k, _)| !k.starts_with("APPTAINERENV_") || k == "APPTAINERENV_FOO" || k == "APPTAINERENV_USER_PATH"),
-            "{clean:?}"
-        );
+        assert!(clean.iter().all(|(k, _)| !k.starts_with("APPTAINERENV_") || k == "APPTAINERENV_FOO"), "{clean:?}");
     }
 
     #[test]
