@@ -258,6 +258,25 @@ impl Staging {
     }
 }
 
+/// Size of the contained home root mounts for the user: Apptainer's own
+/// default `sessiondir max size`, which bounds hers unprotected.
+const CONTAINED_HOME_SIZE: &str = "64m";
+
+impl Staging {
+    /// A fresh, empty tmpfs owned by `user` at `name` (its size bounded:
+    /// it lives in the node's memory).
+    fn tmpfs(&mut self, name: &str, user: &User) -> Result<PathBuf> {
+        let target = self.dir.join(name);
+        std::fs::DirBuilder::new().mode(0o700).create(&target).context(|| format!("cannot create {}", target.display()))?;
+        let options = format!("size={CONTAINED_HOME_SIZE},mode=0755,uid={},gid={}", user.uid, user.gid);
+        let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+        nix::mount::mount(Some("tmpfs"), &target, Some("tmpfs"), flags, Some(options.as_str()))
+            .context(|| format!("cannot mount a tmpfs at {}", target.display()))?;
+        self.mounts.push(target.clone());
+        Ok(target)
+    }
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         // Only the entries made here, each once unmounted: a mount point
@@ -270,6 +289,7 @@ impl Drop for Staging {
         }
         let config = self.dir.join("config");
         let _ = std::fs::remove_dir_all(&config);
+        let _ = std::fs::remove_dir(self.dir.join("no-home"));
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -590,9 +610,22 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
         let ro = if bind.read_only { ":ro" } else { "" };
         argv.extend(["--bind".into(), format!("{}:{dest}{ro}", staged.display())]);
     }
+    // Root-started with --security, Apptainer ignores a --home source and
+    // binds the target user's passwd home, resolved as root (1.4, measured;
+    // contained, too). So it mounts no home (--no-home), --home only names
+    // HOME (its source root's, empty, never mounted), and the home is a
+    // bind of what the user opened.
+    let no_home = staging.dir.join("no-home");
+    std::fs::DirBuilder::new().mode(0o755).create(&no_home).context(|| format!("cannot create {}", no_home.display()))?;
+    argv.extend(["--no-home".into(), "--home".into(), format!("{}:{}", no_home.display(), user.home)]);
     if share_home {
         let staged = staging.mount(&next()?.fd, "home")?;
-        argv.extend(["--home".into(), format!("{}:{}", staged.display(), user.home)]);
+        argv.extend(["--bind".into(), format!("{}:{}", staged.display(), user.home)]);
+    } else if plan.contain && !plan.no_home && conf.mount_home {
+        // Contained, the user's Apptainer gives her an empty home of her
+        // own in its session.
+        let empty = staging.tmpfs("home", user)?;
+        argv.extend(["--bind".into(), format!("{}:{}", empty.display(), user.home)]);
     }
     if share_cwd {
         let staged = staging.mount(&next()?.fd, "cwd")?;

@@ -134,9 +134,10 @@ fn cleanup(c: &Cluster, name: &str) {
     c.sh("node1", "alice", &format!("rm -rf ~/{name}"));
 }
 
-/// Runs `apptainer -s exec OPTIONS SIF sh ./probe.sh` with srun, without
-/// and with the option; returns both outputs.
-fn srun_probe(c: &Cluster, name: &str, apptainer_opts: &str) -> (String, String) {
+/// Runs `apptainer -s exec OPTIONS SIF sh /probe/probe.sh` (the probe's
+/// directory bound at /probe) with srun, without and with the option;
+/// returns both outputs.
+fn srun_probe(c: &Cluster, name: &str, apptainer_opts: &str, home_shown: bool) -> (String, String) {
     let run = |option: &str| {
         let out = c
             .sh(
@@ -144,7 +145,7 @@ fn srun_probe(c: &Cluster, name: &str, apptainer_opts: &str) -> (String, String)
                 "alice",
                 &format!(
                     "cd ~/{name} && {SETTINGS} && PROBE_DIR={name} srun -N1 -n1 -w node1 {option} \
-                     apptainer -s exec {apptainer_opts} {TEST_SIF} sh ./probe.sh"
+                     apptainer -s exec {apptainer_opts} --bind /home/alice/{name}:/probe {TEST_SIF} sh /probe/probe.sh"
                 ),
             )
             .ok();
@@ -154,7 +155,7 @@ fn srun_probe(c: &Cluster, name: &str, apptainer_opts: &str) -> (String, String)
     // The settings reached both (otherwise the comparison proves nothing).
     for out in [&outputs.0, &outputs.1] {
         assert!(out.contains("\n0027\n") && soft_limit(out, "Max open files") == "777", "{out}");
-        assert!(out.contains("marker"), "home content not visible:\n{out}");
+        assert_eq!(out.contains("marker"), home_shown, "home content shown or not:\n{out}");
     }
     outputs
 }
@@ -163,12 +164,16 @@ fn srun_probe(c: &Cluster, name: &str, apptainer_opts: &str) -> (String, String)
 fn srun_with_and_without_the_option_shows_the_container_the_same() {
     let c = cluster();
     let name = probe_dir(c);
-    let (unprotected, protected) = srun_probe(c, &name, "");
+    let (unprotected, protected) = srun_probe(c, &name, "", true);
     assert_only_documented("srun", &unprotected, &protected, &[]);
+    // Contained: an empty home of hers (root's Apptainer made it /root).
+    let (unprotected, protected) = srun_probe(c, &name, "-c", false);
+    assert!(protected.contains("HOME=/home/alice\n") && protected.contains("/home/alice tmpfs\n"), "{protected}");
+    assert_only_documented("srun with --contain", &unprotected, &protected, &[]);
     // A cleaned environment and a bind of her own (Apptainer names its
     // destination in APPTAINER_BIND, and drops USER_PATH with -e).
-    let (unprotected, protected) = srun_probe(c, &name, &format!("-e --env PROBE_DIR={name} --bind /tmp:/mnt"));
-    assert!(protected.contains("APPTAINER_BIND=/mnt\n") && !protected.contains("SLURM_JOB_ID"), "{protected}");
+    let (unprotected, protected) = srun_probe(c, &name, &format!("-e --env PROBE_DIR={name} --bind /tmp:/mnt"), true);
+    assert!(protected.contains("APPTAINER_BIND=/mnt,/probe\n") && !protected.contains("SLURM_JOB_ID"), "{protected}");
     assert_only_documented("srun with -e and --bind", &unprotected, &protected, &["env:SLURM_CHECKPOINT_CONTAINER"]);
     cleanup(c, &name);
 }
