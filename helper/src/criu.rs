@@ -150,6 +150,10 @@ pub struct Invocation<'a> {
     pub mnt_ns_of: i32,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups: the owner's on this node. CRIU restores a
+    /// thread's groups with setgroups(2), which it may not call (no
+    /// CAP_SETGID), unless they are its own already.
+    pub groups: Vec<u32>,
     pub caps: &'a [caps::Capability],
     pub images_dir: &'a std::fs::File,
     pub args: Vec<String>,
@@ -212,6 +216,7 @@ struct Spawn {
     mnt: Option<std::fs::File>,
     uid: u32,
     gid: u32,
+    groups: Vec<libc::gid_t>,
     caps: caps::CapsHashSet,
     images_fd: i32,
     argv: Vec<std::ffi::CString>,
@@ -242,7 +247,7 @@ impl Spawn {
         // Never executed by path: the pre_exec hook below execs the fd.
         let mut cmd = std::process::Command::new("/nonexistent/criu");
         cmd.env_clear();
-        let Spawn { binary, mnt, uid, gid, caps, images_fd, argv, envp } = self;
+        let Spawn { binary, mnt, uid, gid, groups, caps, images_fd, argv, envp } = self;
         // SAFETY: runs in the forked child before exec: syscalls only, no
         // allocation unless one fails (the agent has other threads, which
         // may hold the allocator's lock at the fork).
@@ -255,7 +260,7 @@ impl Spawn {
                     check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS))?;
                 }
                 check(libc::dup2(images_fd, IMAGES_FD))?;
-                check(libc::setgroups(1, &gid))?;
+                check(libc::setgroups(groups.len(), groups.as_ptr()))?;
                 check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
                 check(libc::setresgid(gid, gid, gid))?;
                 check(libc::setresuid(uid, uid, uid))?;
@@ -378,6 +383,7 @@ impl Invocation<'_> {
             mnt: Some(mnt),
             uid: self.uid,
             gid: self.gid,
+            groups: self.groups.clone(),
             caps,
             images_fd: self.images_dir.as_raw_fd(),
             argv: cstrings(argv).map_err(not_runnable)?,
@@ -431,6 +437,7 @@ pub fn ensure_kdat(criu: &Path, uid: u32, gid: u32, caps: &caps::CapsHashSet) ->
         mnt: None,
         uid,
         gid,
+        groups: vec![gid],
         caps: caps.clone(),
         images_fd: work_fd.as_raw_fd(),
         argv: cstrings(argv)?,

@@ -231,23 +231,32 @@ fn a_task_bound_to_a_cpu_has_its_container_bound_the_same() {
 fn workload_view(c: &Cluster, node: &str) -> String {
     let script = "for p in $(pgrep -u alice -f '^/opt/checkpoint-container/bin/ckpt-workload '); do \
                   grep -E '^Max (open files|core file size|stack size)' /proc/$p/limits | tr -s ' '; \
-                  grep -E '^(Umask|Cpus_allowed_list):' /proc/$p/status; done";
+                  grep -E '^(Umask|Cpus_allowed_list|Groups):' /proc/$p/status; done";
     c.sh(node, "root", script).ok().stdout
 }
 
-/// The restored program keeps the dumped limits and umask (the first run's
-/// task's, the same job script's) and gets this run's CPU binding: the job
-/// script binds the first run to CPU 0 and the requeued one to CPU 1.
+/// The restored program keeps the dumped limits, umask and groups (the
+/// first run's task's, the same job script's) and gets this run's CPU
+/// binding: the job script binds the first run to CPU 0 and the requeued
+/// one to CPU 1.
 #[test]
 fn a_restored_program_has_the_settings_of_the_job_script_and_the_new_binding() {
     let c = cluster();
     let _affinity = SlurmConfOverride::new(c, "TaskPlugin", "task/affinity");
+    // A second group of alice's (as the attack tests give her): CRIU, which
+    // may not call setgroups(2), must restore it (it hung restores).
+    // On every node, as at a site (a group on one node only makes restores
+    // on the other refused, rightly).
+    for node in ["node1", "node2"] {
+        c.sh(node, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
+    }
     let line = format!("{SETTINGS} && srun -c2 --cpu-bind=map_cpu:$((${{SLURM_RESTART_COUNT:-0}} % 2)) {{W}} --out /data/out.txt");
     let job = c.submit_workload_job(&["-w", "node1", "-c2"], &[&line], 64, 80);
     job.wait_lines("out.txt", 5);
     let before = workload_view(c, "node1");
     assert!(before.contains("Max open files 777 ") && before.contains("Umask:\t0027"), "{before}");
     assert!(before.contains("Cpus_allowed_list:\t0\n") && !before.contains("Cpus_allowed_list:\t1"), "{before}");
+    assert!(before.contains("Groups:\t2001 3001"), "{before}");
     c.exec("ctl", "root", &["scontrol", "requeue", &job.id.to_string()]).ok();
     c.wait_state(job.id, &["PENDING"], Duration::from_secs(60));
     c.release(job.id, None);
