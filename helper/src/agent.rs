@@ -258,8 +258,8 @@ fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
 
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
 /// `/` (what the container sees as its working directory is an Apptainer
-/// option, never a path root resolves), with the task's limits, umask and
-/// CPU affinity when `view` is given.
+/// option, never a path root resolves), with the task's groups, limits,
+/// umask and CPU affinity when `view` is given.
 fn spawn_for_task(
     argv: &[String],
     stdio: &[OwnedFd; 3],
@@ -446,7 +446,8 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         None => {
             let cgroups = task_cgroups(t, &task)?;
             let view = TaskView::read(&task).context(|| format!("{}: the task's settings", t.name()))?;
-            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, Some(&user), Some(view))?;
+            // The task's groups (the view sets them), not the node's lookup.
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, None, None, Some(view))?;
             Running::new(child, None, t.uid)?
         }
     };

@@ -183,9 +183,8 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     if req.leave_running {
         args.push("--leave-stopped".into());
     }
-    let groups = crate::core_images::groups_of(uid).map_err(crate::error::EngineError)?.into_iter().collect();
     let invocation =
-        Invocation { criu: &settings.criu, mnt_ns_of: req.pid, uid, gid, groups, caps: CRIU_CAPS, images_dir: &criu_dir, args };
+        Invocation { criu: &settings.criu, mnt_ns_of: req.pid, uid, gid, groups: vec![gid], caps: CRIU_CAPS, images_dir: &criu_dir, args };
     phase("CRIU starts");
     let started = Instant::now();
     let child = invocation

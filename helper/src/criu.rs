@@ -150,9 +150,9 @@ pub struct Invocation<'a> {
     pub mnt_ns_of: i32,
     pub uid: u32,
     pub gid: u32,
-    /// Supplementary groups: the owner's on this node. CRIU restores a
-    /// thread's groups with setgroups(2), which it may not call (no
-    /// CAP_SETGID), unless they are its own already.
+    /// Supplementary groups. CRIU restores a thread's groups with
+    /// setgroups(2), which it may not call (no CAP_SETGID), unless they are
+    /// its own already: a restore runs it with the restored ones.
     pub groups: Vec<u32>,
     pub caps: &'a [caps::Capability],
     pub images_dir: &'a std::fs::File,

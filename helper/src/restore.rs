@@ -325,8 +325,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         mnt_ns_of: placeholder.payload.pid,
         uid: m.owner.uid,
         gid: m.owner.gid,
-        // The restored threads' groups are among these (core_images).
-        groups: crate::core_images::groups_of(m.owner.uid).map_err(crate::error::EngineError)?.into_iter().collect(),
+        groups: crate::core_images::restored_groups(&req.images, &m)?,
         caps: CRIU_CAPS,
         images_dir: &work_file,
         args,

@@ -4,7 +4,8 @@
 //!
 //! Everything here is read from the task process, which is the user's:
 //! she could set these herself (lower a hard limit, change her umask or
-//! affinity) and nothing else. Root applies exactly those values, so no
+//! affinity) and nothing else; its groups are Slurm's, which she cannot
+//! change without CAP_SETGID. Root applies exactly those values, so no
 //! limit ends up above what the task had (docs/transparency.md).
 
 use crate::error::{Context, Result};
@@ -18,6 +19,9 @@ pub struct TaskView {
     limits: [libc::rlimit; LIMITS],
     umask: libc::mode_t,
     cpus: libc::cpu_set_t,
+    /// Supplementary groups Slurm gave the task (its group cache, which
+    /// may differ from a lookup now); the task cannot change them.
+    groups: Vec<libc::gid_t>,
 }
 
 impl std::fmt::Debug for TaskView {
@@ -39,6 +43,7 @@ impl TaskView {
         let limits = limits_of(&text).ok_or_else(|| crate::error::EngineError(format!("cannot parse /proc/{pid}/limits")))?;
         let status = std::fs::read_to_string(procfs::proc_path(pid, "status")).context(|| format!("/proc/{pid}/status"))?;
         let umask = umask_of(&status).ok_or_else(|| crate::error::EngineError(format!("no Umask in /proc/{pid}/status")))?;
+        let groups = groups_of(&status).ok_or_else(|| crate::error::EngineError(format!("no Groups in /proc/{pid}/status")))?;
         // SAFETY: a zeroed cpu_set_t is an empty set; the call fills it.
         let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: sched_getaffinity(2) into a set of the size given.
@@ -46,7 +51,7 @@ impl TaskView {
             return Err(std::io::Error::last_os_error()).context(|| format!("cannot read the CPU affinity of the task (pid {pid})"));
         }
         task.signal(0).context(|| format!("the task (pid {pid}) has ended"))?;
-        Ok(TaskView { limits, umask, cpus })
+        Ok(TaskView { limits, umask, cpus, groups })
     }
 
     /// Makes the calling process's settings the task's. Allocation-free:
@@ -55,6 +60,9 @@ impl TaskView {
     pub fn apply_in_child(&self) -> std::io::Result<()> {
         // SAFETY: plain syscalls on values owned by self.
         unsafe {
+            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             for (resource, limit) in self.limits.iter().enumerate() {
                 if libc::setrlimit(resource as _, limit) != 0 {
                     // Without CAP_SYS_RESOURCE root cannot raise a hard
@@ -120,6 +128,12 @@ fn limits_of(text: &str) -> Option<[libc::rlimit; LIMITS]> {
     Some(out)
 }
 
+/// The `Groups:` field of /proc/PID/status.
+fn groups_of(status: &str) -> Option<Vec<libc::gid_t>> {
+    let v = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    v.split_whitespace().map(|g| g.parse().ok()).collect()
+}
+
 /// The `Umask:` field of /proc/PID/status (octal).
 fn umask_of(status: &str) -> Option<libc::mode_t> {
     let v = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
@@ -129,6 +143,14 @@ fn umask_of(status: &str) -> Option<libc::mode_t> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_are_read_from_status() {
+        assert_eq!(groups_of("Umask:\t0022\nGroups:\t2001 3001 \n"), Some(vec![2001, 3001]));
+        assert_eq!(groups_of("Groups:\t\n"), Some(vec![]));
+        assert_eq!(groups_of("Groups:\t12 x\n"), None);
+        assert_eq!(groups_of("Umask:\t0022\n"), None);
+    }
 
     #[test]
     fn umask_is_read_in_octal() {

@@ -195,10 +195,11 @@ impl Cluster {
         nodes.lines().filter(|t| ["idle", "mix", "alloc"].contains(&t.trim())).count() == 2
     }
 
-    /// `scontrol reconfigure`, then waits until `scontrol show config` has
-    /// a line starting with `expect` (spaces squeezed) and both nodes take
-    /// jobs again.
-    fn reconfigure(&self, expect: &str) {
+    /// `scontrol reconfigure` (the daemons restart: slurmctld forgets the
+    /// groups it cached), then waits until `scontrol show config` has a
+    /// line starting with `expect` (spaces squeezed; "" for any) and both
+    /// nodes take jobs again.
+    pub fn reconfigure(&self, expect: &str) {
         self.exec("ctl", "root", &["scontrol", "reconfigure"]).ok();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

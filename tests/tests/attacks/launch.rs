@@ -220,12 +220,14 @@ fn an_image_alice_can_change_is_not_mounted_by_root() {
 #[test]
 fn the_container_has_alices_groups_not_roots() {
     let c = cluster();
-    // On every node, as a site's group database is: a group alice has on one
-    // node only makes her checkpoints unrestorable on the other (refused,
-    // rightly), and later tests restore there.
-    for node in ["node1", "node2"] {
-        c.sh(node, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
+    // On every host, as a site's group database is (a group alice has on one
+    // node only makes her checkpoints unrestorable on the other, rightly,
+    // and later tests restore there); slurmctld, which gives tasks their
+    // groups, restarted to forget the ones it cached.
+    for host in ["ctl", "node1", "node2"] {
+        c.sh(host, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
     }
+    c.reconfigure("");
     let sorted = |s: &str| {
         let mut g: Vec<String> = s.split_whitespace().map(String::from).collect();
         g.sort();
@@ -233,6 +235,8 @@ fn the_container_has_alices_groups_not_roots() {
     };
     let expected = sorted(&c.sh("node1", "root", "id -G alice").ok().stdout);
     assert!(expected.contains(&"3001".to_string()), "{expected:?}");
+    // The task's groups (Slurm's), as unprotected.
+    assert_eq!(sorted(&as_alice(c, "srun -w node1 id -G").ok().stdout), expected);
     let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} id -G")).ok();
     assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
     assert_eq!(sorted(&out.stdout), expected, "{out:#?}");
