@@ -23,6 +23,7 @@ use crate::procfs::{self, Pid};
 use crate::protocol::{self, Channel, ToAgent, ToTask};
 use crate::step::{self, Barrier, StepTask};
 use crate::storage::Staging;
+use crate::task_view::TaskView;
 use crate::user::User;
 use crate::{cgroup, listing, namespaces, storage};
 use ckpt_config::{ContainerNetwork, Settings};
@@ -272,9 +273,9 @@ enum Start<'a> {
     /// The restore command, which makes the container's namespaces itself.
     Restore { status_fd: OwnedFd },
     /// A container: under our init, in namespaces of its own, with the
-    /// user's groups, and the descriptors Slurm gave the task beyond stdio
-    /// (at their numbers).
-    Container { network: ContainerNetwork, user: User, slurm_fds: &'a [(RawFd, OwnedFd)] },
+    /// task's groups, limits, umask and CPU affinity (`view`), and the
+    /// descriptors Slurm gave the task beyond stdio (at their numbers).
+    Container { network: ContainerNetwork, view: TaskView, slurm_fds: &'a [(RawFd, OwnedFd)] },
 }
 
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
@@ -294,15 +295,14 @@ fn spawn_for_task(
         }
         Start::Restore { .. } => argv.to_vec(),
     };
-    // Further descriptors the child gets, each at the number given.
-    let (extra, groups_of): (Vec<(RawFd, RawFd)>, _) = match how {
+    // Further descriptors the child gets, each at the number given; what
+    // it takes from the task (the restore itself is root's and keeps root's
+    // settings).
+    let (extra, view): (Vec<(RawFd, RawFd)>, _) = match how {
         Start::Restore { status_fd } => (vec![(3, status_fd.as_raw_fd())], None),
-        Start::Container { user, slurm_fds, .. } => (slurm_fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(), Some(user)),
+        Start::Container { view, slurm_fds, .. } => (slurm_fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(), Some(view.clone())),
     };
     let mut cmd = Command::new(&argv[0]);
-    if let Some(user) = groups_of {
-        user.give_groups(&mut cmd);
-    }
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
     cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
@@ -324,7 +324,7 @@ fn spawn_for_task(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            Ok(())
+            view.as_ref().map_or(Ok(()), TaskView::apply_in_child)
         });
     }
     match how {
@@ -381,6 +381,12 @@ fn try_restore(
     if let Some(rest) = line.trim().strip_prefix("restored ") {
         let (pid, said) = rest.split_once(' ').unwrap_or((rest, ""));
         let pid = pid.parse::<Pid>().ok().filter(|&p| p > 0);
+        // CRIU leaves the restored program its own CPU affinity; this
+        // run's task is bound where this run's allocation is.
+        match TaskView::read(task).and_then(|v| v.bind_restored(child.id() as Pid, t.uid)) {
+            Ok(n) => log::info!("{}: {n} restored processes bound to the task's CPUs", t.name()),
+            Err(e) => log::warn!("{}: restored processes keep CRIU's CPU affinity: {e}", t.name()),
+        }
         let mut running = Running::new(child, pid, t.uid)?;
         running.restored = Some(said.to_string()).filter(|s| !s.is_empty());
         return Ok(Some(running));
@@ -511,7 +517,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
         None => {
             let cgroups = task_cgroups(t, &task)?;
-            let how = Start::Container { network: settings.container_network, user: user.clone(), slurm_fds: &slurm_fds };
+            // The task's groups (the view sets them), not the node's lookup.
+            let view = TaskView::read(&task).context(|| format!("{}: the task's settings", t.name()))?;
+            let how = Start::Container { network: settings.container_network, view, slurm_fds: &slurm_fds };
             let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &how)?;
             Running::new(child, None, t.uid)?
         }

@@ -220,7 +220,8 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     if req.leave_running {
         args.push("--leave-stopped".into());
     }
-    let invocation = Invocation { criu: &settings.criu, ns_of: req.pid, uid, gid, caps: CRIU_CAPS, images_dir: &criu_dir, args };
+    let invocation =
+        Invocation { criu: &settings.criu, ns_of: req.pid, uid, gid, groups: vec![gid], caps: CRIU_CAPS, images_dir: &criu_dir, args };
     phase("CRIU starts");
     let started = Instant::now();
     let mut criu_cmd = invocation.command()?;

@@ -349,6 +349,17 @@ pub fn check(dir: &Path, m: &Manifest) -> Result<()> {
         .or_else(|why| fail(format!("checkpoint {}: {why}: refusing to restore it", dir.display())))
 }
 
+/// The supplementary groups the checkpoint's root process is restored with
+/// (after [`check`]: they are among the owner's). CRIU runs with exactly
+/// these, so it never calls setgroups(2), which it may not.
+pub fn restored_groups(dir: &Path, m: &Manifest) -> Result<Vec<u32>> {
+    let images = read_images(dir, m)?;
+    let tree = decode_pstree(&images.pstree).or_else(fail)?;
+    let root = tree.first().map(|p| p.pid).ok_or_else(|| crate::error::EngineError("empty process tree".into()))?;
+    let core = images.cores.get(&root).map(|b| decode_core(&format!("core-{root}.img"), b)).transpose().or_else(fail)?;
+    Ok(core.and_then(|c| c.thread_core?.creds).map(|c| c.groups).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

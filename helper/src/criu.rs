@@ -157,6 +157,10 @@ pub struct Invocation<'a> {
     pub ns_of: i32,
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups. CRIU restores a thread's groups with
+    /// setgroups(2), which it may not call (no CAP_SETGID), unless they are
+    /// its own already: a restore runs it with the restored ones.
+    pub groups: Vec<u32>,
     pub caps: &'a [caps::Capability],
     pub images_dir: &'a std::fs::File,
     pub args: Vec<String>,
@@ -231,9 +235,9 @@ struct Spawn {
     net: Option<std::fs::File>,
     uid: u32,
     gid: u32,
-    /// Supplementary groups: the user's, as her container has them. CRIU
-    /// restores a process's groups only by finding them already its own
-    /// (it cannot setgroups without CAP_SETGID).
+    /// Supplementary groups. CRIU restores a process's groups only by
+    /// finding them already its own (it cannot setgroups without
+    /// CAP_SETGID): a restore runs it with the restored ones.
     groups: Vec<libc::gid_t>,
     caps: caps::CapsHashSet,
     fds: Vec<(std::fs::File, i32)>,
@@ -405,7 +409,7 @@ impl Invocation<'_> {
             net: joined.net,
             uid: self.uid,
             gid: self.gid,
-            groups: crate::user::User::lookup(self.uid, self.gid).map(|u| u.groups).map_err(|e| not_runnable(e.to_string()))?,
+            groups: self.groups.clone(),
             caps,
             fds,
             argv: cstrings(argv).map_err(not_runnable)?,

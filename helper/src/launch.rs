@@ -258,6 +258,25 @@ impl Staging {
     }
 }
 
+/// Size of the contained home root mounts for the user: Apptainer's own
+/// default `sessiondir max size`, which bounds hers unprotected.
+const CONTAINED_HOME_SIZE: &str = "64m";
+
+impl Staging {
+    /// A fresh, empty tmpfs owned by `user` at `name` (its size bounded:
+    /// it lives in the node's memory).
+    fn tmpfs(&mut self, name: &str, user: &User) -> Result<PathBuf> {
+        let target = self.dir.join(name);
+        std::fs::DirBuilder::new().mode(0o700).create(&target).context(|| format!("cannot create {}", target.display()))?;
+        let options = format!("size={CONTAINED_HOME_SIZE},mode=0755,uid={},gid={}", user.uid, user.gid);
+        let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+        nix::mount::mount(Some("tmpfs"), &target, Some("tmpfs"), flags, Some(options.as_str()))
+            .context(|| format!("cannot mount a tmpfs at {}", target.display()))?;
+        self.mounts.push(target.clone());
+        Ok(target)
+    }
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         // Only the entries made here, each once unmounted: a mount point
@@ -270,6 +289,7 @@ impl Drop for Staging {
         }
         let config = self.dir.join("config");
         let _ = std::fs::remove_dir_all(&config);
+        let _ = std::fs::remove_dir(self.dir.join("no-home"));
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -287,6 +307,8 @@ pub struct ApptainerConf {
     pub limit_groups: Vec<String>,
     pub limit_paths: Vec<String>,
     pub mount_home: bool,
+    /// `mount sys`: Apptainer gives containers a /sys.
+    pub mount_sys: bool,
     /// `allow setuid`: whether the site lets users have root start
     /// containers at all.
     pub allow_setuid: bool,
@@ -328,6 +350,7 @@ impl ApptainerConf {
             limit_groups,
             limit_paths,
             mount_home: get("mount home", "yes") == "yes",
+            mount_sys: get("mount sys", "yes") == "yes",
             allow_setuid: get("allow setuid", "yes") == "yes",
             nvidia_container_cli: get("use nvidia-container-cli", "no") == "yes",
         }
@@ -444,7 +467,11 @@ fn check_image(conf: &ApptainerConf, user: &User, opened: &Opened, real_path: &s
 
 /// Names Apptainer never passes from the host into the container, or sets
 /// itself: not turned into `APPTAINERENV_*`.
-const NOT_PASSED: &[&str] = &["PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "_", "PS1", "TERM_PROGRAM"];
+const NOT_PASSED: &[&str] = &["PATH", "HOME", "PWD", "PS1", "TERM_PROGRAM"];
+
+/// What Apptainer (1.3, 1.4) appends to its own `PATH` when it starts; the
+/// container's `USER_PATH` is that `PATH`.
+const APPTAINER_PATH_SUFFIX: &str = ":/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin:/usr/local/sbin";
 
 fn valid_env_name(name: &str) -> bool {
     let mut chars = name.chars();
@@ -478,6 +505,12 @@ pub fn root_env(user_env: &[(String, String)], cleanenv: bool, config_dir: &Path
             out.push((format!("APPTAINERENV_{k}"), v.clone()));
         }
     }
+    // Unprotected, `USER_PATH` shows the user's PATH (unless the
+    // environment is cleaned); root's Apptainer runs with the system's.
+    let path = user_env.iter().find(|(k, _)| k == "PATH");
+    if let (Some((_, path)), false) = (path, cleanenv || explicit.contains(&"USER_PATH")) {
+        out.push(("APPTAINERENV_USER_PATH".into(), format!("{path}{APPTAINER_PATH_SUFFIX}")));
+    }
     out
 }
 
@@ -487,6 +520,15 @@ fn absolute(cwd: &str, path: &str) -> String {
     } else {
         format!("{}/{path}", cwd.trim_end_matches('/'))
     }
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Whether something is mounted at `path` (its device differs from its
+/// parent's).
+fn is_mount_point(path: &Path) -> bool {
+    let dev = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.dev()).ok();
+    path.parent().is_some_and(|parent| dev(path).is_some() && dev(path) != dev(parent))
 }
 
 /// Checks the user's request and stages it for root. `payload` replaces
@@ -557,18 +599,33 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     argv.push(if payload.is_some() { "exec".into() } else { plan.subcommand.clone() });
     argv.extend(["--security".into(), format!("uid:{},gid:{}", user.uid, user.gid)]);
     argv.extend(plan.options.iter().cloned());
+    let mut dests = Vec::new();
     for (i, bind) in plan.binds.iter().enumerate() {
         let staged = staging.mount(&next()?.fd, &format!("bind{i}"))?;
         let dest = bind.dest.clone().unwrap_or_else(|| absolute(req.cwd, &bind.src));
+        dests.push(dest.clone());
         if !policy::fits_in_bind_spec(&dest) {
             return fail(format!("bind destination {dest:?} has characters Apptainer reads as separators"));
         }
         let ro = if bind.read_only { ":ro" } else { "" };
         argv.extend(["--bind".into(), format!("{}:{dest}{ro}", staged.display())]);
     }
+    // Root-started with --security, Apptainer ignores a --home source and
+    // binds the target user's passwd home, resolved as root (1.4, measured;
+    // contained, too). So it mounts no home (--no-home), --home only names
+    // HOME (its source root's, empty, never mounted), and the home is a
+    // bind of what the user opened.
+    let no_home = staging.dir.join("no-home");
+    std::fs::DirBuilder::new().mode(0o755).create(&no_home).context(|| format!("cannot create {}", no_home.display()))?;
+    argv.extend(["--no-home".into(), "--home".into(), format!("{}:{}", no_home.display(), user.home)]);
     if share_home {
         let staged = staging.mount(&next()?.fd, "home")?;
-        argv.extend(["--home".into(), format!("{}:{}", staged.display(), user.home)]);
+        argv.extend(["--bind".into(), format!("{}:{}", staged.display(), user.home)]);
+    } else if plan.contain && !plan.no_home && conf.mount_home {
+        // Contained, the user's Apptainer gives her an empty home of her
+        // own in its session.
+        let empty = staging.tmpfs("home", user)?;
+        argv.extend(["--bind".into(), format!("{}:{}", empty.display(), user.home)]);
     }
     if share_cwd {
         let staged = staging.mount(&next()?.fd, "cwd")?;
@@ -576,6 +633,13 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     }
     if !plan.contain && !plan.pwd_given {
         argv.extend(["--pwd".into(), req.cwd.to_string()]);
+    }
+    // Unprivileged Apptainer binds the node's /sys with what is mounted
+    // below it; root-started, it mounts a fresh sysfs, whose
+    // /sys/fs/cgroup is empty. The node's hierarchies show the container
+    // what the user sees outside it (her cgroups' files keep their modes).
+    if conf.mount_sys && is_mount_point(Path::new(CGROUP_ROOT)) {
+        argv.extend(["--bind".into(), format!("{CGROUP_ROOT}:{CGROUP_ROOT}")]);
     }
     argv.push(image.display().to_string());
     match payload {
@@ -586,7 +650,15 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     // root-owned directory: root never writes under a path the user chose.
     let config_dir = staging.dir.join("config");
     std::fs::DirBuilder::new().mode(0o700).create(&config_dir).context(|| format!("cannot create {}", config_dir.display()))?;
-    let env = root_env(req.env, plan.cleanenv, &config_dir);
+    let mut env = root_env(req.env, plan.cleanenv, &config_dir);
+    // Apptainer tells the container the destinations of its binds; the
+    // user's Apptainer would name hers only, not the ones added here.
+    for name in ["APPTAINER_BIND", "SINGULARITY_BIND"] {
+        let var = format!("APPTAINERENV_{name}");
+        if !env.iter().any(|(k, _)| *k == var) {
+            env.push((var, dests.join(",")));
+        }
+    }
     Ok(Launch { argv, env, image, image_name, _staging: staging })
 }
 
@@ -613,7 +685,8 @@ mod tests {
         assert!(c.squashfs_kernel_mount);
         assert_eq!(c.limit_paths, ["/shared/images", "/apps"]);
         let c = ApptainerConf::parse("allow setuid-mount squashfs = yes\nallow setuid-mount extfs = yes\nmount home = no\n");
-        assert!(c.squashfs_kernel_mount && c.extfs_kernel_mount && !c.mount_home);
+        assert!(c.squashfs_kernel_mount && c.extfs_kernel_mount && !c.mount_home && c.mount_sys);
+        assert!(!ApptainerConf::parse("mount sys = no\n").mount_sys);
         let c = ApptainerConf::parse("allow setuid-mount squashfs = no\nlimit container owners = root\n");
         assert!(!c.squashfs_kernel_mount);
     }
@@ -645,6 +718,7 @@ mod tests {
         // An explicit APPTAINERENV_ wins over the host variable.
         assert_eq!(get("APPTAINERENV_FOO"), Some("1"));
         assert_eq!(out.iter().filter(|(k, _)| k == "APPTAINERENV_FOO").count(), 1);
+        assert_eq!(get("APPTAINERENV_USER_PATH"), Some("/home/a/bin:/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin:/usr/local/sbin"));
         for k in ["LD_PRELOAD", "GLIBC_TUNABLES", "FOO", "APPTAINERENV_PATH", "APPTAINERENV_HOME", "BAD NAME", "APPTAINERENV_BAD NAME"] {
             assert_eq!(get(k), None, "{k}");
         }

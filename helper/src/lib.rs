@@ -21,4 +21,5 @@ pub mod step;
 pub mod storage;
 pub mod streamer;
 pub mod task;
+pub mod task_view;
 pub mod user;

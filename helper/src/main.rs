@@ -354,6 +354,9 @@ fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
         Command::Agent { socket, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid, log } => {
             let t = agent::Task { socket, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
             daemonize(&log)?;
+            // slurmstepd hands on the job's umask: the modes of what root
+            // creates (the socket directory users must reach) are root's.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             launch::private_mount_namespace()?;
             if let Err(e) = agent::run(&settings, &settings_args, &t) {
                 log::error!("agent {job_id}.{step_id}.{task_id}: {e}");

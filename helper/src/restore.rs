@@ -321,6 +321,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         ns_of: placeholder.payload.pid,
         uid: m.owner.uid,
         gid: m.owner.gid,
+        groups: crate::core_images::restored_groups(&req.images, &m)?,
         caps: CRIU_CAPS,
         images_dir: &work_file,
         args,

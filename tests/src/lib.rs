@@ -153,6 +153,67 @@ impl Drop for PlugstackOverride {
     }
 }
 
+/// Changes one `Key=value` line of slurm.conf for as long as it lives (the
+/// daemons reread it: `scontrol reconfigure` restarts them); the original
+/// comes back on drop, even when a test fails.
+pub struct SlurmConfOverride<'a> {
+    cluster: &'a Cluster,
+    path: PathBuf,
+    original: String,
+}
+
+impl<'a> SlurmConfOverride<'a> {
+    pub fn new(cluster: &'a Cluster, key: &str, value: &str) -> Self {
+        let path = cluster.etc.join("slurm.conf");
+        let original = std::fs::read_to_string(&path).unwrap();
+        let prefix = format!("{key}=");
+        assert!(original.lines().any(|l| l.starts_with(&prefix)), "slurm.conf has no {key}");
+        let edited: String =
+            original.lines().map(|l| if l.starts_with(&prefix) { format!("{prefix}{value}\n") } else { format!("{l}\n") }).collect();
+        std::fs::write(&path, edited).unwrap();
+        cluster.reconfigure(&format!("{key} = {value}"));
+        SlurmConfOverride { cluster, path, original }
+    }
+}
+
+impl Drop for SlurmConfOverride<'_> {
+    fn drop(&mut self) {
+        std::fs::write(&self.path, &self.original).unwrap();
+        // No panic here (it may run while a failed test unwinds).
+        self.cluster.exec("ctl", "root", &["scontrol", "reconfigure"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && !self.cluster.nodes_take_jobs() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+impl Cluster {
+    /// Whether both nodes are up for jobs.
+    fn nodes_take_jobs(&self) -> bool {
+        let nodes = self.exec("ctl", "root", &["sinfo", "-h", "-N", "-p", "low", "-o", "%t"]).stdout;
+        nodes.lines().filter(|t| ["idle", "mix", "alloc"].contains(&t.trim())).count() == 2
+    }
+
+    /// `scontrol reconfigure` (the daemons restart: slurmctld forgets the
+    /// groups it cached), then waits until `scontrol show config` has a
+    /// line starting with `expect` (spaces squeezed; "" for any) and both
+    /// nodes take jobs again.
+    pub fn reconfigure(&self, expect: &str) {
+        self.exec("ctl", "root", &["scontrol", "reconfigure"]).ok();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let config = self.exec("ctl", "root", &["scontrol", "show", "config"]).stdout;
+            let applied = config.lines().any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ").starts_with(expect));
+            if applied && self.nodes_take_jobs() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "slurm.conf change not applied: {expect}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
 /// Compiles C `source` with this machine's gcc into `out` (a path on this
 /// machine, e.g. below `Cluster::shared`), with `flags` ("-static",
 /// "-shared -fPIC"); the result is readable and executable by everyone.

@@ -220,16 +220,14 @@ fn an_image_alice_can_change_is_not_mounted_by_root() {
 #[test]
 fn the_container_has_alices_groups_not_roots() {
     let c = cluster();
-    c.sh("node1", "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
-    // Only for this test: a group alice has on node1 alone makes every
-    // later checkpoint of hers unrestorable on node2.
-    struct Ungroup;
-    impl Drop for Ungroup {
-        fn drop(&mut self) {
-            cluster().sh("node1", "root", "gpasswd -d alice ckpt-test").ok();
-        }
+    // On every host, as a site's group database is (a group alice has on one
+    // node only makes her checkpoints unrestorable on the other, rightly,
+    // and later tests restore there); slurmctld, which gives tasks their
+    // groups, restarted to forget the ones it cached.
+    for host in ["ctl", "node1", "node2"] {
+        c.sh(host, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
     }
-    let _ungroup = Ungroup;
+    c.reconfigure("");
     let sorted = |s: &str| {
         let mut g: Vec<String> = s.split_whitespace().map(String::from).collect();
         g.sort();
@@ -237,6 +235,8 @@ fn the_container_has_alices_groups_not_roots() {
     };
     let expected = sorted(&c.sh("node1", "root", "id -G alice").ok().stdout);
     assert!(expected.contains(&"3001".to_string()), "{expected:?}");
+    // The task's groups (Slurm's), as unprotected.
+    assert_eq!(sorted(&as_alice(c, "srun -w node1 id -G").ok().stdout), expected);
     let out = as_alice(c, &format!("srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} id -G")).ok();
     assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
     assert_eq!(sorted(&out.stdout), expected, "{out:#?}");
@@ -263,4 +263,35 @@ fn the_container_gets_the_tasks_descriptors_and_none_of_slurmstepds() {
         assert!(!out.stderr.contains(UNPROTECTED), "{out:#?}");
         assert_eq!(protected, unprotected, "--mpi={mpi}: descriptors differ from the unprotected run");
     }
+}
+
+/// The agent inherited the job's umask from slurmstepd: alice's `umask 077`
+/// made the node's socket directory 0700, and every later protected task on
+/// the node, bob's too, failed to reach its agent (found while testing
+/// transparency). Her settings now reach her container only; and the limits
+/// root gives it are hers, never more.
+#[test]
+fn alices_umask_and_limits_reach_her_container_not_the_node() {
+    let c = cluster();
+    let probe = "umask; ulimit -S -n; ulimit -S -c; ulimit -H -n; ulimit -H -c";
+    // Her task must be the one that creates the directory (moved aside, not
+    // removed: root never recurses into what may hold mounts).
+    c.sh("node1", "root", &format!("[ ! -e /run/checkpoint-container ] || mv /run/checkpoint-container /run/ckpt-aside-{}", unique())).ok();
+    let run = |option: &str| {
+        as_alice(
+            c,
+            &format!("umask 077 && ulimit -n 500 && ulimit -c 0 && srun -w node1 {option} apptainer -s exec {TEST_SIF} sh -c '{probe}'"),
+        )
+        .ok()
+    };
+    let protected = run("--checkpoint-container");
+    assert!(!protected.stderr.contains(UNPROTECTED), "{protected:#?}");
+    assert!(protected.stdout.starts_with("0077\n500\n0\n"), "{protected:#?}");
+    // Slurm passes soft limits on; hard ones are the node's, as unprotected.
+    assert_eq!(protected.stdout, run("").stdout);
+    let dir = c.sh("node1", "root", "stat -c '%a %U' /run/checkpoint-container").ok().stdout;
+    assert_eq!(dir.trim(), "755 root", "the node's agent directory took alice's umask");
+    let bobs =
+        c.sh("node1", "bob", &format!("srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} sh -c 'echo ok; umask'")).ok();
+    assert_eq!(bobs.stdout, "ok\n0022\n", "{bobs:#?}");
 }
