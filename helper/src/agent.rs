@@ -275,7 +275,7 @@ enum Start<'a> {
     /// A container: under our init, in namespaces of its own, with the
     /// task's groups, limits, umask and CPU affinity (`view`), and the
     /// descriptors Slurm gave the task beyond stdio (at their numbers).
-    Container { network: ContainerNetwork, view: TaskView, slurm_fds: &'a [(RawFd, OwnedFd)] },
+    Container { network: ContainerNetwork, view: Box<TaskView>, slurm_fds: &'a [(RawFd, OwnedFd)] },
 }
 
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
@@ -300,7 +300,9 @@ fn spawn_for_task(
     // settings).
     let (extra, view): (Vec<(RawFd, RawFd)>, _) = match how {
         Start::Restore { status_fd } => (vec![(3, status_fd.as_raw_fd())], None),
-        Start::Container { view, slurm_fds, .. } => (slurm_fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(), Some(view.clone())),
+        Start::Container { view, slurm_fds, .. } => {
+            (slurm_fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(), Some((**view).clone()))
+        }
     };
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
@@ -519,7 +521,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             let cgroups = task_cgroups(t, &task)?;
             // The task's groups (the view sets them), not the node's lookup.
             let view = TaskView::read(&task).context(|| format!("{}: the task's settings", t.name()))?;
-            let how = Start::Container { network: settings.container_network, view, slurm_fds: &slurm_fds };
+            let how = Start::Container { network: settings.container_network, view: Box::new(view), slurm_fds: &slurm_fds };
             let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &how)?;
             Running::new(child, None, t.uid)?
         }

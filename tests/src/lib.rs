@@ -153,41 +153,6 @@ impl Drop for PlugstackOverride {
     }
 }
 
-/// Changes one `Key=value` line of slurm.conf for as long as it lives (the
-/// daemons reread it: `scontrol reconfigure` restarts them); the original
-/// comes back on drop, even when a test fails.
-pub struct SlurmConfOverride<'a> {
-    cluster: &'a Cluster,
-    path: PathBuf,
-    original: String,
-}
-
-impl<'a> SlurmConfOverride<'a> {
-    pub fn new(cluster: &'a Cluster, key: &str, value: &str) -> Self {
-        let path = cluster.etc.join("slurm.conf");
-        let original = std::fs::read_to_string(&path).unwrap();
-        let prefix = format!("{key}=");
-        assert!(original.lines().any(|l| l.starts_with(&prefix)), "slurm.conf has no {key}");
-        let edited: String =
-            original.lines().map(|l| if l.starts_with(&prefix) { format!("{prefix}{value}\n") } else { format!("{l}\n") }).collect();
-        std::fs::write(&path, edited).unwrap();
-        cluster.reconfigure(&format!("{key} = {value}"));
-        SlurmConfOverride { cluster, path, original }
-    }
-}
-
-impl Drop for SlurmConfOverride<'_> {
-    fn drop(&mut self) {
-        std::fs::write(&self.path, &self.original).unwrap();
-        // No panic here (it may run while a failed test unwinds).
-        self.cluster.exec("ctl", "root", &["scontrol", "reconfigure"]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline && !self.cluster.nodes_take_jobs() {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-}
-
 impl Cluster {
     /// Whether both nodes are up for jobs.
     fn nodes_take_jobs(&self) -> bool {

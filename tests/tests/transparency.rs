@@ -3,7 +3,7 @@
 //! differ only in the lines docs/transparency.md lists (so a new difference
 //! fails, and so does one that is gone but still documented).
 
-use cluster_tests::{cluster, repo_root, unique, Cluster, SlurmConfOverride, TEST_SIF};
+use cluster_tests::{cluster, repo_root, unique, Cluster, TEST_SIF};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -232,13 +232,12 @@ fn a_batch_job_with_resource_options_shows_its_steps_the_same() {
     assert_only_documented("sbatch", &unprotected, &protected, &[]);
 }
 
-/// With task/affinity (the dev cluster's default is task/none, which binds
-/// nothing) the task is bound to CPU 1 of its two: so must its container be
-/// (the agent, forked by slurmstepd before the binding, has both).
+/// With task/affinity (the dev cluster's default, as on production sites)
+/// the task is bound to CPU 1 of its two: so must its container be (the
+/// agent, forked by slurmstepd before the binding, has both).
 #[test]
 fn a_task_bound_to_a_cpu_has_its_container_bound_the_same() {
     let c = cluster();
-    let _affinity = SlurmConfOverride::new(c, "TaskPlugin", "task/affinity");
     let (unprotected, protected) = batch_probe(c, "-N1 -n1 -c2", "-c2 --cpu-bind=map_cpu:1");
     for out in [&unprotected, &protected] {
         assert!(out.contains("Cpus_allowed_list:\t1\n"), "{out}");
@@ -262,7 +261,6 @@ fn workload_view(c: &Cluster, node: &str) -> String {
 #[test]
 fn a_restored_program_has_the_settings_of_the_job_script_and_the_new_binding() {
     let c = cluster();
-    let _affinity = SlurmConfOverride::new(c, "TaskPlugin", "task/affinity");
     // CRIU, which may not call setgroups(2), must restore her second group
     // (it hung restores).
     give_alice_a_second_group(c);
