@@ -195,6 +195,7 @@ mod tests {
                 uid: 2001,
                 gid: 2001,
             }],
+            node_local_dirs: vec!["/tmp/ompi.13".into(), "/tmp/ompi.13/1".into()],
         }
     }
 
