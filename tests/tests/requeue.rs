@@ -343,7 +343,7 @@ fn the_restored_program_is_confined_to_the_new_jobs_cgroups() {
     }
     // The restored program as the node numbers it (the line gives its pid
     // in the container's own PID namespace).
-    let pid = c.exec("node2", "root", &["pgrep", "-u", "alice", "-x", "ckpt-workload"]).ok().stdout.trim().to_string();
+    let pid = c.exec("node2", "root", &["pgrep", "-o", "-u", "alice", "-x", "ckpt-workload"]).ok().stdout.trim().to_string();
     assert!(!pid.is_empty() && !pid.contains('\n'), "the restored program: {pid:?}");
     let cgroups = c.exec("node2", "root", &["cat", &format!("/proc/{pid}/cgroup")]).ok().stdout;
     // Slurm's cgroup/v1 path: /slurm[_NODE]/uid_U/job_J/step_S/task_T.
