@@ -214,12 +214,14 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     for key in keys {
         args.extend(["--external".into(), key.clone()]);
     }
-    // The streamer may still be reading the last pages (pipes hold
-    // references to the tree's own pages) when CRIU lets go of the tree: it
-    // stays stopped until every image is written.
-    if req.leave_running {
-        args.push("--leave-stopped".into());
-    }
+    // CRIU always leaves the tree stopped; it is continued or ended here
+    // once CRIU is gone. The streamer may still be reading the last pages
+    // (pipes hold references to the tree's own pages) when CRIU lets go of
+    // the tree. And CRIU runs in the container's PID namespace: ending the
+    // tree ends Apptainer and then the namespace's init, whose death kills
+    // every process left in the namespace, CRIU too if it is still
+    // finishing (seen as "CRIU could not dump: signal 9" under load).
+    args.push("--leave-stopped".into());
     let invocation =
         Invocation { criu: &settings.criu, ns_of: req.pid, uid, gid, groups: vec![gid], caps: CRIU_CAPS, images_dir: &criu_dir, args };
     phase("CRIU starts");
@@ -248,10 +250,13 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         }
         _ => None,
     };
-    if req.leave_running {
-        for &pid in &pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
-        }
+    let dumped = matches!((&out, &streamed), (Ok(o), Ok(_)) if o.status.success());
+    // Ended as CRIU ends a dumped tree by default, or continued (also after
+    // a failed dump, which CRIU itself undoes).
+    let then = if dumped && !req.leave_running { nix::sys::signal::Signal::SIGKILL } else { nix::sys::signal::Signal::SIGCONT };
+    // (The tree as it is now: a child forked before CRIU froze it is in it.)
+    for pid in procfs::tree(req.pid).unwrap_or_else(|_| pids.clone()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), then);
     }
     let dump_seconds = started.elapsed().as_secs_f64();
     let out = out?;

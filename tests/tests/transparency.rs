@@ -227,7 +227,7 @@ fn batch_probe(c: &Cluster, sbatch_opts: &str, srun_opts: &str) -> (String, Stri
 #[test]
 fn a_batch_job_with_resource_options_shows_its_steps_the_same() {
     let c = cluster();
-    let (unprotected, protected) = batch_probe(c, "-N1 -n1 --cpus-per-task=2 --mem-per-cpu=100", "");
+    let (unprotected, protected) = batch_probe(c, "-N1 -n1 --cpus-per-task=2 --mem-per-cpu=1000", "");
     assert!(protected.contains("SLURM_CPUS_PER_TASK=2"), "{protected}");
     assert_only_documented("sbatch", &unprotected, &protected, &[]);
 }
