@@ -154,6 +154,22 @@ impl Drop for PlugstackOverride {
 }
 
 impl Cluster {
+    /// Gives alice a second group (3001) on every host, as a site's group
+    /// database is (a group she had on one node only would make her
+    /// checkpoints unrestorable on the other, rightly), and has slurmctld,
+    /// which gives tasks their groups, forget the ones it cached. Once.
+    pub fn give_alice_a_second_group(&self) {
+        let has = |h: &str| self.sh(h, "root", "id -G alice").ok().stdout.split_whitespace().any(|g| g == "3001");
+        if ["ctl", "node1", "node2"].iter().all(|h| has(h)) && self.sh("node1", "alice", "srun -w node1 id -G").ok().stdout.contains("3001")
+        {
+            return;
+        }
+        for host in ["ctl", "node1", "node2"] {
+            self.sh(host, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
+        }
+        self.reconfigure("");
+    }
+
     /// Whether both nodes are up for jobs.
     fn nodes_take_jobs(&self) -> bool {
         let nodes = self.exec("ctl", "root", &["sinfo", "-h", "-N", "-p", "low", "-o", "%t"]).stdout;

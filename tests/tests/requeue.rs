@@ -312,12 +312,7 @@ fn checkpoints_of_a_requeued_job_cancelled_while_pending_are_collected() {
 #[test]
 fn a_user_with_supplementary_groups_is_restored_with_them() {
     let c = cluster();
-    // On every host, as a site's group database is; slurmctld, which gives
-    // tasks their groups, told to forget the ones it cached.
-    for host in ["ctl", "node1", "node2"] {
-        c.sh(host, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
-    }
-    c.reconfigure("");
+    c.give_alice_a_second_group();
     let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 60);
     requeue_after(c, &job, "out.txt", 5);
     c.release(job.id, Some("node2"));

@@ -125,25 +125,10 @@ fn assert_only_documented(what: &str, unprotected: &str, protected: &str, not_sh
     );
 }
 
-/// alice in a second group (3001), on every host as at a site (a group on
-/// one node only makes restores on the other refused, rightly), seen by
-/// her tasks: slurmctld gives them their groups from a cache its restart
-/// empties. The probe shows how a supplementary group looks inside.
-fn give_alice_a_second_group(c: &Cluster) {
-    let has = |h: &str| c.sh(h, "root", "id -G alice").ok().stdout.split_whitespace().any(|g| g == "3001");
-    if ["ctl", "node1", "node2"].iter().all(|h| has(h)) && c.sh("node1", "alice", "srun -w node1 id -G").ok().stdout.contains("3001") {
-        return;
-    }
-    for host in ["ctl", "node1", "node2"] {
-        c.sh(host, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
-    }
-    c.reconfigure("");
-}
-
 /// A fresh directory in alice's home (visible in both kinds of container)
 /// holding the probe; its name as seen from $HOME.
 fn probe_dir(c: &Cluster) -> String {
-    give_alice_a_second_group(c);
+    c.give_alice_a_second_group();
     let name = format!("transp-{}", unique());
     let script = format!("mkdir ~/{name} && cat > ~/{name}/probe.sh <<'PROBE_EOF'\n{PROBE}PROBE_EOF\ntouch ~/{name}/marker");
     c.sh("node1", "alice", &script).ok();
@@ -263,7 +248,7 @@ fn a_restored_program_has_the_settings_of_the_job_script_and_the_new_binding() {
     let c = cluster();
     // CRIU, which may not call setgroups(2), must restore her second group
     // (it hung restores).
-    give_alice_a_second_group(c);
+    c.give_alice_a_second_group();
     let line = format!("{SETTINGS} && srun -c2 --cpu-bind=map_cpu:$((${{SLURM_RESTART_COUNT:-0}} % 2)) {{W}} --out /data/out.txt");
     let job = c.submit_workload_job(&["-w", "node1", "-c2"], &[&line], 64, 80);
     job.wait_lines("out.txt", 5);

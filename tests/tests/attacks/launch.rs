@@ -220,14 +220,7 @@ fn an_image_alice_can_change_is_not_mounted_by_root() {
 #[test]
 fn the_container_has_alices_groups_not_roots() {
     let c = cluster();
-    // On every host, as a site's group database is (a group alice has on one
-    // node only makes her checkpoints unrestorable on the other, rightly,
-    // and later tests restore there); slurmctld, which gives tasks their
-    // groups, restarted to forget the ones it cached.
-    for host in ["ctl", "node1", "node2"] {
-        c.sh(host, "root", "getent group ckpt-test >/dev/null || groupadd -g 3001 ckpt-test; usermod -aG ckpt-test alice").ok();
-    }
-    c.reconfigure("");
+    c.give_alice_a_second_group();
     let sorted = |s: &str| {
         let mut g: Vec<String> = s.split_whitespace().map(String::from).collect();
         g.sort();
