@@ -718,7 +718,7 @@ fn stop_step(settings: &Settings, t: &Task, running: &mut Running) -> std::resul
     let barrier = Barrier::new(&job_dir(settings, t.job_id).map_err(|e| e.to_string())?, t.step(), &format!("stop-{}", t.restart_count))
         .map_err(|e| e.to_string())?;
     let mine = match running.payload(t.uid).map(|p| p.pid) {
-        Some(pid) => step::stop_tree(pid).map(|_| ()).map_err(|e| format!("could not be stopped: {e}")),
+        Some(pid) => step::stop_tree(pid, t.uid, step::STOP_BARRIER_TIMEOUT).map(|_| ()).map_err(|e| format!("could not be stopped: {e}")),
         None => Err("has no running container".into()),
     };
     barrier.meet(mine, step::STOP_BARRIER_TIMEOUT)
@@ -776,7 +776,7 @@ fn restore_step(
         Ok(()) => {
             let mut running = restored.expect("a step goes on only when every task was restored");
             if let Some(root) = running.payload(t.uid).map(|p| p.pid) {
-                step::continue_tree(root);
+                step::continue_tree(root, t.uid);
             }
             Ok(Some(running))
         }

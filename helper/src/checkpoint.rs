@@ -2,7 +2,7 @@
 
 use crate::apptainer::ContainerCommand;
 use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
-use crate::error::{fail, Context, Result};
+use crate::error::{fail, Context, EngineError, Result};
 use crate::manifest::{self, JobIds, Manifest, Owner};
 use crate::procfs::{self, Pid};
 use crate::storage::{self, Staging, DUMP_LOG};
@@ -173,6 +173,11 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
     let version = criu::check(&settings.criu)?;
     let (uid, gid) = check_target(req.pid, req.expected_uid)?;
+    // Held from here: while it answers, `req.pid` is this process, so the
+    // namespaces opened by that pid below are its own (a pid freed and
+    // reused by anyone else's container fails the re-check).
+    let held = procfs::PidFd::of_user(req.pid, uid).ok_or_else(|| EngineError(format!("process {} has ended", req.pid)))?;
+    let pid_ns = procfs::ns_inode(req.pid, "pid").context(|| format!("process {}", req.pid))?;
     let image = req.image.as_path();
     let image_stamp = storage::stamp(image)?;
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
@@ -227,6 +232,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     phase("CRIU starts");
     let started = Instant::now();
     let mut criu_cmd = invocation.command()?;
+    held.signal(0).map_err(|_| EngineError(format!("process {} ended while its checkpoint was prepared", req.pid)))?;
     criu_cmd.cmd().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let child = criu_cmd.spawn().context(|| "cannot run CRIU".into())?;
     // Threads only once CRIU is forked: the images, and meanwhile the
@@ -254,10 +260,9 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     // Ended as CRIU ends a dumped tree by default, or continued (also after
     // a failed dump, which CRIU itself undoes).
     let then = if dumped && !req.leave_running { nix::sys::signal::Signal::SIGKILL } else { nix::sys::signal::Signal::SIGCONT };
-    // (The tree as it is now: a child forked before CRIU froze it is in it.)
-    for pid in procfs::tree(req.pid).unwrap_or_else(|_| pids.clone()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), then);
-    }
+    // The tree as it is now (a child forked before CRIU froze it is in it),
+    // each process only while it is still the user's in the container.
+    procfs::signal_tree(req.pid, uid, pid_ns, then as i32);
     let dump_seconds = started.elapsed().as_secs_f64();
     let out = out?;
     if !out.status.success() || streamed.is_err() {

@@ -272,11 +272,15 @@ impl Pending {
 /// Writes the checkpoint's node-local files back at their paths, as the
 /// user, in the mount namespace of `pid` (the placeholder container), before
 /// CRIU reopens them. `dir` is the verified checkpoint.
-pub fn recreate(m: &Manifest, dir: &Path, pid: Pid) -> Result<()> {
+pub fn recreate(m: &Manifest, dir: &Path, placeholder: &procfs::PidFd) -> Result<()> {
     if m.node_local.is_empty() && m.node_local_dirs.is_empty() {
         return Ok(());
     }
+    let pid = placeholder.pid;
     let mnt = crate::namespaces::open_checked(pid).map_err(|why| EngineError(format!("refusing to write node-local files: {why}")))?.mnt;
+    // Still the placeholder once its namespace is open: a pid freed and
+    // reused by another container would have its namespace opened.
+    placeholder.signal(0).map_err(|_| EngineError(format!("refusing to write node-local files: process {pid} has ended")))?;
     let user = User::lookup(m.owner.uid, m.owner.gid)?;
     let deadline = Instant::now() + TIMEOUT;
     make_dirs_as_user(&mnt, &user, &m.node_local_dirs, deadline)?;
@@ -365,6 +369,11 @@ unsafe fn enter_as_user(mnt: RawFd, keep: &[RawFd], ids: &Ids) -> std::result::R
         return Err((ENTER, errno()));
     }
     libc::close(keep.len() as RawFd);
+    // Not traceable by the user once it is hers (it carries a copy of the
+    // root agent's memory), whatever fs.suid_dumpable says.
+    if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+        return Err((BECOME, errno()));
+    }
     if libc::setgroups(ids.groups.len(), ids.groups.as_ptr()) != 0
         || libc::setresgid(ids.gid, ids.gid, ids.gid) != 0
         || libc::setresuid(ids.uid, ids.uid, ids.uid) != 0

@@ -268,6 +268,21 @@ impl PidFd {
     }
 }
 
+/// Signals every process of the tree below `root` that is, once held by
+/// pidfd, still `uid`'s and in the PID namespace `pid_ns` (an inode from
+/// [`ns_inode`]): a pid freed and taken by anyone else's process meanwhile
+/// is left alone. Returns how many were signalled.
+pub fn signal_tree(root: Pid, uid: u32, pid_ns: u64, sig: i32) -> usize {
+    let mut done = 0;
+    for pid in tree(root).unwrap_or_default() {
+        let Some(fd) = PidFd::of_user(pid, uid) else { continue };
+        if ns_inode(pid, "pid").is_ok_and(|n| n == pid_ns) && fd.signal(sig).is_ok() {
+            done += 1;
+        }
+    }
+    done
+}
+
 /// Waits for `child` at most `timeout`, then kills and reaps it: root never
 /// waits without end on a process the user can stop or stall. None when it
 /// had to be killed.

@@ -288,7 +288,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let placeholder = Placeholder::start(settings, &m)?;
     phase("placeholder runs");
     // CRIU reopens them by path: node-local files first (node_local.rs).
-    let ready = pids_free(&placeholder, &m).and_then(|()| crate::node_local::recreate(&m, &req.images, placeholder.payload.pid));
+    let ready = pids_free(&placeholder, &m).and_then(|()| crate::node_local::recreate(&m, &req.images, &placeholder.payload));
     if let Err(e) = ready {
         placeholder.kill();
         return Err(e);

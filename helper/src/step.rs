@@ -142,31 +142,32 @@ impl Barrier {
     }
 }
 
-/// Stops every process of the tree below `root` (re-listing until no new
-/// process appears: a stopped process cannot fork). Returns how many.
-pub fn stop_tree(root: Pid) -> Result<usize> {
-    let mut stopped = std::collections::BTreeSet::new();
+/// Stops every process of the tree below `root` that is still `uid`'s in
+/// the container's PID namespace (re-listing until no new process appears:
+/// a stopped process cannot fork), for at most `limit`. Returns how many.
+pub fn stop_tree(root: Pid, uid: u32, limit: Duration) -> Result<usize> {
+    let pid_ns = procfs::ns_inode(root, "pid").context(|| format!("process {root}"))?;
+    let deadline = Instant::now() + limit;
+    let mut stopped = 0;
     loop {
-        let pids = procfs::tree(root).context(|| format!("cannot list the processes below {root}"))?;
-        let new: Vec<Pid> = pids.into_iter().filter(|p| !stopped.contains(p)).collect();
-        if new.is_empty() {
-            return Ok(stopped.len());
+        let now = procfs::signal_tree(root, uid, pid_ns, libc::SIGSTOP);
+        if now == stopped {
+            return Ok(now);
         }
-        for p in new {
-            // SAFETY: plain kill(2).
-            unsafe { libc::kill(p, libc::SIGSTOP) };
-            stopped.insert(p);
+        if Instant::now() > deadline {
+            return fail(format!("its processes kept changing for {limit:?}"));
         }
+        stopped = now;
         // Let the stops land before listing children again.
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// Continues every process of the tree below `root`.
-pub fn continue_tree(root: Pid) {
-    for p in procfs::tree(root).unwrap_or_default() {
-        // SAFETY: plain kill(2).
-        unsafe { libc::kill(p, libc::SIGCONT) };
+/// Continues every process of the tree below `root` still `uid`'s in its
+/// PID namespace.
+pub fn continue_tree(root: Pid, uid: u32) {
+    if let Ok(pid_ns) = procfs::ns_inode(root, "pid") {
+        procfs::signal_tree(root, uid, pid_ns, libc::SIGCONT);
     }
 }
 
