@@ -269,6 +269,8 @@ fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
 }
 
 /// How the agent starts a program for the task.
+// One value per start, on the stack: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Start<'a> {
     /// The restore command, which makes the container's namespaces itself.
     Restore { status_fd: OwnedFd },

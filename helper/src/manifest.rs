@@ -195,6 +195,7 @@ mod tests {
                 uid: 2001,
                 gid: 2001,
             }],
+            node_local_dirs: vec!["/tmp/ompi.node1.2001".into()],
         }
     }
 
