@@ -35,6 +35,19 @@ pub const DEFAULT_APPTAINER_CONF: &str = "/etc/apptainer/apptainer.conf";
 /// node's memory by default).
 pub const DEFAULT_NODE_LOCAL_FILES_MAX: u64 = 1 << 30;
 
+/// Which tasks are container commands: the plugin wraps only those, the
+/// helper parses them (its `runtime` module).
+pub mod runtime {
+    /// Programs whose command line is Apptainer's (argv[0]'s last component).
+    pub const APPTAINER_PROGRAMS: &[&str] = &["apptainer", "singularity"];
+
+    /// Whether `program` (a path or a name) is a container runtime's.
+    pub fn is_container_program(program: &str) -> bool {
+        let base = program.rsplit('/').next().unwrap_or(program);
+        APPTAINER_PROGRAMS.contains(&base)
+    }
+}
+
 /// Effective settings after defaults, the TOML file and plugstack.conf
 /// arguments are combined.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,13 +14,13 @@
 //! - when the container ends on its own, the job is finished for good with
 //!   this task: its checkpoint is removed.
 
-use crate::apptainer::ContainerCommand;
 use crate::checkpoint::{dump, CheckpointRequest};
 use crate::error::{fail, Context, Result};
 use crate::launch::{self, Launch, SYSTEM_PATH};
 use crate::manifest::JobIds;
 use crate::procfs::{self, Pid};
 use crate::protocol::{self, Channel, ToAgent, ToTask};
+use crate::runtime::ContainerCommand;
 use crate::step::{self, Barrier, StepTask};
 use crate::storage::Staging;
 use crate::task_view::TaskView;

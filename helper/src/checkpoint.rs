@@ -1,10 +1,10 @@
 //! Dumping a running container's process tree.
 
-use crate::apptainer::ContainerCommand;
 use crate::criu::{self, Invocation, CRIU_CAPS};
 use crate::error::{fail, Context, Result};
 use crate::manifest::{self, JobIds, Manifest, Owner};
 use crate::procfs::{self, Pid};
+use crate::runtime::ContainerCommand;
 use crate::storage::{self, Staging, DUMP_LOG};
 use crate::streamer::Capture;
 use ckpt_config::{ContainerNetwork, Settings};

@@ -4,10 +4,10 @@
 //! why), 2 bad usage. `restore` waits for the restored program and exits
 //! with its exit code.
 
-use checkpoint_container::apptainer::ContainerCommand;
 use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
+use checkpoint_container::runtime::ContainerCommand;
 use checkpoint_container::{agent, criu, launch, listing, namespaces, storage, task};
 use ckpt_config::{read_optional_file, Settings};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};

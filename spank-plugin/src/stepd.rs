@@ -42,7 +42,7 @@ fn socket_path(job: u32, step: u32, task: u32) -> String {
 
 /// Tasks whose command is an Apptainer container are the ones wrapped.
 fn is_container_command(argv: &[&str]) -> bool {
-    argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)).is_some_and(|name| name == "apptainer" || name == "singularity")
+    argv.first().is_some_and(|a| ckpt_config::runtime::is_container_program(a))
 }
 
 #[derive(Default)]
