@@ -196,14 +196,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    // Agents write the node's agent log: every line with its time, level
-    // and pid (the task's name is in the message). Commands people run
-    // print warnings and errors only.
-    let agent = matches!(cli.command, Command::Agent { .. });
-    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if agent { "info" } else { "warn" }));
-    logger.format(|buf, record| {
+    // Agents write the node's agent log: every line with its time, level,
+    // pid and task (job.step.task), whichever module logs it. Commands
+    // people run print warnings and errors only.
+    let agent = match &cli.command {
+        Command::Agent { job_id, step_id, task_id, .. } => Some(format!(" {job_id}.{step_id}.{task_id}")),
+        _ => None,
+    };
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if agent.is_some() { "info" } else { "warn" }));
+    let task = agent.unwrap_or_default();
+    logger.format(move |buf, record| {
         use std::io::Write;
-        writeln!(buf, "{} {} checkpoint-container[{}] {}", buf.timestamp_micros(), record.level(), std::process::id(), record.args())
+        writeln!(buf, "{} {} checkpoint-container[{}]{task} {}", buf.timestamp_micros(), record.level(), std::process::id(), record.args())
     });
     logger.init();
     match run(cli, &overrides) {
