@@ -250,68 +250,31 @@ fn path_text(p: &Path) -> Option<String> {
     Some(p.display().to_string())
 }
 
+/// A setting that is a site path (checked by `checked_path`).
+macro_rules! path_setting {
+    ($key:literal, $flag:expr, $value_name:literal, $help:literal, $field:ident) => {
+        Setting {
+            key: $key,
+            flag: $flag,
+            value_name: $value_name,
+            help: $help,
+            set: |s, k, v| {
+                s.$field = checked_path(k, v)?;
+                Ok(())
+            },
+            get: |s| path_text(&s.$field),
+            toml_integer: false,
+        }
+    };
+}
+
 /// Every setting, in the order error messages list them.
 pub const SETTINGS: &[Setting] = &[
-    Setting {
-        key: "helper",
-        flag: None,
-        value_name: "PATH",
-        help: "The helper the plugin runs",
-        set: |s, k, v| {
-            s.helper = checked_path(k, v)?;
-            Ok(())
-        },
-        get: |s| path_text(&s.helper),
-        toml_integer: false,
-    },
-    Setting {
-        key: "checkpoint_dir",
-        flag: Some("checkpoint-dir"),
-        value_name: "DIR",
-        help: "Root of the per-job checkpoint directories",
-        set: |s, k, v| {
-            s.checkpoint_dir = checked_path(k, v)?;
-            Ok(())
-        },
-        get: |s| path_text(&s.checkpoint_dir),
-        toml_integer: false,
-    },
-    Setting {
-        key: "criu",
-        flag: Some("criu-path"),
-        value_name: "PATH",
-        help: "CRIU binary",
-        set: |s, k, v| {
-            s.criu = checked_path(k, v)?;
-            Ok(())
-        },
-        get: |s| path_text(&s.criu),
-        toml_integer: false,
-    },
-    Setting {
-        key: "apptainer",
-        flag: Some("apptainer"),
-        value_name: "PATH",
-        help: "The site's Apptainer, the only runtime started for users",
-        set: |s, k, v| {
-            s.apptainer = checked_path(k, v)?;
-            Ok(())
-        },
-        get: |s| path_text(&s.apptainer),
-        toml_integer: false,
-    },
-    Setting {
-        key: "apptainer_conf",
-        flag: Some("apptainer-conf"),
-        value_name: "FILE",
-        help: "Apptainer's configuration file",
-        set: |s, k, v| {
-            s.apptainer_conf = checked_path(k, v)?;
-            Ok(())
-        },
-        get: |s| path_text(&s.apptainer_conf),
-        toml_integer: false,
-    },
+    path_setting!("helper", None, "PATH", "The helper the plugin runs", helper),
+    path_setting!("checkpoint_dir", Some("checkpoint-dir"), "DIR", "Root of the per-job checkpoint directories", checkpoint_dir),
+    path_setting!("criu", Some("criu-path"), "PATH", "CRIU binary", criu),
+    path_setting!("apptainer", Some("apptainer"), "PATH", "The site's Apptainer, the only runtime started for users", apptainer),
+    path_setting!("apptainer_conf", Some("apptainer-conf"), "FILE", "Apptainer's configuration file", apptainer_conf),
     Setting {
         key: "compression",
         flag: Some("compression"),
