@@ -35,6 +35,19 @@ pub const DEFAULT_APPTAINER_CONF: &str = "/etc/apptainer/apptainer.conf";
 /// node's memory by default).
 pub const DEFAULT_NODE_LOCAL_FILES_MAX: u64 = 1 << 30;
 
+/// Which tasks are container commands: the plugin wraps only those, the
+/// helper parses them (its `runtime` module).
+pub mod runtime {
+    /// Programs whose command line is Apptainer's (argv[0]'s last component).
+    pub const APPTAINER_PROGRAMS: &[&str] = &["apptainer", "singularity"];
+
+    /// Whether `program` (a path or a name) is a container runtime's.
+    pub fn is_container_program(program: &str) -> bool {
+        let base = program.rsplit('/').next().unwrap_or(program);
+        APPTAINER_PROGRAMS.contains(&base)
+    }
+}
+
 /// Effective settings after defaults, the TOML file and plugstack.conf
 /// arguments are combined.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,10 +170,10 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Malformed { arg } => {
-                write!(f, "plugstack.conf argument \"{arg}\" is malformed: expected key=value with key one of {}", KEYS.join(", "))
+                write!(f, "plugstack.conf argument \"{arg}\" is malformed: expected key=value with key one of {}", known_keys())
             }
             ConfigError::UnknownKey { arg } => {
-                write!(f, "plugstack.conf argument \"{arg}\" is unknown: known keys are {}", KEYS.join(", "))
+                write!(f, "plugstack.conf argument \"{arg}\" is unknown: known keys are {}", known_keys())
             }
             ConfigError::Duplicate { key } => {
                 write!(f, "plugstack.conf argument \"{key}\" is given more than once")
@@ -181,19 +194,6 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-const KEYS: [&str; 10] = [
-    "helper",
-    "checkpoint_dir",
-    "criu",
-    "apptainer",
-    "apptainer_conf",
-    "compression",
-    "staging_dir",
-    "container_network",
-    "node_local_files_max",
-    "config",
-];
 
 /// A size in bytes: a number, optionally followed by KiB, MiB, GiB or TiB
 /// (binary units only: "1GB" would leave the admin guessing which).
@@ -223,81 +223,143 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
-/// A size in the TOML file: `"1GiB"` or a plain number of bytes.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum TomlSize {
-    Bytes(u64),
-    Text(String),
+/// The plugstack.conf key (and helper flag) naming the TOML file: not a
+/// setting of its own, it says where the others are read from.
+pub const CONFIG_KEY: &str = "config";
+
+/// One site setting, described once: its plugstack.conf argument and TOML
+/// key, the helper's command-line flag, how a value is checked and how it is
+/// written back for the helper. Adding a setting = a `Settings` field and
+/// one entry in `SETTINGS`.
+pub struct Setting {
+    /// plugstack.conf argument and TOML key.
+    pub key: &'static str,
+    /// The helper's long flag (without `--`); `None`: not a helper flag.
+    pub flag: Option<&'static str>,
+    pub value_name: &'static str,
+    pub help: &'static str,
+    /// Checks a value and stores it.
+    set: fn(&mut Settings, &str, &str) -> Result<(), ConfigError>,
+    /// The value as `set` reads it back; `None`: unset.
+    get: fn(&Settings) -> Option<String>,
+    /// The TOML file may give it as a plain integer too.
+    toml_integer: bool,
 }
 
-/// The admin TOML file. Unknown keys are refused, like unknown arguments.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TomlFile {
-    helper: Option<String>,
-    checkpoint_dir: Option<String>,
-    criu: Option<String>,
-    apptainer: Option<String>,
-    apptainer_conf: Option<String>,
-    compression: Option<Compression>,
-    staging_dir: Option<String>,
-    container_network: Option<ContainerNetwork>,
-    node_local_files_max: Option<TomlSize>,
+fn path_text(p: &Path) -> Option<String> {
+    Some(p.display().to_string())
+}
+
+/// A setting that is a site path (checked by `checked_path`).
+macro_rules! path_setting {
+    ($key:literal, $flag:expr, $value_name:literal, $help:literal, $field:ident) => {
+        Setting {
+            key: $key,
+            flag: $flag,
+            value_name: $value_name,
+            help: $help,
+            set: |s, k, v| {
+                s.$field = checked_path(k, v)?;
+                Ok(())
+            },
+            get: |s| path_text(&s.$field),
+            toml_integer: false,
+        }
+    };
+}
+
+/// Every setting, in the order error messages list them.
+pub const SETTINGS: &[Setting] = &[
+    path_setting!("helper", None, "PATH", "The helper the plugin runs", helper),
+    path_setting!("checkpoint_dir", Some("checkpoint-dir"), "DIR", "Root of the per-job checkpoint directories", checkpoint_dir),
+    path_setting!("criu", Some("criu-path"), "PATH", "CRIU binary", criu),
+    path_setting!("apptainer", Some("apptainer"), "PATH", "The site's Apptainer, the only runtime started for users", apptainer),
+    path_setting!("apptainer_conf", Some("apptainer-conf"), "FILE", "Apptainer's configuration file", apptainer_conf),
+    Setting {
+        key: "compression",
+        flag: Some("compression"),
+        value_name: "HOW",
+        help: "How page images are stored: none or zstd",
+        set: |s, k, v| {
+            s.compression = Compression::parse(k, v)?;
+            Ok(())
+        },
+        get: |s| Some(s.compression.as_str().to_string()),
+        toml_integer: false,
+    },
+    Setting {
+        key: "staging_dir",
+        flag: Some("staging-dir"),
+        value_name: "DIR",
+        help: "Node-local directory (tmpfs) to write checkpoints to first",
+        set: |s, k, v| {
+            s.staging_dir = Some(checked_path(k, v)?);
+            Ok(())
+        },
+        get: |s| s.staging_dir.as_deref().and_then(path_text),
+        toml_integer: false,
+    },
+    Setting {
+        key: "container_network",
+        flag: Some("container-network"),
+        value_name: "WHICH",
+        help: "Network of protected containers: isolated (loopback only) or node",
+        set: |s, k, v| {
+            s.container_network = ContainerNetwork::parse(k, v)?;
+            Ok(())
+        },
+        get: |s| Some(s.container_network.as_str().to_string()),
+        toml_integer: false,
+    },
+    Setting {
+        key: "node_local_files_max",
+        flag: Some("node-local-files-max"),
+        value_name: "SIZE",
+        help: "Most bytes of node-local (tmpfs) files a checkpoint may carry, e.g. 1GiB",
+        set: |s, k, v| {
+            s.node_local_files_max = parse_size(k, v)?;
+            Ok(())
+        },
+        get: |s| Some(format_size(s.node_local_files_max)),
+        toml_integer: true,
+    },
+];
+
+fn known_keys() -> String {
+    SETTINGS.iter().map(|s| s.key).chain([CONFIG_KEY]).collect::<Vec<_>>().join(", ")
+}
+
+fn setting(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
 }
 
 /// Arguments from the plugstack.conf line, validated but not yet merged.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct PlugstackArgs {
-    helper: Option<PathBuf>,
-    checkpoint_dir: Option<PathBuf>,
-    criu: Option<PathBuf>,
-    apptainer: Option<PathBuf>,
-    apptainer_conf: Option<PathBuf>,
-    compression: Option<Compression>,
-    staging_dir: Option<PathBuf>,
-    container_network: Option<ContainerNetwork>,
-    node_local_files_max: Option<u64>,
+#[derive(Default)]
+struct PlugstackArgs<'a> {
+    values: Vec<(&'static Setting, &'a str)>,
     config: Option<PathBuf>,
 }
 
-fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, ConfigError> {
+fn parse_plugstack_args<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs<'_>, ConfigError> {
     let mut out = PlugstackArgs::default();
+    // Values are checked here, before any file is read, on a scratch copy.
+    let mut scratch = Settings::default();
     for arg in args {
         let arg = arg.as_ref();
         let (key, value) = arg.split_once('=').ok_or_else(|| ConfigError::Malformed { arg: arg.to_string() })?;
-        if key == "compression" {
-            if out.compression.replace(Compression::parse(key, value)?).is_some() {
-                return Err(ConfigError::Duplicate { key: key.to_string() });
+        let duplicate = || ConfigError::Duplicate { key: key.to_string() };
+        if key == CONFIG_KEY {
+            if out.config.replace(checked_path(key, value)?).is_some() {
+                return Err(duplicate());
             }
             continue;
         }
-        if key == "container_network" {
-            if out.container_network.replace(ContainerNetwork::parse(key, value)?).is_some() {
-                return Err(ConfigError::Duplicate { key: key.to_string() });
-            }
-            continue;
+        let def = setting(key).ok_or_else(|| ConfigError::UnknownKey { arg: arg.to_string() })?;
+        (def.set)(&mut scratch, key, value)?;
+        if out.values.iter().any(|(d, _)| d.key == key) {
+            return Err(duplicate());
         }
-        if key == "node_local_files_max" {
-            if out.node_local_files_max.replace(parse_size(key, value)?).is_some() {
-                return Err(ConfigError::Duplicate { key: key.to_string() });
-            }
-            continue;
-        }
-        let slot = match key {
-            "helper" => &mut out.helper,
-            "staging_dir" => &mut out.staging_dir,
-            "checkpoint_dir" => &mut out.checkpoint_dir,
-            "criu" => &mut out.criu,
-            "apptainer" => &mut out.apptainer,
-            "apptainer_conf" => &mut out.apptainer_conf,
-            "config" => &mut out.config,
-            _ => return Err(ConfigError::UnknownKey { arg: arg.to_string() }),
-        };
-        if slot.is_some() {
-            return Err(ConfigError::Duplicate { key: key.to_string() });
-        }
-        *slot = Some(checked_path(key, value)?);
+        out.values.push((def, value));
     }
     Ok(out)
 }
@@ -346,70 +408,52 @@ impl Settings {
             None if required => return Err(ConfigError::Unreadable { path: config_path, why: "no such file".into() }),
             None => {}
         }
-
-        if let Some(p) = args.helper {
-            settings.helper = p;
-        }
-        if let Some(p) = args.checkpoint_dir {
-            settings.checkpoint_dir = p;
-        }
-        if let Some(p) = args.criu {
-            settings.criu = p;
-        }
-        if let Some(p) = args.apptainer {
-            settings.apptainer = p;
-        }
-        if let Some(p) = args.apptainer_conf {
-            settings.apptainer_conf = p;
-        }
-        if let Some(c) = args.compression {
-            settings.compression = c;
-        }
-        if let Some(p) = args.staging_dir {
-            settings.staging_dir = Some(p);
-        }
-        if let Some(n) = args.container_network {
-            settings.container_network = n;
-        }
-        if let Some(n) = args.node_local_files_max {
-            settings.node_local_files_max = n;
+        for (def, value) in args.values {
+            (def.set)(&mut settings, def.key, value)?;
         }
         Ok(settings)
     }
 
     fn apply_toml(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        let file: TomlFile =
-            toml::from_str(text).map_err(|e| ConfigError::BadToml { path: path.to_path_buf(), why: e.message().to_string() })?;
-        if let Some(v) = file.helper {
-            self.helper = checked_path("helper", &v)?;
+        let bad = |why: String| ConfigError::BadToml { path: path.to_path_buf(), why };
+        let table: toml::Table = toml::from_str(text).map_err(|e| bad(e.message().to_string()))?;
+        // Unknown keys are refused, like unknown arguments, before any value
+        // is applied.
+        let mut found = Vec::new();
+        for (key, value) in &table {
+            let Some(def) = setting(key) else {
+                let known = SETTINGS.iter().map(|s| format!("`{}`", s.key)).collect::<Vec<_>>().join(", ");
+                return Err(bad(format!("unknown field `{key}`, expected one of {known}")));
+            };
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(n) if def.toml_integer && *n >= 0 => n.to_string(),
+                other => return Err(bad(format!("invalid type: {} for `{key}`, expected a string", other.type_str()))),
+            };
+            found.push((def, text));
         }
-        if let Some(v) = file.checkpoint_dir {
-            self.checkpoint_dir = checked_path("checkpoint_dir", &v)?;
-        }
-        if let Some(v) = file.criu {
-            self.criu = checked_path("criu", &v)?;
-        }
-        if let Some(v) = file.apptainer {
-            self.apptainer = checked_path("apptainer", &v)?;
-        }
-        if let Some(v) = file.apptainer_conf {
-            self.apptainer_conf = checked_path("apptainer_conf", &v)?;
-        }
-        if let Some(c) = file.compression {
-            self.compression = c;
-        }
-        if let Some(v) = file.staging_dir {
-            self.staging_dir = Some(checked_path("staging_dir", &v)?);
-        }
-        if let Some(n) = file.container_network {
-            self.container_network = n;
-        }
-        match file.node_local_files_max {
-            Some(TomlSize::Bytes(n)) => self.node_local_files_max = n,
-            Some(TomlSize::Text(t)) => self.node_local_files_max = parse_size("node_local_files_max", &t)?,
-            None => {}
+        // Applied in table order, so the first bad value named is the same
+        // whatever the file's order.
+        found.sort_by_key(|(def, _)| SETTINGS.iter().position(|s| s.key == def.key));
+        for (def, text) in found {
+            (def.set)(self, def.key, &text)?;
         }
         Ok(())
+    }
+
+    /// The helper's command-line flags that give these settings (what the
+    /// plugin passes to the helper it starts).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(config) = &self.config_file {
+            args.extend([format!("--{CONFIG_KEY}"), config.display().to_string()]);
+        }
+        for def in SETTINGS {
+            if let (Some(flag), Some(value)) = (def.flag, (def.get)(self)) {
+                args.extend([format!("--{flag}"), value]);
+            }
+        }
+        args
     }
 }
 
@@ -560,6 +604,24 @@ mod tests {
         let read = |_: &Path| Ok(Some("criu = \"criu\"\n".to_string()));
         let e = Settings::load(&[] as &[&str], read).unwrap_err();
         assert!(matches!(e, ConfigError::BadPath { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn helper_flags_give_back_the_same_settings() {
+        let read = |_: &Path| Ok(Some("staging_dir = \"/run/ckpt\"\n".to_string()));
+        let s = Settings::load(&["config=/etc/site.toml", "compression=zstd", "node_local_files_max=3GiB"], read).unwrap();
+        // What the helper does with its flags: each one a plugstack argument.
+        let args = s.to_args();
+        let mut back = Vec::new();
+        for pair in args.chunks(2) {
+            let flag = pair[0].trim_start_matches("--");
+            let key = SETTINGS.iter().find(|d| d.flag == Some(flag)).map_or(CONFIG_KEY, |d| d.key);
+            back.push(format!("{key}={}", pair[1]));
+        }
+        let again = Settings::load(&back, read).unwrap();
+        assert_eq!(again, Settings { helper: again.helper.clone(), ..s });
+        assert!(args.starts_with(&["--config".into(), "/etc/site.toml".into()]), "{args:?}");
+        assert!(args.contains(&"--criu-path".to_string()), "{args:?}");
     }
 
     #[test]

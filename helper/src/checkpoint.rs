@@ -1,10 +1,10 @@
 //! Dumping a running container's process tree.
 
-use crate::apptainer::ContainerCommand;
-use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
+use crate::criu::{self, Invocation, CRIU_CAPS};
 use crate::error::{fail, Context, EngineError, Result};
 use crate::manifest::{self, JobIds, Manifest, Owner};
 use crate::procfs::{self, Pid};
+use crate::runtime::ContainerCommand;
 use crate::storage::{self, Staging, DUMP_LOG};
 use crate::streamer::Capture;
 use ckpt_config::{ContainerNetwork, Settings};
@@ -211,13 +211,11 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     }
     let criu_dir = File::open(&staging.work).context(|| format!("cannot open {}", staging.work.display()))?;
     let listener = Capture::bind(&staging.work, uid, gid)?;
-    let mut args: Vec<String> =
-        ["dump", "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", DUMP_LOG].map(String::from).into();
-    args.extend(["-t".into(), root_pid.to_string(), "-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
+    let mut options = criu::Options::dump(root_pid, DUMP_LOG);
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
     keys.dedup();
     for key in keys {
-        args.extend(["--external".into(), key.clone()]);
+        options.external(key);
     }
     // CRIU always leaves the tree stopped; it is continued or ended here
     // once CRIU is gone. The streamer may still be reading the last pages
@@ -226,9 +224,9 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     // tree ends Apptainer and then the namespace's init, whose death kills
     // every process left in the namespace, CRIU too if it is still
     // finishing (seen as "CRIU could not dump: signal 9" under load).
-    args.push("--leave-stopped".into());
+    options.leave_stopped();
     let invocation =
-        Invocation { criu: &settings.criu, ns_of: req.pid, uid, gid, groups: vec![gid], caps: CRIU_CAPS, images_dir: &criu_dir, args };
+        Invocation { criu: &settings.criu, ns_of: req.pid, uid, gid, groups: vec![gid], caps: CRIU_CAPS, images_dir: &criu_dir, options };
     phase("CRIU starts");
     let started = Instant::now();
     let mut criu_cmd = invocation.command()?;

@@ -163,7 +163,72 @@ pub struct Invocation<'a> {
     pub groups: Vec<u32>,
     pub caps: &'a [caps::Capability],
     pub images_dir: &'a std::fs::File,
-    pub args: Vec<String>,
+    pub options: Options,
+}
+
+/// CRIU's command line for a dump or a restore: the options both share,
+/// then the action's own (`Invocation::command` adds those of the
+/// container's network namespace).
+pub struct Options {
+    action: Action,
+    log: &'static str,
+    own: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Dump,
+    Restore,
+}
+
+impl Options {
+    /// Dumps the tree rooted at `root_pid`, logging to `log` in the images
+    /// directory.
+    pub fn dump(root_pid: i32, log: &'static str) -> Options {
+        Options { action: Action::Dump, log, own: vec!["-t".into(), root_pid.to_string()] }
+    }
+
+    /// Restores, logging to `log` and writing the root's pid to `pidfile`,
+    /// both in the images directory.
+    pub fn restore(log: &'static str, pidfile: &str) -> Options {
+        Options { action: Action::Restore, log, own: vec!["--pidfile".into(), pidfile.into()] }
+    }
+
+    /// Dump: a resource outside the tree, recorded under `key`.
+    pub fn external(&mut self, key: &str) {
+        self.own.extend(["--external".into(), key.into()]);
+    }
+
+    /// Restore: our `fd` stands for the resource recorded under `key`.
+    pub fn inherit_fd(&mut self, fd: i32, key: &str) {
+        self.own.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
+    }
+
+    /// Dump: the tree stays stopped afterwards.
+    pub fn leave_stopped(&mut self) {
+        self.own.push("--leave-stopped".into());
+    }
+
+    /// The arguments after CRIU's own configuration options; `own_net`:
+    /// the tree has a network namespace of its own.
+    fn args(&self, own_net: bool) -> Vec<String> {
+        let action = match self.action {
+            Action::Dump => "dump",
+            Action::Restore => "restore",
+        };
+        let mut args: Vec<String> = [action, "--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3", "-o", self.log]
+            .map(String::from)
+            .into();
+        args.extend(self.own.iter().cloned());
+        args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
+        if own_net {
+            args.push("--tcp-established".into());
+            if self.action == Action::Dump {
+                args.extend(["--network-lock".into(), "skip".into()]);
+            }
+        }
+        args
+    }
 }
 
 /// CRIU ready to start in the container's namespaces: [`CriuCommand::cmd`]
@@ -389,17 +454,12 @@ impl Invocation<'_> {
         if let Some(why) = untrusted_proc(&mountinfo) {
             return Err(refuse(why));
         }
-        let mut args = self.args.clone();
         if joined.net.is_some() {
             caps.insert(caps::Capability::CAP_NET_ADMIN);
-            args.push("--tcp-established".into());
-            if args.first().map(String::as_str) == Some("dump") {
-                args.extend(["--network-lock".into(), "skip".into()]);
-            }
         }
         let fd_path = |fd: i32| format!("/proc/self/fd/{fd}");
         let mut argv = vec!["criu".to_string(), "--no-default-config".into(), "-L".into(), fd_path(EMPTY_FD)];
-        argv.extend(args);
+        argv.extend(self.options.args(joined.net.is_some()));
         let envp = vec![format!("PATH={}", fd_path(EMPTY_FD)), format!("XDG_RUNTIME_DIR={}", fd_path(KDAT_FD))];
         let images = self.images_dir.try_clone().map_err(|e| not_runnable(format!("dup: {e}")))?;
         let fds = vec![(images, IMAGES_FD), (empty, EMPTY_FD), (kdat_dir, KDAT_FD)];
@@ -529,6 +589,22 @@ pub fn first_error(log: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dump_and_restore_share_their_common_options() {
+        let mut dump = Options::dump(42, "dump.log");
+        dump.external("unix[7]");
+        let dump = dump.args(true);
+        let mut restore = Options::restore("restore.log", "restore.pid");
+        restore.inherit_fd(1, "pipe:[9]");
+        let restore = restore.args(true);
+        let common = ["--stream", "--unprivileged", "--shell-job", "--manage-cgroups=ignore", "-v3"];
+        assert_eq!(&dump[1..6], &common);
+        assert_eq!(&restore[1..6], &common);
+        assert_eq!(dump.join(" ").split(" -D ").nth(1), Some("/proc/self/fd/100 --tcp-established --network-lock skip"));
+        assert!(restore.join(" ").ends_with("--inherit-fd fd[1]:pipe:[9] -D /proc/self/fd/100 --tcp-established"), "{restore:?}");
+        assert!(!Options::dump(42, "dump.log").args(false).contains(&"--tcp-established".to_string()));
+    }
 
     #[test]
     fn parses_release_and_git_builds() {

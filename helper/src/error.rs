@@ -36,8 +36,8 @@ impl From<crate::criu::CriuError> for EngineError {
     }
 }
 
-impl From<crate::apptainer::ParseError> for EngineError {
-    fn from(e: crate::apptainer::ParseError) -> Self {
+impl From<crate::runtime::ParseError> for EngineError {
+    fn from(e: crate::runtime::ParseError) -> Self {
         EngineError(e.to_string())
     }
 }

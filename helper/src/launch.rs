@@ -18,9 +18,9 @@
 //! Processes using this live in a mount namespace of their own
 //! ([`private_mount_namespace`]) so the staging mounts never reach the node.
 
-use crate::apptainer::ContainerCommand;
 use crate::error::{fail, Context, EngineError, Result};
 use crate::policy::{self, Plan};
+use crate::runtime::ContainerCommand;
 use crate::user::User;
 use ckpt_config::Settings;
 use std::ffi::CString;

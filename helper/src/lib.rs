@@ -2,7 +2,6 @@
 //! `main.rs`. One module per concern.
 
 pub mod agent;
-pub mod apptainer;
 pub mod cgroup;
 pub mod checkpoint;
 pub mod core_images;
@@ -17,6 +16,7 @@ pub mod policy;
 pub mod procfs;
 pub mod protocol;
 pub mod restore;
+pub mod runtime;
 pub mod step;
 pub mod storage;
 pub mod streamer;

@@ -4,50 +4,24 @@
 //! why), 2 bad usage. `restore` waits for the restored program and exits
 //! with its exit code.
 
-use checkpoint_container::apptainer::ContainerCommand;
 use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
+use checkpoint_container::runtime::ContainerCommand;
 use checkpoint_container::{agent, criu, launch, listing, namespaces, storage, task};
 use ckpt_config::{read_optional_file, Settings};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The site settings' flags (`--criu-path`, `--checkpoint-dir`, …) are not
+/// here: they come from `ckpt_config::SETTINGS` (see `with_setting_flags`).
 #[derive(Parser)]
 #[command(name = "checkpoint-container", version, about, long_about = None)]
 struct Cli {
     /// Admin TOML file (default /etc/slurm/checkpoint-container.toml if it exists)
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// CRIU binary (overrides the configuration)
-    #[arg(long, global = true, value_name = "PATH")]
-    criu_path: Option<PathBuf>,
-    /// Root of the per-job checkpoint directories (overrides the configuration)
-    #[arg(long, global = true, value_name = "DIR")]
-    checkpoint_dir: Option<PathBuf>,
-    /// The site's Apptainer, the only runtime started for users (overrides
-    /// the configuration)
-    #[arg(long, global = true, value_name = "PATH")]
-    apptainer: Option<PathBuf>,
-    /// Apptainer's configuration file (overrides the configuration)
-    #[arg(long, global = true, value_name = "FILE")]
-    apptainer_conf: Option<PathBuf>,
-    /// How page images are stored: none or zstd (overrides the configuration)
-    #[arg(long, global = true, value_name = "HOW")]
-    compression: Option<String>,
-    /// Node-local directory (tmpfs) to write checkpoints to first (overrides
-    /// the configuration)
-    #[arg(long, global = true, value_name = "DIR")]
-    staging_dir: Option<PathBuf>,
-    /// Network of protected containers: isolated (loopback only) or node
-    /// (overrides the configuration)
-    #[arg(long, global = true, value_name = "WHICH")]
-    container_network: Option<String>,
-    /// Most bytes of node-local (tmpfs) files a checkpoint may carry, e.g.
-    /// 1GiB (overrides the configuration)
-    #[arg(long, global = true, value_name = "SIZE")]
-    node_local_files_max: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,8 +157,34 @@ struct JobArgs {
     task_id: Option<u32>,
 }
 
+/// Adds one global flag per site setting that has one: a command-line
+/// override, checked exactly like the plugstack.conf argument.
+fn with_setting_flags(mut cmd: clap::Command) -> clap::Command {
+    for def in ckpt_config::SETTINGS {
+        if let Some(flag) = def.flag {
+            cmd = cmd.arg(
+                clap::Arg::new(flag)
+                    .long(flag)
+                    .global(true)
+                    .value_name(def.value_name)
+                    .help(format!("{} (overrides the configuration)", def.help)),
+            );
+        }
+    }
+    cmd
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = with_setting_flags(Cli::command()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // Command-line overrides, as plugstack.conf arguments (key=value).
+    let overrides: Vec<(&str, String)> = ckpt_config::SETTINGS
+        .iter()
+        .filter_map(|def| def.flag.and_then(|flag| matches.get_one::<String>(flag)).map(|v| (def.key, v.clone())))
+        .collect();
     // The container's init reads no configuration and logs nothing: it only
     // runs what it was given.
     if let Command::ContainerInit { loopback, last_pid, command } = &cli.command {
@@ -196,17 +196,22 @@ fn main() -> ExitCode {
             }
         };
     }
-    // Agents write the node's agent log: every line with its time, level
-    // and pid (the task's name is in the message). Commands people run
-    // print warnings and errors only.
-    let agent = matches!(cli.command, Command::Agent { .. });
-    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if agent { "info" } else { "warn" }));
-    logger.format(|buf, record| {
+    // Agents write the node's agent log: every line with its time, level,
+    // pid and task (job.step.task), whichever module logs it. Commands
+    // people run print warnings and errors only.
+    let agent = match &cli.command {
+        Command::Agent { job_id, step_id, task_id, .. } => Some(format!(" {job_id}.{step_id}.{task_id}")),
+        _ => None,
+    };
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if agent.is_some() { "info" } else { "warn" }));
+    let task = agent.unwrap_or_default();
+    logger.format(move |buf, record| {
         use std::io::Write;
-        writeln!(buf, "{} {} checkpoint-container[{}] {}", buf.timestamp_micros(), record.level(), std::process::id(), record.args())
+        writeln!(buf, "{} {} checkpoint-container[{}]{task} {}", buf.timestamp_micros(), record.level(), std::process::id(), record.args())
     });
     logger.init();
-    match run(cli) {
+    match run(cli, &overrides) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("checkpoint-container: {e}");
@@ -241,31 +246,18 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<u8, Box<dyn std::error::Error>> {
-    // Command-line overrides are checked exactly like plugstack.conf
-    // arguments, and the agent passes them on to the commands it runs.
-    let overrides: [(&str, Option<String>); 8] = [
-        ("criu", cli.criu_path.as_ref().map(|p| p.display().to_string())),
-        ("checkpoint_dir", cli.checkpoint_dir.as_ref().map(|p| p.display().to_string())),
-        ("apptainer", cli.apptainer.as_ref().map(|p| p.display().to_string())),
-        ("apptainer_conf", cli.apptainer_conf.as_ref().map(|p| p.display().to_string())),
-        ("compression", cli.compression.clone()),
-        ("staging_dir", cli.staging_dir.as_ref().map(|p| p.display().to_string())),
-        ("container_network", cli.container_network.clone()),
-        ("node_local_files_max", cli.node_local_files_max.clone()),
-    ];
+fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error::Error>> {
+    // The agent passes the same overrides on to the commands it runs.
     let mut args: Vec<String> = Vec::new();
     let mut settings_args = Vec::new();
     if let Some(p) = &cli.config {
-        args.push(format!("config={}", p.display()));
+        args.push(format!("{}={}", ckpt_config::CONFIG_KEY, p.display()));
         settings_args.extend(["--config".to_string(), p.display().to_string()]);
     }
     for (key, value) in overrides {
-        if let Some(v) = value {
-            args.push(format!("{key}={v}"));
-            let flag = if key == "criu" { "--criu-path".to_string() } else { format!("--{}", key.replace('_', "-")) };
-            settings_args.extend([flag, v]);
-        }
+        args.push(format!("{key}={value}"));
+        let flag = ckpt_config::SETTINGS.iter().find(|d| d.key == *key).and_then(|d| d.flag).expect("overrides come from flags");
+        settings_args.extend([format!("--{flag}"), value.clone()]);
     }
     let settings = Settings::load(&args, read_optional_file)?;
     match cli.command {

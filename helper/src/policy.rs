@@ -11,38 +11,11 @@
 //! (escapes, whitespace it trims, options it ignores) is refused rather than
 //! interpreted: the check and the use must see the same thing.
 
-use crate::apptainer::ContainerCommand;
 use crate::error::{fail, Result};
+use crate::runtime::apptainer::{flag, ContainerCommand, Use, FLAGS, GLOBAL_FLAGS};
 
-const GLOBAL_FLAGS: &[&str] = &["-s", "--silent", "-q", "--quiet", "--nocolor"];
-/// Flags without a value that only restrict or shape the container.
-const BOOL_FLAGS: &[&str] = &[
-    "-e",
-    "--cleanenv",
-    "-c",
-    "--contain",
-    "-C",
-    "--containall",
-    "--no-home",
-    "--writable-tmpfs",
-    "--nv",
-    "--no-init",
-    "--no-umask",
-    "--compat",
-    "--no-eval",
-];
-/// Flags whose value is not a host path (the container's environment, its
-/// working directory inside).
-const VALUE_FLAGS: &[&str] = &["--env", "--cwd", "--pwd"];
-/// Flags naming host paths, as `src[:dst[:opts]][,…]`.
-const BIND_FLAGS: &[&str] = &["-B", "--bind"];
 /// Environment variables Apptainer reads as binds (sites' modules set them).
 pub const BIND_ENV: &[&str] = &["APPTAINER_BIND", "APPTAINER_BINDPATH", "SINGULARITY_BIND", "SINGULARITY_BINDPATH"];
-/// Options that make Apptainer share neither the home nor the working
-/// directory with the container.
-const CONTAIN_FLAGS: &[&str] = &["-c", "--contain", "-C", "--containall", "--compat"];
-const CLEANENV_FLAGS: &[&str] = &["-e", "--cleanenv", "-C", "--containall", "--compat"];
-
 /// One `--bind` entry: a host path the user names and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
@@ -85,7 +58,7 @@ fn options(argv: &[String], start: usize, image: usize) -> Result<Vec<(String, O
         let arg = &argv[i];
         if let Some((flag, value)) = arg.split_once('=').filter(|_| arg.starts_with("--")) {
             out.push((flag.to_string(), Some(value.to_string())));
-        } else if crate::apptainer::takes_value(arg) {
+        } else if crate::runtime::apptainer::takes_value(arg) {
             if i + 1 >= image {
                 return fail(format!("apptainer option {arg} has no value"));
             }
@@ -154,9 +127,9 @@ pub fn plan(cmd: &ContainerCommand, uid: u32, gid: u32, env: &[(String, String)]
     let argv = cmd.argv();
     let sub = cmd.subcommand_index();
     let image = cmd.image_index();
-    for flag in &argv[1..sub] {
-        if !GLOBAL_FLAGS.contains(&flag.as_str()) {
-            return fail(format!("apptainer option {flag} cannot be used with --checkpoint-container"));
+    for f in &argv[1..sub] {
+        if !flag(GLOBAL_FLAGS, f).is_some_and(|d| matches!(d.used, Use::Shape { .. })) {
+            return fail(format!("apptainer option {f} cannot be used with --checkpoint-container"));
         }
     }
     let mut p = Plan {
@@ -175,26 +148,25 @@ pub fn plan(cmd: &ContainerCommand, uid: u32, gid: u32, env: &[(String, String)]
         return fail("the container image name is empty or has control characters");
     }
     let identity = format!("uid:{uid},gid:{gid}");
-    for (flag, value) in options(argv, sub + 1, image)? {
-        let f = flag.as_str();
-        match value {
-            None if BOOL_FLAGS.contains(&f) => {
-                p.cleanenv |= CLEANENV_FLAGS.contains(&f);
-                p.contain |= CONTAIN_FLAGS.contains(&f);
-                p.no_home |= f == "--no-home";
-                p.options.push(flag);
+    for (given, value) in options(argv, sub + 1, image)? {
+        match (flag(FLAGS, &given).map(|d| d.used), value) {
+            (Some(Use::Shape { cleanenv, contain, no_home }), None) => {
+                p.cleanenv |= cleanenv;
+                p.contain |= contain;
+                p.no_home |= no_home;
+                p.options.push(given);
             }
-            Some(v) if VALUE_FLAGS.contains(&f) => {
-                p.pwd_given |= f != "--env";
-                p.options.extend([flag, v]);
+            (Some(Use::Value { pwd }), Some(v)) => {
+                p.pwd_given |= pwd;
+                p.options.extend([given, v]);
             }
-            Some(v) if BIND_FLAGS.contains(&f) => p.binds.extend(parse_binds(&v)?),
+            (Some(Use::Bind), Some(v)) => p.binds.extend(parse_binds(&v)?),
             // What an admin passes for a container started by hand: the
             // identity root adds anyway, nothing else.
-            Some(v) if f == "--security" && v == identity => {}
+            (Some(Use::Security), Some(v)) if v == identity => {}
             _ => {
                 return fail(format!(
-                    "apptainer option {flag} cannot be used with --checkpoint-container (the container is started by root for you)"
+                    "apptainer option {given} cannot be used with --checkpoint-container (the container is started by root for you)"
                 ))
             }
         }

@@ -1,7 +1,7 @@
 //! Bringing a checkpoint back: a fresh container from the same command line,
 //! then CRIU restores the process tree into its mount namespace.
 
-use crate::criu::{self, Invocation, CRIU_CAPS, IMAGES_FD};
+use crate::criu::{self, Invocation, CRIU_CAPS};
 use crate::error::{fail, Context, EngineError, Result};
 use crate::launch::{self, Launch};
 use crate::manifest::Manifest;
@@ -25,6 +25,9 @@ pub struct RestoreRequest {
     pub expected_job: Option<u32>,
 }
 
+/// CRIU's log and the restored root's pid, in the work directory.
+const RESTORE_LOG: &str = "restore.log";
+const RESTORE_PID: &str = "restore.pid";
 /// What the placeholder container runs until the restored tree replaces it:
 /// `read` is a shell builtin and Apptainer needs /bin/sh in every image, so
 /// it works in any image; it ends when the helper closes its stdin.
@@ -218,7 +221,7 @@ type RestoredStdio = ([File; 2], Vec<(i32, File)>);
 ///   our own fd, which must then be a file too (CRIU restores its offset).
 ///
 /// Returns CRIU's fds 1 and 2 and the read ends to relay, by fd.
-fn restored_stdio(m: &Manifest, args: &mut Vec<String>) -> Result<RestoredStdio> {
+fn restored_stdio(m: &Manifest, options: &mut criu::Options) -> Result<RestoredStdio> {
     use std::os::fd::AsFd;
     let shared = m.process.stdio.get(1) == m.process.stdio.get(2);
     let mut given: Vec<File> = Vec::new();
@@ -247,7 +250,7 @@ fn restored_stdio(m: &Manifest, args: &mut Vec<String>) -> Result<RestoredStdio>
             w
         };
         if let Some(key) = inherit_key(&original) {
-            args.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
+            options.inherit_fd(fd, &key);
         }
         given.push(write_end);
     }
@@ -294,22 +297,8 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         return Err(e);
     }
 
-    let mut args: Vec<String> = [
-        "restore",
-        "--stream",
-        "--unprivileged",
-        "--shell-job",
-        "--manage-cgroups=ignore",
-        "-v3",
-        "-o",
-        "restore.log",
-        "--pidfile",
-        "restore.pid",
-    ]
-    .map(String::from)
-    .into();
-    args.extend(["-D".into(), format!("/proc/self/fd/{IMAGES_FD}")]);
-    let (stdio, relay_ends) = match restored_stdio(&m, &mut args) {
+    let mut options = criu::Options::restore(RESTORE_LOG, RESTORE_PID);
+    let (stdio, relay_ends) = match restored_stdio(&m, &mut options) {
         Ok(x) => x,
         Err(e) => {
             placeholder.kill();
@@ -324,7 +313,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         groups: crate::core_images::restored_groups(&req.images, &m)?,
         caps: CRIU_CAPS,
         images_dir: &work_file,
-        args,
+        options,
     };
     // The namespace CRIU joins is opened by pid: it must still be the
     // placeholder's once opened (a pid freed meanwhile fails this).
@@ -357,7 +346,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     // The pid file appears once the tree is restored and running. The
     // restored root is CRIU's child, known here by its pid in the
     // container's namespace.
-    let pidfile = work.join("restore.pid");
+    let pidfile = work.join(RESTORE_PID);
     let mut announced = false;
     let mut root = None;
     let status = loop {
@@ -400,7 +389,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     };
     let served = serve.finish();
     let Some(placeholder) = placeholder else {
-        let log = std::fs::read_to_string(work.join("restore.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(work.join(RESTORE_LOG)).unwrap_or_default();
         if let Err(e) = served {
             return fail(format!("{e} (nothing was left running)"));
         }

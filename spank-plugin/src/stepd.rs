@@ -42,7 +42,7 @@ fn socket_path(job: u32, step: u32, task: u32) -> String {
 
 /// Tasks whose command is an Apptainer container are the ones wrapped.
 fn is_container_command(argv: &[&str]) -> bool {
-    argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)).is_some_and(|name| name == "apptainer" || name == "singularity")
+    argv.first().is_some_and(|a| ckpt_config::runtime::is_container_program(a))
 }
 
 #[derive(Default)]
@@ -163,17 +163,7 @@ fn step_name(spank: &SpankHandle) -> String {
 /// and uses is exactly what the plugin read.
 fn helper_command(settings: &Settings) -> Command {
     let mut cmd = Command::new(&settings.helper);
-    if let Some(config) = &settings.config_file {
-        cmd.arg("--config").arg(config);
-    }
-    cmd.arg("--criu-path").arg(&settings.criu).arg("--checkpoint-dir").arg(&settings.checkpoint_dir);
-    cmd.arg("--apptainer").arg(&settings.apptainer).arg("--apptainer-conf").arg(&settings.apptainer_conf);
-    cmd.arg("--compression").arg(settings.compression.as_str());
-    cmd.arg("--container-network").arg(settings.container_network.as_str());
-    if let Some(dir) = &settings.staging_dir {
-        cmd.arg("--staging-dir").arg(dir);
-    }
-    cmd.arg("--node-local-files-max").arg(ckpt_config::format_size(settings.node_local_files_max));
+    cmd.args(settings.to_args());
     cmd
 }
 

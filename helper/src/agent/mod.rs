@@ -1,0 +1,65 @@
+//! `checkpoint-container agent`: root's side of one `--checkpoint-container`
+//! task, started by the plugin from slurmstepd (root) for that task alone.
+//!
+//! It serves exactly one client — the task process Slurm forked, proven by
+//! the socket's peer credentials (uid and pid) — and then:
+//! - on the first run, starts the task's container root-started for the
+//!   user (policy.rs decides what is allowed), in the task's cgroups;
+//! - on a requeued run (SLURM_RESTART_COUNT > 0) with a checkpoint of the
+//!   same step, task and command, restores it instead (falling back to a
+//!   fresh start, with the reason in the job's stderr, if that fails);
+//! - when the task gets SIGTERM, asks slurmctld whether the job is being
+//!   requeued (its restart count went up) and if so checkpoints the
+//!   container; otherwise (scancel) passes the SIGTERM on;
+//! - when the container ends on its own, the job is finished for good with
+//!   this task: its checkpoint is removed.
+
+mod layout;
+mod messages;
+mod requeue;
+mod session;
+mod slurmctld;
+mod spawn;
+
+pub use layout::{collect_garbage, job_dir};
+pub use session::run;
+
+use crate::procfs::Pid;
+use crate::step::StepTask;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub(super) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a restore waits for a staged checkpoint another node is moving
+/// into checkpoint_dir.
+pub(super) const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long appending a line to the job's output file may take.
+pub(super) const TELL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a checkpointed container may take to exit before the task ends.
+pub(super) const CONTAINER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub socket: PathBuf,
+    pub job_id: u32,
+    pub step_id: u32,
+    pub task_id: u32,
+    /// Tasks in the step, and the nodes it spans.
+    pub step_tasks: u32,
+    pub step_nodes: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub restart_count: u32,
+    /// The task process the plugin saw forked: the only accepted client.
+    pub task_pid: Pid,
+}
+
+impl Task {
+    fn name(&self) -> String {
+        format!("task {} of step {}.{}", self.task_id, self.job_id, self.step_id)
+    }
+
+    fn step(&self) -> StepTask {
+        StepTask { step_id: self.step_id, task_id: self.task_id, tasks: self.step_tasks }
+    }
+}

@@ -1,0 +1,242 @@
+//! Checkpointing the container when the job is requeued, and restoring it
+//! on the requeued run, for one task or all tasks of a step together.
+
+use super::layout::list_checkpoint;
+use super::messages::tell_user;
+use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
+use super::*;
+use crate::checkpoint::{dump, CheckpointRequest};
+use crate::error::{Context, Result};
+use crate::launch::{Launch, SYSTEM_PATH};
+use crate::manifest::JobIds;
+use crate::procfs::{self, Pid};
+use crate::runtime::ContainerCommand;
+use crate::step::{self, Barrier};
+use crate::storage;
+use crate::storage::Staging;
+use crate::task_view::TaskView;
+use ckpt_config::Settings;
+use std::fs::File;
+use std::io::{BufRead, Read};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+/// Restores the task's checkpoint through `checkpoint-container restore`
+/// (so the restored tree has a parent of its own in the task's cgroups;
+/// it re-creates the container from the manifest through the same policy
+/// as a fresh start). Returns None, after telling the user why, when there
+/// is nothing usable.
+pub(super) fn try_restore(
+    settings_args: &[String],
+    t: &Task,
+    task: &procfs::PidFd,
+    dir: &Path,
+    argv: &[String],
+    stdio: &[OwnedFd; 3],
+    stderr: &mut File,
+) -> Result<Option<Running>> {
+    if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
+        log::info!("{}: waited for the checkpoint staged on {from}", t.name());
+    }
+    let m = match storage::open_checkpoint(dir, false) {
+        Ok(m) => m,
+        Err(e) => {
+            let why = if dir.exists() { e.to_string() } else { "no checkpoint was taken when the job was requeued".into() };
+            tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
+            return Ok(None);
+        }
+    };
+    if m.container.argv != argv {
+        tell_user(stderr, &format!("{} starts fresh: its command differs from the checkpointed one", t.name()));
+        return Ok(None);
+    }
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context(|| "pipe".into())?;
+    let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
+    let mut restore_argv = vec![helper];
+    restore_argv.extend_from_slice(settings_args);
+    restore_argv.extend(["restore", "--images"].map(String::from));
+    restore_argv.push(dir.to_string_lossy().into_owned());
+    restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
+    let cgroups = task_cgroups(t, task)?;
+    let how = Start::Restore { status_fd: status_w };
+    let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], &how)?;
+    drop(how);
+    // "restored PID LINE": the program's pid on the node, and the line for
+    // the user (told once its step goes on).
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(File::from(status_r).take(4096)).read_line(&mut line);
+    if let Some(rest) = line.trim().strip_prefix("restored ") {
+        let (pid, said) = rest.split_once(' ').unwrap_or((rest, ""));
+        let pid = pid.parse::<Pid>().ok().filter(|&p| p > 0);
+        // CRIU leaves the restored program its own CPU affinity; this
+        // run's task is bound where this run's allocation is.
+        match TaskView::read(task).and_then(|v| v.bind_restored(child.id() as Pid, t.uid)) {
+            Ok(n) => log::info!("{}: {n} restored processes bound to the task's CPUs", t.name()),
+            Err(e) => log::warn!("{}: restored processes keep CRIU's CPU affinity: {e}", t.name()),
+        }
+        let mut running = Running::new(child, pid, t.uid)?;
+        running.restored = Some(said.to_string()).filter(|s| !s.is_empty());
+        return Ok(Some(running));
+    }
+    // The restore command has told the user why; start fresh.
+    let mut child = child;
+    let _ = child.wait();
+    tell_user(stderr, &format!("{} starts fresh after the failed restore", t.name()));
+    Ok(None)
+}
+
+/// What the user asked for and how root started it: the manifest records
+/// the request (a restore re-checks it), the checkpoint reads the image
+/// through the launch's staged path.
+pub(super) struct StartedAs<'a> {
+    pub(super) argv: &'a [String],
+    pub(super) cwd: &'a str,
+    pub(super) env: &'a [(String, String)],
+    pub(super) launch: &'a Launch,
+}
+
+/// Checkpoints the task's container; returns the line for the user, and a
+/// staged checkpoint still to be moved into place (announced to restores)
+/// with its manifest.
+pub(super) fn checkpoint_for_requeue(
+    settings: &Settings,
+    t: &Task,
+    running: &mut Running,
+    started: &StartedAs,
+    ckpt: &Path,
+) -> (String, Option<(Staging, crate::manifest::Manifest)>) {
+    let Some(pid) = running.payload(t.uid).map(|p| p.pid) else {
+        return (format!("{}: no running container to checkpoint", t.name()), None);
+    };
+    let request = CheckpointRequest {
+        pid,
+        target: ckpt.to_path_buf(),
+        container: match ContainerCommand::parse(started.argv.to_vec()) {
+            Ok(c) => c,
+            Err(e) => return (e.to_string(), None),
+        },
+        image: started.launch.image.clone(),
+        image_name: started.launch.image_name.clone(),
+        job: JobIds {
+            job_id: Some(t.job_id),
+            step_id: Some(t.step_id),
+            task_id: Some(t.task_id),
+            step_tasks: Some(t.step_tasks),
+            cut: Some(t.restart_count),
+        },
+        expected_uid: Some(t.uid),
+        leave_running: false,
+        started_in: Some((started.cwd.to_string(), started.env.to_vec())),
+    };
+    let sealed = dump(settings, &request).and_then(|(m, sealed)| {
+        if !sealed.staged() {
+            sealed.commit()?;
+            list_checkpoint(settings, t, &m, "complete");
+            return Ok((m, None));
+        }
+        sealed.announce_move()?;
+        list_checkpoint(settings, t, &m, "moving");
+        Ok((m, Some(sealed)))
+    });
+    match sealed {
+        Ok((m, to_move)) => (
+            format!(
+                "checkpointed {} ({:.1} MiB in {:.2} s); it resumes from here when the job runs again",
+                t.name(),
+                m.stats.images_bytes as f64 / 1048576.0,
+                m.stats.dump_seconds
+            ),
+            to_move.map(|staged| (staged, m)),
+        ),
+        Err(e) => {
+            running.kill(t.uid);
+            let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
+            (format!("checkpoint of {} failed: {e}; it will run again {from}", t.name()), None)
+        }
+    }
+}
+
+/// For a step of several tasks: stops this task's container and waits until
+/// every task of the step has stopped its own (step.rs), so that all are
+/// dumped at one cut. A single task goes straight on.
+pub(super) fn stop_step(settings: &Settings, t: &Task, running: &mut Running) -> std::result::Result<(), String> {
+    if !t.step().is_coupled() {
+        return Ok(());
+    }
+    let barrier = Barrier::new(&job_dir(settings, t.job_id).map_err(|e| e.to_string())?, t.step(), &format!("stop-{}", t.restart_count))
+        .map_err(|e| e.to_string())?;
+    let mine = match running.payload(t.uid).map(|p| p.pid) {
+        Some(pid) => step::stop_tree(pid, t.uid, step::STOP_BARRIER_TIMEOUT).map(|_| ()).map_err(|e| format!("could not be stopped: {e}")),
+        None => Err("has no running container".into()),
+    };
+    barrier.meet(mine, step::STOP_BARRIER_TIMEOUT)
+}
+
+/// Whether every task of the step has a complete checkpoint of one cut.
+pub(super) fn step_checkpoints_agree(settings: &Settings, t: &Task) -> std::result::Result<(), String> {
+    let job = job_dir(settings, t.job_id).map_err(|e| e.to_string())?;
+    let mut cut = None;
+    for task in 0..t.step_tasks {
+        let dir = job.join(format!("step{}.task{task}", t.step_id));
+        let _ = storage::wait_for_move(&dir, MOVE_TIMEOUT);
+        let m = storage::open_checkpoint(&dir, false).map_err(|_| format!("finds no complete checkpoint of task {task}"))?;
+        if m.job.step_tasks != Some(t.step_tasks) {
+            return Err(format!("finds the checkpoint of task {task} taken with another number of tasks"));
+        }
+        match cut {
+            None => cut = Some(m.job.cut),
+            Some(c) if c != m.job.cut => return Err(format!("finds the checkpoint of task {task} taken at another time than task 0's")),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Restores a task of a step of several tasks: only if every task has a
+/// checkpoint of one cut, and then all together or none (step.rs). The
+/// restored processes are stopped (they were dumped stopped) until every
+/// task is restored.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn restore_step(
+    settings: &Settings,
+    settings_args: &[String],
+    t: &Task,
+    task: &procfs::PidFd,
+    ckpt: &Path,
+    argv: &[String],
+    stdio: &[OwnedFd; 3],
+    stderr: &mut File,
+) -> Result<Option<Running>> {
+    let barrier = Barrier::new(&job_dir(settings, t.job_id)?, t.step(), &format!("restore-{}", t.restart_count))?;
+    let checked = step_checkpoints_agree(settings, t);
+    let mut restored = None;
+    let mine = match checked {
+        Ok(()) => match try_restore(settings_args, t, task, ckpt, argv, stdio, stderr)? {
+            Some(r) => {
+                restored = Some(r);
+                Ok(())
+            }
+            None => Err("could not be restored".into()),
+        },
+        Err(why) => Err(why),
+    };
+    match barrier.meet(mine, step::RESTORE_BARRIER_TIMEOUT) {
+        Ok(()) => {
+            let mut running = restored.expect("a step goes on only when every task was restored");
+            if let Some(root) = running.payload(t.uid).map(|p| p.pid) {
+                step::continue_tree(root, t.uid);
+            }
+            Ok(Some(running))
+        }
+        Err(why) => {
+            if let Some(mut running) = restored {
+                running.kill(t.uid);
+                let _ = running.child.wait();
+            }
+            if t.task_id == 0 {
+                tell_user(stderr, &format!("step {}.{} starts fresh: {why}", t.job_id, t.step_id));
+            }
+            Ok(None)
+        }
+    }
+}

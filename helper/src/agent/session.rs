@@ -1,0 +1,253 @@
+//! The task session: accept the one task process, start or restore its
+//! container, and serve its messages and signals until it ends.
+
+use super::layout::{forget_checkpoint, list_checkpoint, task_checkpoint_dir};
+use super::messages::{tell_requeued_job, tell_user};
+use super::requeue::{checkpoint_for_requeue, restore_step, stop_step, try_restore, StartedAs};
+use super::slurmctld::{is_requeue, requeue_info};
+use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
+use super::*;
+use crate::error::{fail, Context, Result};
+use crate::launch::{self, Launch};
+use crate::procfs;
+use crate::protocol::{self, Channel, ToAgent, ToTask};
+use crate::storage;
+use crate::task_view::TaskView;
+use crate::user::User;
+use ckpt_config::Settings;
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub(super) enum Event {
+    Message(Option<ToAgent>),
+    Exited(i32),
+}
+
+pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()> {
+    let socket = &t.socket;
+    if let Some(dir) = socket.parent() {
+        // Users must reach their task's socket in it: 0755.
+        storage::trusted_dir(dir, Some(0o755))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).context(|| format!("cannot listen on {}", socket.display()))?;
+    nix::unistd::chown(socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).context(|| "chmod socket".into())?;
+
+    // One client, soon, or nobody.
+    listener.set_nonblocking(true).context(|| "socket".into())?;
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                let _ = std::fs::remove_file(socket);
+                return fail(format!("{}: the task never connected: {e}", t.name()));
+            }
+        }
+    };
+    let _ = std::fs::remove_file(socket);
+    stream.set_nonblocking(false).context(|| "socket".into())?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).context(|| "peer credentials".into())?;
+    if cred.uid() != t.uid || cred.pid() != t.task_pid {
+        return fail(format!(
+            "{}: refused a client with uid {} pid {} (expected the task, pid {})",
+            t.name(),
+            cred.uid(),
+            cred.pid(),
+            t.task_pid
+        ));
+    }
+    // Held from here: the task's cgroups are read from /proc/<pid> later
+    // (a restore may first wait minutes), and that pid must still be it.
+    let task = procfs::PidFd::open(t.task_pid).context(|| "pidfd of the task".into())?;
+    let protocol::TaskFds { stdio, extra: slurm_fds } = protocol::recv_task_fds(&stream)?;
+    // Every new task also sweeps what finished jobs left behind.
+    for job in collect_garbage(settings) {
+        log::info!("{}: removed the checkpoints of job {job}, which is over", t.name());
+    }
+    let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
+    let mut channel = Channel::new(stream.try_clone().context(|| "dup".into())?)?;
+    let Some(ToAgent::Start { argv, cwd, env, runtime }) = channel.recv()? else {
+        return fail(format!("{}: the task did not say what to run", t.name()));
+    };
+    if argv.is_empty() {
+        return fail(format!("{}: the task sent an empty command", t.name()));
+    }
+
+    // Root starts the container only through the site's Apptainer and the
+    // launch policy; anything else runs as the user would run it without
+    // the option, and the user is told so.
+    let user = User::lookup(t.uid, t.gid)?;
+    let request = launch::Request { argv: &argv, cwd: &cwd, env: &env };
+    let launched = match runtime.as_deref() {
+        // Each task is checkpointed in its own container, and connections
+        // between nodes are not: a step that spans nodes could only be
+        // restored with its ranks out of step.
+        _ if t.step_nodes > 1 => fail(format!(
+            "the step spans {} nodes, and connections between nodes cannot be checkpointed (run one step per node to protect it)",
+            t.step_nodes
+        )),
+        // The ranks of an `srun --mpi=pmi2` step live in one container each
+        // and share memory and connections across containers, which one
+        // CRIU per container cannot dump; mpirun inside one container can.
+        _ if t.step().is_coupled() && !slurm_fds.is_empty() => fail(format!(
+            "its {} MPI ranks run in separate containers (srun --mpi=pmi2), which cannot be checkpointed together; \
+             to protect an MPI program, start it with mpirun inside one container (srun -n1 … apptainer exec IMAGE mpirun -np N …)",
+            t.step_tasks
+        )),
+        Some(r) if launch::is_site_runtime(settings, r) => {
+            task_checkpoint_dir(settings, t).and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?)))
+        }
+        _ => fail(format!(
+            "{} is not the site's Apptainer ({}): only containers started with it are checkpointed",
+            argv[0],
+            settings.apptainer.display()
+        )),
+    };
+    let (ckpt, launched): (PathBuf, Launch) = match launched {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!("{} runs unprotected: {e}", t.name());
+            log::warn!("{msg}");
+            tell_user(&mut stderr, &msg);
+            channel.send(&ToTask::RunUnprotected(msg))?;
+            return Ok(());
+        }
+    };
+    let restored = if t.restart_count == 0 {
+        None
+    } else if t.step().is_coupled() {
+        restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
+    } else {
+        try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
+    };
+    let mut running = match restored {
+        Some(r) => {
+            r.restored.iter().for_each(|line| tell_user(&mut stderr, line));
+            r
+        }
+        None => {
+            let cgroups = task_cgroups(t, &task)?;
+            // The task's groups (the view sets them), not the node's lookup.
+            let view = TaskView::read(&task).context(|| format!("{}: the task's settings", t.name()))?;
+            let how = Start::Container { network: settings.container_network, view, slurm_fds: &slurm_fds };
+            let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &how)?;
+            Running::new(child, None, t.uid)?
+        }
+    };
+
+    // One line per step, from its first task: what is protected, truly.
+    if t.task_id == 0 {
+        let criu = crate::criu::check(&settings.criu).map(|v| format!(" (CRIU {v})")).unwrap_or_default();
+        tell_user(
+            &mut stderr,
+            &format!(
+                "step {}.{} is protected{criu}: its containers are checkpointed if the job is preempted or requeued",
+                t.job_id, t.step_id
+            ),
+        );
+    }
+    // Hash the container image now, while nothing waits for it: the
+    // checkpoint then finds the digest in the node's cache.
+    {
+        let image = launched.image.clone();
+        std::thread::spawn(move || storage::image_digest(&image));
+    }
+    let (tx, rx) = mpsc::channel();
+    let messages = tx.clone();
+    let mut reader = Channel::new(stream).context(|| "socket".into())?;
+    std::thread::spawn(move || loop {
+        let msg = reader.recv::<ToAgent>().unwrap_or(None);
+        let end = msg.is_none();
+        if messages.send(Event::Message(msg)).is_err() || end {
+            break;
+        }
+    });
+    let child_pid = running.child.id() as i32;
+    std::thread::spawn(move || {
+        // Reap only this child; the main thread keeps its pidfd for kill().
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child_pid), None);
+        let code = match status {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => c,
+            Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
+            _ => 1,
+        };
+        let _ = tx.send(Event::Exited(code));
+    });
+
+    for event in rx.iter() {
+        match event {
+            Event::Exited(code) => {
+                // The program ended by itself (or by a passed-on signal): the
+                // job is done with this task, for good.
+                forget_checkpoint(settings, t);
+                channel.send(&ToTask::Exited(code))?;
+                return Ok(());
+            }
+            Event::Message(Some(ToAgent::Signal(sig))) => {
+                if nix::sys::signal::Signal::try_from(sig).is_ok() {
+                    running.signal_payload(t.uid, sig);
+                }
+            }
+            Event::Message(Some(ToAgent::Terminate)) => {
+                let info = requeue_info(t);
+                if !is_requeue(t, &info) {
+                    // scancel or the end of the time limit: the program gets
+                    // the SIGTERM the task got; its exit ends the task.
+                    running.signal_payload(t.uid, libc::SIGTERM);
+                    continue;
+                }
+                let started = StartedAs { argv: &argv, cwd: &cwd, env: &env, launch: &launched };
+                let (msg, to_move) = match stop_step(settings, t, &mut running) {
+                    Ok(()) => checkpoint_for_requeue(settings, t, &mut running, &started, &ckpt),
+                    Err(why) => {
+                        running.kill(t.uid);
+                        let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
+                        (format!("step {}.{} was not checkpointed: {why}; it will run again {from}", t.job_id, t.step_id), None)
+                    }
+                };
+                log::info!("{}: {msg}", t.name());
+                tell_requeued_job(&user, &info, &mut stderr, &msg);
+                // Let Apptainer finish going away first: slurmstepd waits a
+                // whole second more for anything left in the step's cgroups.
+                let deadline = Instant::now() + CONTAINER_EXIT_TIMEOUT;
+                while let Ok(event) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    if matches!(event, Event::Exited(_)) {
+                        break;
+                    }
+                }
+                channel.send(&ToTask::Stopped)?;
+                // A staged checkpoint goes to checkpoint_dir now, while the
+                // node is already free for whatever preempted the job.
+                if let Some((staged, moved)) = to_move {
+                    let started = Instant::now();
+                    match staged.commit() {
+                        Ok(()) => {
+                            list_checkpoint(settings, t, &moved, "complete");
+                            log::info!("{}: checkpoint moved to {} in {:.2} s", t.name(), ckpt.display(), started.elapsed().as_secs_f64())
+                        }
+                        Err(e) => {
+                            let msg = format!("checkpoint of {} could not be moved to {}: {e}", t.name(), ckpt.display());
+                            log::warn!("{}: {msg}", t.name());
+                            tell_requeued_job(&user, &info, &mut stderr, &msg);
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            Event::Message(Some(ToAgent::Start { .. })) => {}
+            Event::Message(None) => {
+                // The task is gone (killed): so is its container.
+                running.kill(t.uid);
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! What slurmctld says of the task's job: requeue or preemption (a
+//! SIGTERM that is not a scancel), and whether the job is over for good.
+
+use super::*;
+use crate::launch::SYSTEM_PATH;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// What `scontrol show job` says of a job, stdout and stderr together
+/// (empty when scontrol cannot be run).
+pub(super) fn show_job(job: u32) -> String {
+    let out = Command::new("scontrol").args(["-o", "show", "job", &job.to_string()]).env_clear().env("PATH", SYSTEM_PATH).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)).unwrap_or_default()
+}
+
+/// The `key=value` fields of `scontrol show job` output.
+pub(super) fn job_fields(text: &str) -> std::collections::HashMap<String, String> {
+    text.split_whitespace().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
+}
+
+/// Whether slurmctld says the job will not run again.
+pub(super) fn job_is_over(job: u32) -> bool {
+    let text = show_job(job);
+    if text.contains("Invalid job id") {
+        return true;
+    }
+    let fields = job_fields(&text);
+    let state = fields.get("JobState").map(String::as_str).unwrap_or("");
+    matches!(state, "COMPLETED" | "CANCELLED" | "FAILED" | "TIMEOUT" | "OUT_OF_MEMORY" | "DEADLINE" | "BOOT_FAIL" | "NODE_FAIL")
+}
+
+/// `scontrol show job` fields of the task's job.
+pub(super) fn job_info(t: &Task) -> std::collections::HashMap<String, String> {
+    job_fields(&show_job(t.job_id))
+}
+
+/// Whether the job is being requeued. `scontrol requeue` counts the restart
+/// before the task gets its SIGTERM; a preemption marks the job with a
+/// PreemptTime first and requeues it (if it may be requeued) when the grace
+/// time is over. scancel does neither.
+pub(super) fn is_requeue(t: &Task, info: &std::collections::HashMap<String, String>) -> bool {
+    let restarted = info.get("Restarts").and_then(|v| v.parse::<u32>().ok()).is_some_and(|r| r > t.restart_count);
+    let preempted = info.get("PreemptTime").is_some_and(|v| !matches!(v.as_str(), "None" | "Unknown" | ""))
+        && info.get("Requeue").map(String::as_str) == Some("1");
+    restarted || preempted
+}
+
+/// The job's fields once a SIGTERM arrived. When srun forwards the SIGTERM
+/// of a preemption, the task can get it before slurmctld has counted the
+/// requeue: ask again for a few seconds before taking it for a scancel.
+pub(super) fn requeue_info(t: &Task) -> std::collections::HashMap<String, String> {
+    const SETTLE: Duration = Duration::from_secs(5);
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let info = job_info(t);
+        if is_requeue(t, &info) || Instant::now() > deadline {
+            return info;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
