@@ -55,9 +55,13 @@ fn scontrol_requeue_checkpoints_and_the_requeued_job_restores() {
     job.cleanup(c);
 }
 
+/// With a supplementary group, as most users have: CRIU runs unprivileged
+/// and cannot setgroups, so it must already have hers, or the restore fails
+/// (`Can't setgroups([2 gids])`).
 #[test]
 fn requeued_job_restores_on_the_other_node() {
     let c = cluster();
+    c.give_alice_a_second_group();
     let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 256, 80);
     requeue_after(c, &job, "out.txt", 10);
     c.release(job.id, Some("node2"));
@@ -304,21 +308,6 @@ fn checkpoints_of_a_requeued_job_cancelled_while_pending_are_collected() {
     assert!(left.split_whitespace().any(|d| d == waiting.id.to_string()), "the pending job lost its checkpoint: {left}");
     job.cleanup(c);
     waiting.cleanup(c);
-}
-
-/// Most users have supplementary groups. CRIU runs unprivileged and cannot
-/// setgroups: it must already have hers, or the restore fails
-/// (`Can't setgroups([2 gids])`).
-#[test]
-fn a_user_with_supplementary_groups_is_restored_with_them() {
-    let c = cluster();
-    c.give_alice_a_second_group();
-    let job = c.submit_workload_job(&["-w", "node1"], ONE_STEP, 64, 60);
-    requeue_after(c, &job, "out.txt", 5);
-    c.release(job.id, Some("node2"));
-    assert_restored_and_cleaned(c, &job, 1);
-    job.assert_continued("out.txt");
-    job.cleanup(c);
 }
 
 /// Under task/cgroup (the dev cluster's default, as on production sites) the
