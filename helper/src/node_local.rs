@@ -46,20 +46,30 @@ struct Found {
     size: u64,
 }
 
-/// The tmpfs filesystems of a mount table, by device: whether one of its
-/// mounts shows the whole filesystem (root `/`), as for the node's
-/// /dev/shm, rather than parts of it, as for Apptainer's session files.
-fn tmpfs_devices(mountinfo: &str) -> HashMap<u64, bool> {
-    let mut out = HashMap::new();
+/// The tmpfs mounts of a mount table: device, the filesystem path mounted
+/// (`/` for the whole filesystem) and the mount point.
+fn tmpfs_mounts(mountinfo: &str) -> Vec<(u64, &str, &str)> {
+    let mut out = Vec::new();
     for line in mountinfo.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
         if fields.get(sep + 1) != Some(&"tmpfs") {
             continue;
         }
-        let (Some(majmin), Some(root)) = (fields.get(2), fields.get(3)) else { continue };
+        let (Some(majmin), Some(root), Some(point)) = (fields.get(2), fields.get(3), fields.get(4)) else { continue };
         let Some((major, minor)) = majmin.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))) else { continue };
-        *out.entry(libc::makedev(major, minor)).or_insert(false) |= *root == "/";
+        out.push((libc::makedev(major, minor), *root, *point));
+    }
+    out
+}
+
+/// The tmpfs filesystems of a mount table, by device: whether one of its
+/// mounts shows the whole filesystem (root `/`), as for the node's
+/// /dev/shm, rather than parts of it, as for Apptainer's session files.
+fn tmpfs_devices(mountinfo: &str) -> HashMap<u64, bool> {
+    let mut out = HashMap::new();
+    for (dev, root, _) in tmpfs_mounts(mountinfo) {
+        *out.entry(dev).or_insert(false) |= root == "/";
     }
     out
 }
@@ -67,18 +77,7 @@ fn tmpfs_devices(mountinfo: &str) -> HashMap<u64, bool> {
 /// Mount points of the whole-filesystem tmpfs mounts of a mount table, with
 /// their device.
 fn tmpfs_mount_points(mountinfo: &str) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else { continue };
-        let (Some(majmin), Some(root), Some(point)) = (fields.get(2), fields.get(3), fields.get(4)) else { continue };
-        if fields.get(sep + 1) != Some(&"tmpfs") || *root != "/" {
-            continue;
-        }
-        let Some((major, minor)) = majmin.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))) else { continue };
-        out.push((point.to_string(), libc::makedev(major, minor)));
-    }
-    out
+    tmpfs_mounts(mountinfo).into_iter().filter(|(_, root, _)| *root == "/").map(|(dev, _, point)| (point.to_string(), dev)).collect()
 }
 
 /// The directories between the tmpfs mount point holding `path` and `path`
@@ -737,6 +736,8 @@ mod tests {
         assert!(devs[&libc::makedev(0, 86)]);
         assert!(!devs[&libc::makedev(0, 99)], "Apptainer's session files");
         assert!(devs[&libc::makedev(0, 88)], "whole somewhere counts");
+        let points = tmpfs_mount_points(info);
+        assert_eq!(points, [("/dev/shm".to_string(), libc::makedev(0, 86)), ("/tmp".to_string(), libc::makedev(0, 88))]);
     }
 
     #[test]
