@@ -122,15 +122,17 @@ pub fn find_ns_pid(root: Pid, ns_pid: Pid) -> Option<Pid> {
     tree(root).ok()?.into_iter().find(|&p| self::ns_pid(p).is_ok_and(|n| n == ns_pid))
 }
 
+/// Thread ids of a process, as the node numbers them.
+pub fn node_tids(pid: Pid) -> io::Result<Vec<Pid>> {
+    Ok(fs::read_dir(proc_path(pid, "task"))?.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<Pid>().ok()).collect())
+}
+
 /// Every thread id of the given processes (a process's own pid included),
 /// as their PID namespace numbers them: restore needs all of them free.
 pub fn threads(pids: &[Pid]) -> Vec<Pid> {
     let mut out = Vec::new();
     for &pid in pids {
-        let tids: Vec<Pid> = match fs::read_dir(proc_path(pid, "task")) {
-            Ok(tasks) => tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<Pid>().ok()).collect(),
-            Err(_) => vec![pid],
-        };
+        let tids = node_tids(pid).unwrap_or_else(|_| vec![pid]);
         out.extend(tids.into_iter().filter_map(|tid| ns_id(pid, &format!("task/{tid}/status")).ok()));
     }
     out.sort();

@@ -101,10 +101,7 @@ impl TaskView {
                 continue;
             }
             // The node's thread ids (procfs::threads gives the container's).
-            let tids: Vec<Pid> = std::fs::read_dir(procfs::proc_path(pid, "task"))
-                .map(|d| d.filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok()).collect())
-                .unwrap_or_default();
-            for tid in tids {
+            for tid in procfs::node_tids(pid).unwrap_or_default() {
                 // SAFETY: sched_setaffinity(2) with a set of the size given.
                 if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &self.cpus) } != 0 {
                     return Err(std::io::Error::last_os_error()).context(|| format!("cannot bind restored thread {tid}"));
