@@ -48,6 +48,102 @@ pub mod runtime {
     }
 }
 
+/// Where a task's root agent and slurmstepd meet on a node: a root-owned
+/// directory (0755, users reach their task's socket in it) holding, per
+/// protected task, the agent's socket and its session file. The plugin
+/// names both; the agent creates them.
+pub mod agent_files {
+    pub const DIR: &str = "/run/checkpoint-container";
+    /// Suffix of a session file: its agent holds a lock on it while it
+    /// serves its task.
+    pub const SESSION_SUFFIX: &str = ".session";
+    /// What a session file says once its task was told to end (SIGTERM):
+    /// the container is being checkpointed or ended.
+    pub const ENDING: &str = "ending";
+
+    pub fn socket(job: u32, step: u32, task: u32) -> String {
+        format!("{DIR}/{job}.{step}.{task}.sock")
+    }
+
+    pub fn session(job: u32, step: u32, task: u32) -> String {
+        format!("{DIR}/{job}.{step}.{task}{SESSION_SUFFIX}")
+    }
+
+    /// A protected task's agent, as its session file shows it.
+    #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Agent {
+        Serving,
+        Ending,
+    }
+
+    /// The agents of `job` serving a task on this node: root-owned session
+    /// files in `dir` that someone holds locked.
+    pub fn agents(dir: &Path, job: u32) -> Vec<Agent> {
+        let prefix = format!("{job}.");
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(SESSION_SUFFIX)))
+            .filter_map(|e| agent(&e.path()))
+            .collect()
+    }
+
+    fn agent(path: &Path) -> Option<Agent> {
+        let file = File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).ok()?;
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.uid() != 0 {
+            return None;
+        }
+        // SAFETY: flock(2) on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return None; // Nobody holds it: that agent is gone.
+        }
+        let mut state = String::new();
+        let _ = (&file).take(64).read_to_string(&mut state);
+        Some(if state.trim() == ENDING { Agent::Ending } else { Agent::Serving })
+    }
+
+    use std::fs::File;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::path::Path;
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn held(path: &Path, state: &str) -> File {
+            std::fs::write(path, state).unwrap();
+            let f = File::open(path).unwrap();
+            // SAFETY: flock(2) on a descriptor we own.
+            assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+            f
+        }
+
+        #[test]
+        fn only_locked_root_session_files_of_the_job_count() {
+            let dir = std::env::temp_dir().join(format!("ckpt-agent-files-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let _a = held(&dir.join("7.0.0.session"), "");
+            let _b = held(&dir.join("7.1.0.session"), ENDING);
+            let _other_job = held(&dir.join("71.0.0.session"), ENDING);
+            std::fs::write(dir.join("7.2.0.session"), ENDING).unwrap(); // its agent is gone
+            std::fs::write(dir.join("7.0.0.sock"), "").unwrap();
+            let mut found = agents(&dir, 7);
+            found.sort();
+            // SAFETY: getuid(2) cannot fail.
+            if unsafe { libc::getuid() } == 0 {
+                assert_eq!(found, vec![Agent::Serving, Agent::Ending]);
+            } else {
+                assert!(found.is_empty(), "files not owned by root are ignored: {found:?}");
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
 /// Effective settings after defaults, the TOML file and plugstack.conf
 /// arguments are combined.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -181,9 +181,6 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     let image = req.image.as_path();
     let image_stamp = storage::stamp(image)?;
     let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
-    // Pids as the container's PID namespace numbers them: what CRIU sees
-    // and restores.
-    let ids = procfs::threads(&pids);
     let root_pid = procfs::ns_pid(req.pid).context(|| format!("process {}", req.pid))?;
     let network = container_network(req.pid)?;
     if network == ContainerNetwork::Node {
@@ -278,6 +275,10 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         return fail(format!("CRIU could not dump process {}: {why}{earlier}", req.pid));
     }
     let mut files = streamed?;
+    // The pids restore must keep free: those CRIU dumped. A listing of the
+    // running tree misses a child forked meanwhile, whose pid the restore's
+    // own processes could then take ("Can't fork for 353: File exists").
+    let ids = crate::core_images::dumped_ids(&staging.images, &files)?;
     let (node_local, node_local_files) = saved.transpose()?.unwrap_or_default();
     let node_local_dirs = node_local_pending_dirs;
     files.extend(node_local_files);

@@ -227,13 +227,13 @@ pub struct Images {
 }
 
 /// Reads pstree.img and every core image the manifest lists.
-fn read_images(dir: &Path, m: &Manifest) -> Result<Images> {
-    let Some(pstree) = m.files.iter().find(|f| f.name == PSTREE_IMAGE) else {
+fn read_images(dir: &Path, files: &[ImageFile]) -> Result<Images> {
+    let Some(pstree) = files.iter().find(|f| f.name == PSTREE_IMAGE) else {
         return fail(format!("checkpoint {} has no {PSTREE_IMAGE}", dir.display()));
     };
     let pstree = read_verified(dir, pstree)?;
     let mut cores = std::collections::BTreeMap::new();
-    for f in &m.files {
+    for f in files {
         let Some(tid) = f.name.strip_prefix("core-").and_then(|r| r.strip_suffix(".img")) else { continue };
         // CRIU names them core-%d.img: a decimal, no sign or padding.
         match tid.parse::<u32>() {
@@ -253,6 +253,22 @@ fn caps_hex(words: &[u32]) -> String {
 /// A thread's name as the image gives it, safe to print on one line.
 fn shown(comm: Option<&str>) -> String {
     comm.map(|c| format!(" ({})", c.chars().take(16).collect::<String>().escape_debug())).unwrap_or_default()
+}
+
+/// Whether the core images say `pid` is a zombie: CRIU restores it as a
+/// process that only exits, without threads (its pstree entry's thread ids
+/// are not meaningful: seen as 469011808 for a pid of 356).
+fn is_zombie(pid: u32, cores: &std::collections::BTreeMap<u32, CoreEntry>) -> bool {
+    cores.get(&pid).and_then(|c| c.tc.as_ref()).is_some_and(|tc| tc.task_state == TASK_DEAD)
+}
+
+/// The ids a process of the tree is restored with: its pid, and its
+/// threads' unless it is a zombie.
+fn restored_ids(p: &PstreeEntry, cores: &std::collections::BTreeMap<u32, CoreEntry>) -> Vec<u32> {
+    if is_zombie(p.pid, cores) {
+        return vec![p.pid];
+    }
+    std::iter::once(p.pid).chain(p.threads.iter().copied()).collect()
 }
 
 /// Checks the credentials of one thread against the owner's.
@@ -298,7 +314,7 @@ pub fn check_images(
     }
     let mut listed = BTreeSet::new();
     for p in &tree {
-        for &tid in std::iter::once(&p.pid).chain(&p.threads) {
+        for tid in restored_ids(p, &cores) {
             if !cores.contains_key(&tid) {
                 return Err(format!("process {} has no core image for thread {tid}", p.pid));
             }
@@ -323,7 +339,7 @@ pub fn check_images(
         if tc.task_state == TASK_DEAD {
             continue;
         }
-        for &tid in std::iter::once(&p.pid).chain(&p.threads) {
+        for tid in restored_ids(p, &cores) {
             let core = &cores[&tid];
             let comm = core.thread_core.as_ref().and_then(|t| t.comm.as_deref()).or(tc.comm.as_deref());
             let who = if tid == p.pid {
@@ -344,16 +360,33 @@ pub fn check_images(
 /// other ids than its owner's, foreign groups, or capabilities. `dir` has
 /// passed `storage::open_checkpoint` (root-only, exactly the listed files).
 pub fn check(dir: &Path, m: &Manifest) -> Result<()> {
-    let images = read_images(dir, m)?;
+    let images = read_images(dir, &m.files)?;
     check_images(&images, m.owner.uid, m.owner.gid, || groups_of(m.owner.uid))
         .or_else(|why| fail(format!("checkpoint {}: {why}: refusing to restore it", dir.display())))
+}
+
+/// Every id the dumped tree is restored with (pids and thread ids as the
+/// container's PID namespace numbers them), read from the images just
+/// written: the tree CRIU froze, including a child forked after the caller
+/// last listed the tree.
+pub fn dumped_ids(dir: &Path, files: &[ImageFile]) -> Result<Vec<i32>> {
+    let images = read_images(dir, files)?;
+    let tree = decode_pstree(&images.pstree).or_else(fail)?;
+    let mut cores = std::collections::BTreeMap::new();
+    for (&tid, bytes) in &images.cores {
+        cores.insert(tid, decode_core(&format!("core-{tid}.img"), bytes).or_else(fail)?);
+    }
+    let mut ids: Vec<i32> = tree.iter().flat_map(|p| restored_ids(p, &cores)).map(|id| id as i32).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
 /// The supplementary groups the checkpoint's root process is restored with
 /// (after [`check`]: they are among the owner's). CRIU runs with exactly
 /// these, so it never calls setgroups(2), which it may not.
 pub fn restored_groups(dir: &Path, m: &Manifest) -> Result<Vec<u32>> {
-    let images = read_images(dir, m)?;
+    let images = read_images(dir, &m.files)?;
     let tree = decode_pstree(&images.pstree).or_else(fail)?;
     let root = tree.first().map(|p| p.pid).ok_or_else(|| crate::error::EngineError("empty process tree".into()))?;
     let core = images.cores.get(&root).map(|b| decode_core(&format!("core-{root}.img"), b)).transpose().or_else(fail)?;
@@ -446,6 +479,19 @@ mod tests {
     #[test]
     fn clean_tree_is_accepted() {
         accepted(&tree_with(0, |_| {}));
+    }
+
+    /// A zombie's pstree entry lists a meaningless thread id and no core
+    /// image for it (CRIU 4.2.1, a shell's exited child): not a thread.
+    #[test]
+    fn a_zombies_thread_ids_are_not_threads() {
+        let mut images = tree_with(0, |_| {});
+        let zombie = CoreEntry { tc: Some(TaskCoreEntry { task_state: TASK_DEAD, comm: None }), thread_core: None };
+        images.cores.insert(13, framed(CORE_MAGIC, &[zombie.encode_to_vec()]));
+        images.pstree = pstree(&[(10, &[10, 11]), (12, &[12]), (13, &[469011808])]);
+        accepted(&images);
+        images.cores.insert(13, core(true, Some(clean_creds())));
+        assert_eq!(refused(&images), "process 13 has no core image for thread 469011808");
     }
 
     #[test]

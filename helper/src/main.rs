@@ -90,6 +90,9 @@ enum Command {
         /// Socket to serve the task on (created; its directory too)
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
+        /// Session file, locked while the task is served (next to the socket)
+        #[arg(long, value_name = "PATH")]
+        session_file: PathBuf,
         #[arg(long)]
         job_id: u32,
         #[arg(long)]
@@ -343,8 +346,8 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             Ok(0)
         }
         Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
-        Command::Agent { socket, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid, log } => {
-            let t = agent::Task { socket, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
+        Command::Agent { socket, session_file, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid, log } => {
+            let t = agent::Task { socket, session_file, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
             daemonize(&log)?;
             // slurmstepd hands on the job's umask: the modes of what root
             // creates (the socket directory users must reach) are root's.

@@ -127,19 +127,6 @@ pub fn node_tids(pid: Pid) -> io::Result<Vec<Pid>> {
     Ok(fs::read_dir(proc_path(pid, "task"))?.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<Pid>().ok()).collect())
 }
 
-/// Every thread id of the given processes (a process's own pid included),
-/// as their PID namespace numbers them: restore needs all of them free.
-pub fn threads(pids: &[Pid]) -> Vec<Pid> {
-    let mut out = Vec::new();
-    for &pid in pids {
-        let tids = node_tids(pid).unwrap_or_else(|_| vec![pid]);
-        out.extend(tids.into_iter().filter_map(|tid| ns_id(pid, &format!("task/{tid}/status")).ok()));
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// A connected TCP socket of a process: its fd and the peer's address.
 #[derive(Debug, PartialEq, Eq)]
 pub struct TcpConnection {

@@ -100,7 +100,7 @@ impl TaskView {
             if procfs::ns_inode(pid, "mnt").map_or(true, |n| n == own) {
                 continue;
             }
-            // The node's thread ids (procfs::threads gives the container's).
+            // The node's thread ids (not the container's numbering).
             for tid in procfs::node_tids(pid).unwrap_or_default() {
                 // SAFETY: sched_setaffinity(2) with a set of the size given.
                 if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &self.cpus) } != 0 {

@@ -7,6 +7,7 @@
 //!
 //! All the plugin's `unsafe` lives in the `slurm-spank` crate's bindings.
 
+mod batch;
 mod client;
 mod stepd;
 
@@ -111,5 +112,15 @@ unsafe impl Plugin for CheckpointContainer {
             return Ok(());
         }
         self.stepd.task_post_fork(spank)
+    }
+
+    /// For every job, asked for or not: `srun --checkpoint-container` in a
+    /// script without the `#SBATCH` option protects a step all the same.
+    fn task_exit(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
+        if matches!(spank.context()?, Context::Remote) && spank.job_stepid()? == stepd::BATCH_STEP {
+            let dir = std::path::Path::new(ckpt_config::agent_files::DIR);
+            batch::after_script(dir, spank.job_id()?, spank.task_pid()?);
+        }
+        Ok(())
     }
 }

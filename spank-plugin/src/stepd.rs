@@ -7,7 +7,7 @@
 //! not to the user (the same lesson pyxis learned, SchedMD bug 7573).
 
 use crate::{log_error, log_info, LOG_PREFIX};
-use ckpt_config::{ConfigError, Settings};
+use ckpt_config::{agent_files, ConfigError, Settings};
 use slurm_spank::SpankHandle;
 use std::error::Error;
 use std::os::unix::fs::MetadataExt;
@@ -31,14 +31,7 @@ impl std::fmt::Display for AlreadyReported {
 impl Error for AlreadyReported {}
 
 /// Slurm's step id of a batch script.
-const BATCH_STEP: u32 = 0xFFFF_FFFB;
-
-/// Where the per-task agents listen (a root-owned directory on the node).
-const SOCKET_DIR: &str = "/run/checkpoint-container";
-
-fn socket_path(job: u32, step: u32, task: u32) -> String {
-    format!("{SOCKET_DIR}/{job}.{step}.{task}.sock")
-}
+pub(crate) const BATCH_STEP: u32 = 0xFFFF_FFFB;
 
 /// Tasks whose command is an Apptainer container are the ones wrapped.
 fn is_container_command(argv: &[&str]) -> bool {
@@ -113,7 +106,7 @@ impl StepState {
         };
         // The task becomes our wrapper, which hands the container command to
         // the task's root agent (started in task_post_fork).
-        let socket = socket_path(spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
+        let socket = agent_files::socket(spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
         let helper = settings.helper.to_string_lossy().into_owned();
         spank.prepend_task_argv(vec![&helper, "task", "--socket", &socket, "--"])?;
         Ok(())
@@ -129,7 +122,7 @@ impl StepState {
         let (job, step, task) = (spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
         let restarts = spank.getenv("SLURM_RESTART_COUNT")?.unwrap_or_else(|| "0".into());
         let mut cmd = helper_command(settings);
-        cmd.args(["agent", "--socket", &socket_path(job, step, task)]);
+        cmd.args(["agent", "--socket", &agent_files::socket(job, step, task), "--session-file", &agent_files::session(job, step, task)]);
         cmd.args(["--job-id", &job.to_string(), "--step-id", &step.to_string(), "--task-id", &task.to_string()]);
         cmd.args(["--step-tasks", &spank.job_total_task_count()?.to_string(), "--step-nodes", &spank.job_nnodes()?.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);

@@ -18,6 +18,7 @@ mod layout;
 mod messages;
 mod requeue;
 mod session;
+mod session_file;
 mod slurmctld;
 mod spawn;
 
@@ -41,6 +42,8 @@ pub(super) const CONTAINER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Task {
     pub socket: PathBuf,
+    /// Locked while this agent serves the task (session_file.rs).
+    pub session_file: PathBuf,
     pub job_id: u32,
     pub step_id: u32,
     pub task_id: u32,

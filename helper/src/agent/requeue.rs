@@ -156,20 +156,29 @@ pub(super) fn checkpoint_for_requeue(
     }
 }
 
-/// For a step of several tasks: stops this task's container and waits until
-/// every task of the step has stopped its own (step.rs), so that all are
-/// dumped at one cut. A single task goes straight on.
+/// Stops this task's container, so that what the checkpoint lists of it
+/// (processes, files, node-local state) holds still until CRIU has it; for
+/// a step of several tasks, then waits until every task of the step has
+/// stopped its own (step.rs), so that all are dumped at one cut. The
+/// restored processes are stopped in turn until [`go_on`].
 pub(super) fn stop_step(settings: &Settings, t: &Task, running: &mut Running) -> std::result::Result<(), String> {
-    if !t.step().is_coupled() {
-        return Ok(());
-    }
-    let barrier = Barrier::new(&job_dir(settings, t.job_id).map_err(|e| e.to_string())?, t.step(), &format!("stop-{}", t.restart_count))
-        .map_err(|e| e.to_string())?;
     let mine = match running.payload(t.uid).map(|p| p.pid) {
         Some(pid) => step::stop_tree(pid, t.uid, step::STOP_BARRIER_TIMEOUT).map(|_| ()).map_err(|e| format!("could not be stopped: {e}")),
         None => Err("has no running container".into()),
     };
+    if !t.step().is_coupled() {
+        return mine;
+    }
+    let barrier = Barrier::new(&job_dir(settings, t.job_id).map_err(|e| e.to_string())?, t.step(), &format!("stop-{}", t.restart_count))
+        .map_err(|e| e.to_string())?;
     barrier.meet(mine, step::STOP_BARRIER_TIMEOUT)
+}
+
+/// Lets a restored container go on: it was dumped stopped.
+pub(super) fn go_on(t: &Task, running: &mut Running) {
+    if let Some(root) = running.payload(t.uid).map(|p| p.pid) {
+        step::continue_tree(root, t.uid);
+    }
 }
 
 /// Whether every task of the step has a complete checkpoint of one cut.
@@ -223,9 +232,7 @@ pub(super) fn restore_step(
     match barrier.meet(mine, step::RESTORE_BARRIER_TIMEOUT) {
         Ok(()) => {
             let mut running = restored.expect("a step goes on only when every task was restored");
-            if let Some(root) = running.payload(t.uid).map(|p| p.pid) {
-                step::continue_tree(root, t.uid);
-            }
+            go_on(t, &mut running);
             Ok(Some(running))
         }
         Err(why) => {

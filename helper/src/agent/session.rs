@@ -3,7 +3,8 @@
 
 use super::layout::{forget_checkpoint, list_checkpoint, task_checkpoint_dir};
 use super::messages::{tell_requeued_job, tell_user};
-use super::requeue::{checkpoint_for_requeue, restore_step, stop_step, try_restore, StartedAs};
+use super::session_file::SessionFile;
+use super::requeue::{checkpoint_for_requeue, go_on, restore_step, stop_step, try_restore, StartedAs};
 use super::slurmctld::{is_requeue, requeue_info};
 use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
 use super::*;
@@ -29,10 +30,11 @@ pub(super) enum Event {
 
 pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()> {
     let socket = &t.socket;
-    if let Some(dir) = socket.parent() {
+    for dir in [socket, &t.session_file].iter().filter_map(|p| p.parent()) {
         // Users must reach their task's socket in it: 0755.
         storage::trusted_dir(dir, Some(0o755))?;
     }
+    let mut session = SessionFile::hold(&t.session_file)?;
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).context(|| format!("cannot listen on {}", socket.display()))?;
     nix::unistd::chown(socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
@@ -125,7 +127,10 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     } else if t.step().is_coupled() {
         restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
     } else {
-        try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
+        try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?.map(|mut r| {
+            go_on(t, &mut r);
+            r
+        })
     };
     let mut running = match restored {
         Some(r) => {
@@ -196,6 +201,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 }
             }
             Event::Message(Some(ToAgent::Terminate)) => {
+                session.ending();
                 let info = requeue_info(t);
                 if !is_requeue(t, &info) {
                     // scancel or the end of the time limit: the program gets

@@ -1,0 +1,77 @@
+//! Remote context, batch step: the end of the batch script, in slurmstepd
+//! (root), between the script's exit and Slurm's SIGKILL of what it leaves.
+//!
+//! When Slurm requeues or preempts a job, the script's shell dies of the
+//! SIGTERM at once, and its slurmstepd then SIGKILLs everything the script
+//! started, `srun` included. But `srun` is what writes a step's output into
+//! the job's output file: what the protected program printed just before
+//! its checkpoint would be lost, and the restored program goes on after it
+//! (measured: the last 30-50 ms of output, every time, for a program
+//! printing every few milliseconds). So while a protected step of this job
+//! is being checkpointed on this node, the batch step waits for it to end
+//! and for the script's `srun`s to deliver its output, within bounds.
+//!
+//! Every agent (`checkpoint-container agent`, root) holds a lock on its
+//! session file in the root-owned socket directory for as long as it serves
+//! its task, and says so in it once its task got SIGTERM
+//! (`ckpt_config::agent_files`). Only root writes there; this only reads.
+
+use crate::log_info;
+use ckpt_config::agent_files::{agents, Agent};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long the steps' tasks may take to get their SIGTERM after the
+/// script's: slurmd signals all steps of the job at once.
+const NOTICE: Duration = Duration::from_secs(2);
+/// How long an ending protected step may take: the helper's own bounds on
+/// a dump (300 s) and on the container's exit after it (10 s).
+const STEP_END_LIMIT: Duration = Duration::from_secs(330);
+/// How long the script's remaining processes get to deliver the steps'
+/// last output once the steps are over (srun needs milliseconds; a process
+/// the script left in the background only delays the end this long).
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Whether any process is still in process group `pgid`.
+fn group_alive(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))).any(|e| {
+        // pgrp is the third field after the ")" that ends the name.
+        std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<i32>().ok()))
+            == Some(pgid)
+    })
+}
+
+/// After the batch script of `job` (process group `pgid`) ended: waits
+/// while a protected step of the job on this node is ending, then for the
+/// script's processes to deliver its output. Returns at once for a job with
+/// no protected task here, or whose steps are not being ended.
+pub fn after_script(dir: &Path, job: u32, pgid: i32) {
+    let started = Instant::now();
+    loop {
+        let now = agents(dir, job);
+        if now.is_empty() {
+            break;
+        }
+        let ending = now.contains(&Agent::Ending);
+        // A script that ended on its own leaves its steps to Slurm.
+        if (!ending && started.elapsed() > NOTICE) || started.elapsed() > STEP_END_LIMIT {
+            return;
+        }
+        std::thread::sleep(POLL);
+    }
+    if started.elapsed() < POLL {
+        return;
+    }
+    let steps_over = Instant::now();
+    while group_alive(pgid) && steps_over.elapsed() < OUTPUT_GRACE {
+        std::thread::sleep(POLL);
+    }
+    log_info(&format!(
+        "job {job}: the batch script's end waited {:.2} s for its protected steps' checkpoints and output",
+        started.elapsed().as_secs_f64()
+    ));
+}
