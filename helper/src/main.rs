@@ -346,8 +346,22 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             Ok(0)
         }
         Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
-        Command::Agent { socket, session_file, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid, log } => {
-            let t = agent::Task { socket, session_file, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
+        Command::Agent {
+            socket,
+            session_file,
+            job_id,
+            step_id,
+            task_id,
+            step_tasks,
+            step_nodes,
+            uid,
+            gid,
+            restart_count,
+            task_pid,
+            log,
+        } => {
+            let t =
+                agent::Task { socket, session_file, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
             daemonize(&log)?;
             // slurmstepd hands on the job's umask: the modes of what root
             // creates (the socket directory users must reach) are root's.

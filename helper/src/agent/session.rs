@@ -3,8 +3,8 @@
 
 use super::layout::{forget_checkpoint, list_checkpoint, task_checkpoint_dir};
 use super::messages::{tell_requeued_job, tell_user};
-use super::session_file::SessionFile;
 use super::requeue::{checkpoint_for_requeue, go_on, restore_step, stop_step, try_restore, StartedAs};
+use super::session_file::SessionFile;
 use super::slurmctld::{is_requeue, requeue_info};
 use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
 use super::*;
