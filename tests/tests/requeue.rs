@@ -71,6 +71,26 @@ fn requeued_job_restores_on_the_other_node() {
     job.cleanup(c);
 }
 
+/// What the program printed before its checkpoint reaches the job's output
+/// file, though Slurm SIGKILLs the script's srun (which writes it there)
+/// once the requeue's SIGTERM has ended the script: a program printing a
+/// numbered line every few milliseconds, requeued, shows each line once.
+/// Its tree is stopped while the checkpoint lists it, with children
+/// forking and exiting throughout.
+#[test]
+fn a_requeued_programs_output_loses_and_repeats_no_line() {
+    let c = cluster();
+    let printer = format!("srun apptainer -s exec {TEST_SIF} bash -c 'for ((i=0;i<1500;i++)); do echo \"line $i\"; sleep 0.004; done'");
+    let job = c.submit_job(&["-w", "node1"], None, |_| (printer, 0, 0));
+    job.wait_lines("job.out", 300);
+    requeue(c, &job);
+    c.release(job.id, None);
+    assert_restored_and_cleaned(c, &job, 1);
+    let printed: Vec<u32> = job.lines("job.out").iter().filter_map(|l| l.strip_prefix("line ")?.parse().ok()).collect();
+    assert_eq!(printed, (0..1500).collect::<Vec<u32>>(), "{}", job.output());
+    job.cleanup(c);
+}
+
 #[test]
 fn job_requeued_twice_finishes_correctly() {
     let c = cluster();
