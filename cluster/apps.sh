@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The application image of the dev cluster: real HPC programs from Debian sid
-# (LAMMPS, GROMACS, Open MPI) in a SIF, for tests/tests/apps.rs and the demo.
+# (LAMMPS, GROMACS, Open MPI, AutoDock Vina) in a SIF, for tests/tests/apps.rs
+# and the demo.
 # Sourced by cluster/devcluster, which calls ensure_apps_sif once the cluster
 # is up (`devcluster apps`): Apptainer builds the SIF inside the ctl host
 # (it refuses a plain chroot, FIELD-NOTES §3).
@@ -9,18 +10,20 @@
 # the packages installed (no recommends); the SIF is cached in
 # $CACHE_DIR/apps-<key>.sif, the key a hash of what shapes it (the bare tree's
 # key, the packages, the preparation function): a warm cache costs a hard
-# link. Vina (`autodock-vina`) is not in it: Debian ships no receptor or
-# ligand to dock, and every input it needs would have to be fetched.
+# link.
 
 APPS_SIF_NAME=apps.sif
-APPS_PACKAGES=(lammps gromacs openmpi-bin)
+APPS_PACKAGES=(lammps gromacs openmpi-bin autodock-vina)
 
 apps_key() {
   { rootfs_key; printf '%s\n' "${APPS_PACKAGES[@]}"; declare -f prepare_apps_tree; } | sha256sum | cut -c1-16
 }
 
-# Runs inside the tree (chroot): installs the programs and the one input file
-# taken from lammps-examples (259 MB installed, of which the tests need 1 KB).
+# Runs inside the tree (chroot): installs the programs and the inputs: one
+# file of lammps-examples (259 MB installed, of which the tests need 1 KB),
+# and the docking case autodock-vina's own package test uses (a protein, a
+# ligand and the search box; its documentation directory is not installed
+# in this tree, so they are taken from the package file).
 prepare_apps_tree() {
   set -euo pipefail
   export DEBIAN_FRONTEND=noninteractive
@@ -32,7 +35,12 @@ prepare_apps_tree() {
   dpkg-deb --fsys-tarfile lammps-examples_*.deb |
     tar -xO --wildcards '*/examples/melt/in.melt' > /opt/apps/in.melt
   [ -s /opt/apps/in.melt ]
-  rm -f lammps-examples_*.deb
+  apt-get download -qq autodock-vina
+  mkdir -p /opt/apps/vina
+  dpkg-deb --fsys-tarfile autodock-vina_*.deb | tar -x --wildcards --strip-components=6 -C /opt/apps/vina '*/test-data/*'
+  gunzip /opt/apps/vina/protein.pdbqt.gz
+  for f in protein.pdbqt ligand.pdbqt conf.txt; do [ -s "/opt/apps/vina/$f" ]; done
+  rm -f lammps-examples_*.deb autodock-vina_*.deb
   apt-get clean
   rm -rf /var/lib/apt/lists/*
 }

@@ -1,6 +1,6 @@
 //! Real HPC applications, checkpointed when Slurm requeues or preempts their
 //! job and restored on the requeued run: Debian sid's LAMMPS and GROMACS,
-//! linked with Open MPI, in the application SIF (`cluster/apps.sh`). The
+//! linked with Open MPI, and AutoDock Vina, in the application SIF (`cluster/apps.sh`). The
 //! measure is the program's state: the run goes on from the saved step and
 //! prints what an uninterrupted run of the same input prints, every step
 //! exactly once, in the same output files.
@@ -294,4 +294,53 @@ fn gromacs_thread_mpi_requeued_restores_on_the_other_node_with_identical_energie
 #[test]
 fn gromacs_open_mpi_requeued_restores_on_the_other_node_with_identical_energies() {
     gromacs_requeued_then_restored_on_node2("gmx_mpi mdrun -ntomp 1");
+}
+
+/// AutoDock Vina (`vina --config conf.txt`: the protein, ligand and search
+/// box of Debian's own autodock-vina package test, kept in the SIF), two
+/// Monte Carlo runs, seed fixed, one CPU: the same poses and affinities,
+/// run after run.
+const VINA: &str = "vina --config conf.txt --cpu 1 --seed 42 --exhaustiveness 2";
+/// Vina's progress bar: 51 stars, printed as the search goes.
+const VINA_STARS: usize = 51;
+
+/// The stars of Vina's progress bar in `text`: the stars each line starts
+/// with, from the bar's scale (`|----|…`) to the result table. Lines of
+/// Slurm and of the checkpoint may have landed amid the bar.
+fn vina_stars(text: &str) -> usize {
+    let bar = text.split_once("|----|").map_or("", |(_, rest)| rest);
+    let bar = bar.split_once("mode |").map_or(bar, |(bar, _)| bar);
+    bar.lines().skip(1).map(|l| l.len() - l.trim_start_matches('*').len()).sum()
+}
+
+/// The result table: one line per pose (mode, affinity, RMSDs).
+fn vina_poses(text: &str) -> Vec<String> {
+    let table = text.split_once("-----+------------+----------+----------").map_or("", |(_, rest)| rest);
+    table.lines().map(str::trim).take_while(|l| l.split_whitespace().count() == 4).map(str::to_string).collect()
+}
+
+/// Docking preempted a third of the way through on node1, finished on
+/// node2: each star once in the job's output, and the uninterrupted run's
+/// poses, to the digit, in the table and in out.pdbqt.
+#[test]
+fn autodock_vina_requeued_restores_on_the_other_node_with_the_same_poses() {
+    let c = cluster();
+    let sif = c.apps_sif();
+    let submit = |node: &str| {
+        let setup = format!("srun --checkpoint-container -w node1 apptainer -s exec {sif} sh -c 'cp /opt/apps/vina/* .'");
+        c.submit_job(&["-w", node], Some(&setup), |dir| (format!("cd {dir}\nsrun apptainer -s exec {sif} {VINA}"), 0, 0))
+    };
+    let job = submit("node1");
+    let reference = submit("node1");
+    requeue_when(c, &job, || vina_stars(&job.output()) >= VINA_STARS / 3);
+    c.release(job.id, Some("node2"));
+    assert_restored_once(c, &job, "node2");
+    assert_eq!(c.wait_job(reference.id, 3 * MINUTE), "COMPLETED", "{}", reference.output());
+    let expected = vina_poses(&reference.output());
+    assert!(expected.len() >= 5, "the reference docked nothing:\n{}", reference.output());
+    assert_eq!(vina_stars(&job.output()), VINA_STARS, "each step of the search once; job output:\n{}", job.output());
+    assert_eq!(vina_poses(&job.output()), expected, "poses differ from an uninterrupted run");
+    assert_eq!(job.lines("out.pdbqt"), reference.lines("out.pdbqt"), "out.pdbqt differs from an uninterrupted run");
+    job.cleanup(c);
+    reference.cleanup(c);
 }
