@@ -80,7 +80,10 @@ pub mod agent_files {
     /// files in `dir` that someone holds locked.
     pub fn agents(dir: &Path, job: u32) -> Vec<Agent> {
         let prefix = format!("{job}.");
-        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        // Root's directory, which only root can add to (agents create it
+        // so: `storage::trusted_dir`), or nothing is read from it.
+        let trusted = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0);
+        let Some(entries) = std::fs::read_dir(dir).ok().filter(|_| trusted) else { return Vec::new() };
         entries
             .flatten()
             .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(SESSION_SUFFIX)))
@@ -89,7 +92,7 @@ pub mod agent_files {
     }
 
     fn agent(path: &Path) -> Option<Agent> {
-        let file = File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).ok()?;
+        let file = File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY).open(path).ok()?;
         let meta = file.metadata().ok()?;
         if !meta.is_file() || meta.uid() != 0 {
             return None;

@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 /// How long the steps' tasks may take to get their SIGTERM after the
 /// script's: slurmd signals all steps of the job at once.
 const NOTICE: Duration = Duration::from_secs(2);
-/// How long an ending protected step may take: the helper's own bounds on
-/// a dump (300 s) and on the container's exit after it (10 s).
-const STEP_END_LIMIT: Duration = Duration::from_secs(330);
+/// The most this ever waits. Past KillWait (30 s by default) slurmd has
+/// SIGKILLed the script's processes, srun too, and there is no output left
+/// to save; slurmstepd drains the node if its step outlives KillWait by
+/// UnkillableStepTimeout (60 s at least).
+const WAIT_LIMIT: Duration = Duration::from_secs(45);
 /// How long the script's remaining processes get to deliver the steps'
 /// last output once the steps are over (srun needs milliseconds; a process
 /// the script left in the background only delays the end this long).
@@ -46,28 +48,32 @@ fn group_alive(pgid: i32) -> bool {
 }
 
 /// After the batch script of `job` (process group `pgid`) ended: waits
-/// while a protected step of the job on this node is ending, then for the
-/// script's processes to deliver its output. Returns at once for a job with
-/// no protected task here, or whose steps are not being ended.
+/// while a protected step of the job on this node is ending and the
+/// script's processes (its `srun`s) live to deliver its output, then for
+/// them to deliver it. Returns at once for a job with no protected task
+/// here; after [`NOTICE`] when none of its steps is being ended.
 pub fn after_script(dir: &Path, job: u32, pgid: i32) {
     let started = Instant::now();
+    let mut saw_agents = false;
     loop {
         let now = agents(dir, job);
         if now.is_empty() {
             break;
         }
+        saw_agents = true;
         let ending = now.contains(&Agent::Ending);
-        // A script that ended on its own leaves its steps to Slurm.
-        if (!ending && started.elapsed() > NOTICE) || started.elapsed() > STEP_END_LIMIT {
+        // A script that ended on its own leaves its steps to Slurm; with no
+        // srun left, there is no output to wait for.
+        if (!ending && started.elapsed() > NOTICE) || !group_alive(pgid) || started.elapsed() > WAIT_LIMIT {
             return;
         }
         std::thread::sleep(POLL);
     }
-    if started.elapsed() < POLL {
+    if !saw_agents {
         return;
     }
     let steps_over = Instant::now();
-    while group_alive(pgid) && steps_over.elapsed() < OUTPUT_GRACE {
+    while group_alive(pgid) && steps_over.elapsed() < OUTPUT_GRACE && started.elapsed() < WAIT_LIMIT {
         std::thread::sleep(POLL);
     }
     log_info(&format!(

@@ -34,7 +34,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         // Users must reach their task's socket in it: 0755.
         storage::trusted_dir(dir, Some(0o755))?;
     }
-    let mut session = SessionFile::hold(&t.session_file)?;
+    let mut session = SessionFile::hold(&t.session_file);
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).context(|| format!("cannot listen on {}", socket.display()))?;
     nix::unistd::chown(socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
@@ -201,7 +201,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 }
             }
             Event::Message(Some(ToAgent::Terminate)) => {
-                session.ending();
+                if let Some(s) = session.as_mut() {
+                    s.ending();
+                }
                 let info = requeue_info(t);
                 if !is_requeue(t, &info) {
                     // scancel or the end of the time limit: the program gets
@@ -229,6 +231,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     }
                 }
                 channel.send(&ToTask::Stopped)?;
+                // The task ends: its output is through. The batch step must
+                // not wait for the move below (security.md, principle 6).
+                drop(session);
                 // A staged checkpoint goes to checkpoint_dir now, while the
                 // node is already free for whatever preempted the job.
                 if let Some((staged, moved)) = to_move {

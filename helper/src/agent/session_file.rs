@@ -4,41 +4,65 @@
 //! script's `srun` alive until this task's checkpoint and last output are
 //! through (the plugin's batch.rs).
 
-use crate::error::{Context, Result};
 use ckpt_config::agent_files::ENDING;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub(super) struct SessionFile {
     path: PathBuf,
     file: File,
+    ending: bool,
 }
+
+/// How long the agent retries its lock: the batch step's reader holds a
+/// shared lock for a moment to test it.
+const LOCK_RETRIES: u32 = 100;
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 impl SessionFile {
     /// Creates and locks `path`, in the root-owned directory the caller has
-    /// checked (a file left by an earlier agent of the same task is reused).
-    pub(super) fn hold(path: &Path) -> Result<SessionFile> {
-        let file = File::options()
+    /// checked; emptied only once locked (a file left by an earlier agent of
+    /// the same task is reused). None, after a warning, if another agent
+    /// still holds it: the task is protected all the same, and only the
+    /// batch step's wait for its output is lost.
+    pub(super) fn hold(path: &Path) -> Option<SessionFile> {
+        let opened = File::options()
             .write(true)
             .create(true)
-            .truncate(true)
-            .mode(0o644)
+            .truncate(false)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .context(|| format!("cannot create {}", path.display()))?;
-        // SAFETY: flock(2) on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return crate::error::fail(format!("{} is held by another agent", path.display()));
+            .open(path);
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("cannot create {}: {e}", path.display());
+                return None;
+            }
+        };
+        for _ in 0..LOCK_RETRIES {
+            // SAFETY: flock(2) on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                let _ = file.set_len(0);
+                return Some(SessionFile { path: path.to_path_buf(), file, ending: false });
+            }
+            std::thread::sleep(LOCK_RETRY);
         }
-        Ok(SessionFile { path: path.to_path_buf(), file })
+        log::warn!("{} is held by another agent: the batch step will not wait for this task's output", path.display());
+        None
     }
 
     /// The task was told to end: its container is checkpointed or ended.
+    /// Written once (a second SIGTERM changes nothing).
     pub(super) fn ending(&mut self) {
-        if let Err(e) = self.file.write_all(ENDING.as_bytes()) {
+        if self.ending {
+            return;
+        }
+        self.ending = true;
+        if let Err(e) = self.file.write_all_at(ENDING.as_bytes(), 0) {
             log::warn!("cannot write {}: {e}", self.path.display());
         }
     }
