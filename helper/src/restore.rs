@@ -13,7 +13,7 @@ use crate::user::User;
 use ckpt_config::Settings;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,19 +82,10 @@ fn pids_free(placeholder: &Placeholder, m: &Manifest) -> Result<()> {
 /// reopen the restored stdio through /proc/self/fd, which a root-owned pipe
 /// refuses (runc#1333).
 fn user_pipe(uid: u32) -> Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: plain syscalls; setfsuid only changes this thread's fs identity.
-    let rc = unsafe {
-        libc::setfsuid(uid);
-        let rc = libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC);
-        libc::setfsuid(0);
-        rc
-    };
-    if rc != 0 {
-        return fail(format!("cannot create a pipe: {}", std::io::Error::last_os_error()));
+    match crate::sys::with_fsuid(uid, || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)) {
+        Ok((r, w)) => Ok((File::from(r), File::from(w))),
+        Err(e) => fail(format!("cannot create a pipe: {}", std::io::Error::from(e))),
     }
-    // SAFETY: pipe2 returned two fresh descriptors we now own.
-    unsafe { Ok((File::from(OwnedFd::from_raw_fd(fds[0])), File::from(OwnedFd::from_raw_fd(fds[1])))) }
 }
 
 /// Copies the restored program's output to ours until it closes it.

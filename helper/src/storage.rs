@@ -233,8 +233,7 @@ impl Staging {
 /// (clean pages; a no-op on tmpfs).
 fn drop_cached(file: &File) {
     use std::os::fd::AsRawFd;
-    // SAFETY: fadvise on an fd we hold; only advice, never unsafe to data.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let _ = nix::fcntl::posix_fadvise(file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
 /// `drop_cached` for every file of a checkpoint directory: the one a new
@@ -374,16 +373,8 @@ impl<'a> Writeback<'a> {
     /// The file is written up to `upto`.
     pub fn progress(&mut self, upto: u64) {
         if upto >= self.started + Self::STEP {
-            // SAFETY: a syscall on an fd we hold. Only starts the writeback
-            // (no wait); a failure surfaces in the sealing fsync.
-            unsafe {
-                libc::sync_file_range(
-                    std::os::fd::AsRawFd::as_raw_fd(self.file),
-                    self.started as i64,
-                    (upto - self.started) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
+            // A failure surfaces in the sealing fsync.
+            crate::sys::start_writeback(self.file, self.started, upto - self.started);
             self.started = upto;
         }
     }
@@ -397,15 +388,13 @@ impl<'a> Writeback<'a> {
 /// components are created (0755, the last with that mode). Every directory root
 /// writes into passes this first, so nothing a user made can be in it.
 pub fn trusted_dir(path: &Path, create_mode: Option<u32>) -> Result<()> {
-    use nix::fcntl::{openat, OFlag};
+    use nix::fcntl::OFlag;
     use nix::sys::stat::{fstat, Mode};
     if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
         return fail(format!("{} must be an absolute path without \"..\"", path.display()));
     }
     let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    // SAFETY: each fd below was just returned by open/openat and is owned once.
-    let own = |fd: std::os::fd::RawFd| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let mut dir = own(nix::fcntl::open("/", flags, Mode::empty()).context(|| "cannot open /".into())?);
+    let mut dir = File::from(crate::sys::openat(None, "/", flags, Mode::empty()).context(|| "cannot open /".into())?);
     let names: Vec<_> = path
         .components()
         .filter_map(|c| match c {
@@ -417,17 +406,17 @@ pub fn trusted_dir(path: &Path, create_mode: Option<u32>) -> Result<()> {
     for (i, name) in names.iter().enumerate() {
         let last = i + 1 == names.len();
         so_far.push(name);
-        let next = match openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty()) {
+        let next = match crate::sys::openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty()) {
             Err(nix::errno::Errno::ENOENT) if create_mode.is_some() => {
                 let mode = if last { create_mode.unwrap_or(0o700) } else { 0o755 };
                 nix::sys::stat::mkdirat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, Mode::from_bits_truncate(mode))
                     .or_else(|e| if e == nix::errno::Errno::EEXIST { Ok(()) } else { Err(e) })
                     .context(|| format!("cannot create {}", so_far.display()))?;
-                openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty())
+                crate::sys::openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty())
             }
             other => other,
         };
-        let next = own(next.map_err(|e| match e {
+        let next = File::from(next.map_err(|e| match e {
             nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR => {
                 crate::error::EngineError(format!("{} is not a directory (a symlink?): root does not use it", so_far.display()))
             }

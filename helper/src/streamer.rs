@@ -21,8 +21,8 @@ use ckpt_config::Compression;
 use prost::Message;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -89,25 +89,14 @@ fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
 
 /// The pipe end CRIU passes after a request.
 fn receive_pipe(sock: &UnixStream) -> io::Result<File> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut byte = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    let mut fds: Vec<RawFd> = Vec::new();
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(got) = cmsg {
-            fds.extend(got);
-        }
-    }
-    // SAFETY: SCM_RIGHTS delivered these fds to us; each is owned once.
-    let mut files: Vec<File> = fds.into_iter().map(|fd| unsafe { File::from_raw_fd(fd) }).collect();
+    let (_, fds) = crate::sys::recv_with_fds::<1>(sock, &mut byte)?;
+    let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
     let pipe = files.pop().filter(|_| files.is_empty()).ok_or_else(|| protocol_error("expected one pipe"))?;
     if !std::os::unix::fs::FileTypeExt::is_fifo(&pipe.metadata()?.file_type()) {
         return Err(protocol_error("passed descriptor is not a pipe"));
     }
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    let _ = nix::fcntl::fcntl(pipe.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     Ok(pipe)
 }
 

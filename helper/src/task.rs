@@ -63,8 +63,8 @@ fn exec_unprotected(argv: &[String], blocked: SigSet) -> crate::error::EngineErr
 /// the PMI-2 socket of `srun --mpi=pmi2` (`PMI_FD`), when it is open.
 fn slurm_fds() -> Vec<std::os::fd::RawFd> {
     let pmi = std::env::var("PMI_FD").ok().and_then(|v| v.parse::<std::os::fd::RawFd>().ok()).filter(|&fd| fd > 2);
-    // SAFETY: F_GETFD only asks whether the number is an open descriptor.
-    pmi.into_iter().filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).collect()
+    // F_GETFD only asks whether the number is an open descriptor.
+    pmi.into_iter().filter(|&fd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()).collect()
 }
 
 /// Runs the task; returns its exit code.

@@ -8,7 +8,6 @@ use crate::error::{Context, Result};
 use ckpt_config::agent_files::ENDING;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -29,8 +28,7 @@ impl SessionFile {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .context(|| format!("cannot create {}", path.display()))?;
-        // SAFETY: flock(2) on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !crate::sys::flock_exclusive_nonblocking(&file) {
             return crate::error::fail(format!("{} is held by another agent", path.display()));
         }
         Ok(SessionFile { path: path.to_path_buf(), file })
