@@ -61,6 +61,12 @@ read the container's /etc/ld.so.preload and libraries; use a statically linked C
 
 impl std::error::Error for CriuError {}
 
+impl From<CriuError> for crate::error::EngineError {
+    fn from(e: CriuError) -> Self {
+        crate::error::EngineError::Failed(e.to_string())
+    }
+}
+
 /// Parses the output of `criu --version` ("Version: 4.2.1", then optional lines
 /// such as "GitID: …"). Two-part versions ("Version: 4.1") have patch 0.
 pub fn parse_version(output: &str) -> Option<Version> {

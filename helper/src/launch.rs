@@ -103,13 +103,13 @@ pub fn serve_open_as_user(requests: &[String]) -> Result<()> {
     }
     let sock = UnixStream::from(crate::sys::take_inherited_fd(OPENER_FD).context(|| format!("fd {OPENER_FD}"))?);
     for request in requests {
-        let (kind, path) = request.split_once('=').ok_or_else(|| EngineError(format!("bad request {request:?}")))?;
+        let (kind, path) = request.split_once('=').ok_or_else(|| EngineError::Failed(format!("bad request {request:?}")))?;
         let flags = match kind {
             "image" => libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
             "path" => libc::O_PATH | libc::O_CLOEXEC,
             _ => return fail(format!("bad request {request:?}")),
         };
-        let cpath = CString::new(path).map_err(|_| EngineError(format!("{path:?} contains a NUL byte")))?;
+        let cpath = CString::new(path).map_err(|_| EngineError::Failed(format!("{path:?} contains a NUL byte")))?;
         let sent = match crate::sys::open(&cpath, flags) {
             Err(why) => send_with_fd(&sock, format!("E{why}").as_bytes(), None),
             Ok(fd) => {
@@ -349,7 +349,7 @@ const SIF_DESCRIPTOR_SIZE: usize = 585;
 pub fn sif_partitions(file: &File) -> Result<Vec<i32>> {
     use std::os::unix::fs::FileExt;
     let mut header = [0u8; 128];
-    file.read_exact_at(&mut header, 0).map_err(|_| EngineError("the container image is not a SIF file (too short)".into()))?;
+    file.read_exact_at(&mut header, 0).map_err(|_| EngineError::Failed("the container image is not a SIF file (too short)".into()))?;
     if &header[32..41] != b"SIF_MAGIC" {
         return fail("the container image is not a SIF file");
     }
@@ -360,7 +360,7 @@ pub fn sif_partitions(file: &File) -> Result<Vec<i32>> {
     }
     let mut descriptors = vec![0u8; total as usize * SIF_DESCRIPTOR_SIZE];
     file.read_exact_at(&mut descriptors, offset as u64)
-        .map_err(|_| EngineError("the container image's SIF descriptors are truncated".into()))?;
+        .map_err(|_| EngineError::Failed("the container image's SIF descriptors are truncated".into()))?;
     let mut out = Vec::new();
     for d in descriptors.chunks(SIF_DESCRIPTOR_SIZE) {
         let datatype = i32::from_le_bytes(d[0..4].try_into().unwrap());
@@ -538,7 +538,7 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     let mut opened = open_as_user(user, &wanted)?
         .into_iter()
         .zip(&wanted)
-        .map(|(r, (_, p))| r.map_err(|why| EngineError(format!("{p} cannot be opened by you: {why}"))));
+        .map(|(r, (_, p))| r.map_err(|why| EngineError::Failed(format!("{p} cannot be opened by you: {why}"))));
     let mut next = || opened.next().expect("one answer per path");
 
     let image_opened = next()?;

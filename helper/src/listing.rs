@@ -92,7 +92,7 @@ pub fn record(settings: &Settings, uid: u32, gid: u32, entry: &Entry) -> Result<
     let fd = crate::sys::openat(Some(dir.as_raw_fd()), tmp.as_str(), flags, Mode::from_bits_truncate(0o600))
         .context(|| "cannot create a list entry".into())?;
     let mut file = std::fs::File::from(fd);
-    let text = toml::to_string(entry).map_err(|e| crate::error::EngineError(e.to_string()))?;
+    let text = toml::to_string(entry).map_err(|e| crate::error::EngineError::Failed(e.to_string()))?;
     file.write_all(text.as_bytes()).context(|| "cannot write a list entry".into())?;
     nix::unistd::fchown(file.as_raw_fd(), Some(uid.into()), Some(gid.into())).context(|| "chown".into())?;
     renameat(Some(dir.as_raw_fd()), tmp.as_str(), Some(dir.as_raw_fd()), entry.file_name().as_str())

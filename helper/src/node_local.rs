@@ -123,7 +123,7 @@ fn human(bytes: u64) -> String {
 }
 
 fn too_big(root: Pid, total: u64, limit: u64, biggest: (&str, u64)) -> EngineError {
-    EngineError(format!(
+    EngineError::Failed(format!(
         "node-local files of process {root} take {}, more than node_local_files_max ({}); the biggest is {} ({})",
         human(total),
         human(limit),
@@ -228,7 +228,7 @@ node-local files can travel with a checkpoint",
     } else {
         let mnt = crate::namespaces::open_checked(root)
             .map(|joined| joined.mnt)
-            .map_err(|why| EngineError(format!("refusing to read the node-local files of process {root}: {why}")))?;
+            .map_err(|why| EngineError::Failed(format!("refusing to read the node-local files of process {root}: {why}")))?;
         Some((mnt, User::lookup(uid, gid)?))
     };
     Ok(Pending { root, files, dirs, mnt })
@@ -252,7 +252,7 @@ impl Pending {
             let mut dest = crate::storage::create_private(&dir.join(&name))?;
             let copied = read_as_user(mnt, user, f, &mut dest, limit - used, deadline).map_err(|e| match e {
                 Copy::TooBig(size) => too_big(self.root, used + size, limit, (&f.path, size)),
-                Copy::Failed(why) => EngineError(format!("cannot save node-local file {}: {why}", f.path)),
+                Copy::Failed(why) => EngineError::Failed(format!("cannot save node-local file {}: {why}", f.path)),
             })?;
             used += copied.size;
             sealed.push(ImageFile { name: name.clone(), size: copied.size, xxh3: copied.xxh3, zstd: false });
@@ -277,10 +277,11 @@ pub fn recreate(m: &Manifest, dir: &Path, placeholder: &procfs::PidFd) -> Result
         return Ok(());
     }
     let pid = placeholder.pid;
-    let mnt = crate::namespaces::open_checked(pid).map_err(|why| EngineError(format!("refusing to write node-local files: {why}")))?.mnt;
+    let mnt =
+        crate::namespaces::open_checked(pid).map_err(|why| EngineError::Failed(format!("refusing to write node-local files: {why}")))?.mnt;
     // Still the placeholder once its namespace is open: a pid freed and
     // reused by another container would have its namespace opened.
-    placeholder.signal(0).map_err(|_| EngineError(format!("refusing to write node-local files: process {pid} has ended")))?;
+    placeholder.signal(0).map_err(|_| EngineError::Failed(format!("refusing to write node-local files: process {pid} has ended")))?;
     let user = User::lookup(m.owner.uid, m.owner.gid)?;
     let deadline = Instant::now() + TIMEOUT;
     make_dirs_as_user(&mnt, &user, &m.node_local_dirs, deadline)?;
@@ -298,7 +299,7 @@ pub fn recreate(m: &Manifest, dir: &Path, placeholder: &procfs::PidFd) -> Result
             return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.data));
         }
         write_as_user(&mnt, &user, f, src, deadline)
-            .map_err(|why| EngineError(format!("cannot recreate node-local file {}: {why}", f.path)))?;
+            .map_err(|why| EngineError::Failed(format!("cannot recreate node-local file {}: {why}", f.path)))?;
     }
     Ok(())
 }
@@ -483,7 +484,7 @@ struct Copied {
 fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64, deadline: Instant) -> std::result::Result<Copied, Copy> {
     let failed = |e: String| Copy::Failed(e);
     let path = CString::new(f.path.clone()).map_err(|_| failed("its path contains a NUL byte".into()))?;
-    let (mut from_child, to_root) = pipe().map_err(|e| failed(e.0))?;
+    let (mut from_child, to_root) = pipe().map_err(|e| failed(e.to_string()))?;
     let ids = Ids { uid: user.uid, gid: user.gid, groups: &user.groups };
     let (dev, ino, out, mnt_fd) = (f.dev, f.ino, to_root.as_raw_fd(), mnt.as_raw_fd());
     #[allow(unsafe_code)]
@@ -530,7 +531,7 @@ fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64, 
     .map_err(|e| failed(e.to_string()))?;
     drop(to_root);
     let result = (|| {
-        nonblocking(&from_child).map_err(|e| failed(e.0))?;
+        nonblocking(&from_child).map_err(|e| failed(e.to_string()))?;
         let io = |e: std::io::Error| failed(format!("reading it from the copier: {e}"));
         let report = read_report(&mut from_child, deadline).map_err(io)?.ok_or_else(|| failed("the copier ended without a word".into()))?;
         if report.stage != DONE {
@@ -593,7 +594,7 @@ fn make_dirs_as_user(mnt: &File, user: &User, dirs: &[String], deadline: Instant
         })
     })?;
     drop(status_w);
-    let report = nonblocking(&status_r).and_then(|()| read_report(&mut status_r, deadline).map_err(|e| EngineError(e.to_string())));
+    let report = nonblocking(&status_r).and_then(|()| read_report(&mut status_r, deadline).map_err(|e| EngineError::Failed(e.to_string())));
     reap(child, deadline);
     match report? {
         Some(r) if r.stage == DONE => Ok(()),
@@ -609,8 +610,8 @@ fn make_dirs_as_user(mnt: &File, user: &User, dirs: &[String], deadline: Instant
 /// regular file of hers) with the bytes root sends from `src`.
 fn write_as_user(mnt: &File, user: &User, f: &NodeLocalFile, mut src: File, deadline: Instant) -> std::result::Result<(), String> {
     let path = CString::new(f.path.clone()).map_err(|_| "its path contains a NUL byte".to_string())?;
-    let (from_root, mut to_child) = pipe().map_err(|e| e.0)?;
-    let (mut status_r, status_w) = pipe().map_err(|e| e.0)?;
+    let (from_root, mut to_child) = pipe().map_err(|e| e.to_string())?;
+    let (mut status_r, status_w) = pipe().map_err(|e| e.to_string())?;
     let ids = Ids { uid: user.uid, gid: user.gid, groups: &user.groups };
     let mut buf = vec![0u8; CHUNK];
     let (mode, gid, mnt_fd) = (f.mode & 0o7777, f.gid, mnt.as_raw_fd());
@@ -671,8 +672,8 @@ fn write_as_user(mnt: &File, user: &User, f: &NodeLocalFile, mut src: File, dead
     .map_err(|e| e.to_string())?;
     drop((from_root, status_w));
     let result = (|| {
-        nonblocking(&to_child).map_err(|e| e.0)?;
-        nonblocking(&status_r).map_err(|e| e.0)?;
+        nonblocking(&to_child).map_err(|e| e.to_string())?;
+        nonblocking(&status_r).map_err(|e| e.to_string())?;
         let io = |e: std::io::Error| format!("sending it to the writer: {e}");
         'send: loop {
             let n = std::io::Read::read(&mut src, &mut buf).map_err(|e| format!("cannot read the checkpoint: {e}"))?;
@@ -731,7 +732,7 @@ mod tests {
     fn the_size_message_names_size_limit_and_biggest_file() {
         let e = too_big(42, 5 << 20, 1 << 20, ("/dev/shm/big", 4 << 20));
         assert_eq!(
-            e.0,
+            e.to_string(),
             "node-local files of process 42 take 5.0 MiB, more than node_local_files_max (1.0 MiB); the biggest is /dev/shm/big (4.0 MiB)"
         );
     }

@@ -106,7 +106,7 @@ pub fn recv_task_fds(stream: &UnixStream) -> Result<TaskFds> {
     match numbers {
         Some(numbers) if received.len() == 3 + numbers.len() => {
             let extra_fds = received.split_off(3);
-            let stdio: [OwnedFd; 3] = received.try_into().map_err(|_| crate::error::EngineError("stdio".into()))?;
+            let stdio: [OwnedFd; 3] = received.try_into().map_err(|_| crate::error::EngineError::Failed("stdio".into()))?;
             Ok(TaskFds { stdio, extra: numbers.into_iter().zip(extra_fds).collect() })
         }
         _ => fail("the task did not pass its stdio"),
@@ -143,7 +143,7 @@ mod tests {
         });
         let mut channel = Channel::new(b).unwrap();
         let e = channel.recv::<ToAgent>().unwrap_err();
-        assert!(e.0.contains("longer than"), "{e}");
+        assert!(e.to_string().contains("longer than"), "{e}");
         drop(channel);
         writer.join().unwrap();
     }

@@ -42,20 +42,20 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
     let m = storage::open_checkpoint(&req.images, false)?;
     if let Some(uid) = req.expected_uid {
         if m.owner.uid != uid {
-            return fail(format!(
+            return Err(EngineError::Refused(format!(
                 "checkpoint {} belongs to uid {}, not to uid {uid}: refusing to restore it",
                 req.images.display(),
                 m.owner.uid
-            ));
+            )));
         }
     }
     if let Some(job) = req.expected_job {
         if m.job.job_id != Some(job) {
-            return fail(format!(
+            return Err(EngineError::Refused(format!(
                 "checkpoint {} belongs to job {}, not to job {job}: refusing to restore it",
                 req.images.display(),
                 m.job.job_id.map_or("none".into(), |j| j.to_string())
-            ));
+            )));
         }
     }
     // What CRIU will give each restored thread, read from the images
@@ -313,7 +313,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             .payload
             .signal(0)
             .map(|_| c)
-            .map_err(|_| EngineError("the placeholder container ended before CRIU could join it".into()))
+            .map_err(|_| EngineError::Failed("the placeholder container ended before CRIU could join it".into()))
     });
     let spawned = spawned.and_then(|mut c| {
         let [out, err] = stdio;
@@ -387,11 +387,11 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         // Its log is named in the error: kept.
         work_dir.keep = true;
         let why = criu::first_error(&log).unwrap_or_else(|| format!("CRIU exited with {status}"));
-        return fail(format!(
+        return Err(EngineError::Criu(format!(
             "CRIU could not restore {}: {why} (nothing was left running; log in {})",
             req.images.display(),
             work.display()
-        ));
+        )));
     };
     placeholder.finish();
     use std::os::unix::process::ExitStatusExt;

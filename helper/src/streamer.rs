@@ -167,13 +167,13 @@ fn per_file<T: Send + 'static>(
                     Ok(Some(work)) => workers.push(std::thread::spawn(work)),
                     Ok(None) => {}
                     Err(e) => {
-                        error = Some(EngineError(format!("image streamer: {e}")));
+                        error = Some(EngineError::Failed(format!("image streamer: {e}")));
                         break;
                     }
                 }
             }
             Err(e) => {
-                error = Some(EngineError(format!("image streamer: {e}")));
+                error = Some(EngineError::Failed(format!("image streamer: {e}")));
                 break;
             }
         }
@@ -247,7 +247,7 @@ impl<W: Write> Write for SummingWriter<'_, W> {
 }
 
 fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result<ImageFile> {
-    let err = |e: io::Error| EngineError(format!("cannot write image {}: {e}", path.display()));
+    let err = |e: io::Error| EngineError::Failed(format!("cannot write image {}: {e}", path.display()));
     let file =
         File::options().write(true).read(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).map_err(err)?;
     let (size, xxh3) = if zstd {
@@ -399,15 +399,16 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
             expected.size
         ));
     }
-    let damaged =
-        || EngineError(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), expected.name));
+    let damaged = || {
+        EngineError::Failed(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), expected.name))
+    };
     let result = if expected.zstd {
         let mut reader = SummingReader { inner: io::BufReader::with_capacity(CHUNK, &file), hasher: Checksum::default(), bytes: 0 };
         let mut out = HoldBack { pipe: &pipe, held: Vec::with_capacity(2 * CHUNK) };
         zstd::stream::copy_decode(&mut reader, &mut out)
             .and_then(|_| io::copy(&mut reader, &mut io::sink()))
             .map(|_| ())
-            .map_err(|e| EngineError(format!("cannot decompress {}: {e}", path.display())))?;
+            .map_err(|e| EngineError::Failed(format!("cannot decompress {}: {e}", path.display())))?;
         if reader.bytes != expected.size || reader.hasher.hex() != expected.xxh3 {
             return Err(damaged());
         }
@@ -456,8 +457,8 @@ fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, damaged: impl
                 Ok(Ok(upto)) if upto == size => size,
                 Ok(Ok(upto)) => upto.min(held_back),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => return Err(damaged()),
-                Ok(Err(e)) => return Err(EngineError(format!("cannot read an image: {e}"))),
-                Err(_) => return Err(EngineError("checksum thread ended early".into())),
+                Ok(Err(e)) => return Err(EngineError::Failed(format!("cannot read an image: {e}"))),
+                Err(_) => return Err(EngineError::Failed("checksum thread ended early".into())),
             };
             if let Err(e) = splice_range(file, sent, upto, pipe) {
                 // CRIU closed its end: dropping `summed` stops the thread.

@@ -41,10 +41,10 @@ impl TaskView {
         // From /proc, not prlimit(2): reading another user's limits that
         // way needs CAP_SYS_RESOURCE, which a node may not grant root.
         let text = std::fs::read_to_string(procfs::proc_path(pid, "limits")).context(|| format!("/proc/{pid}/limits"))?;
-        let limits = limits_of(&text).ok_or_else(|| crate::error::EngineError(format!("cannot parse /proc/{pid}/limits")))?;
+        let limits = limits_of(&text).ok_or_else(|| crate::error::EngineError::Failed(format!("cannot parse /proc/{pid}/limits")))?;
         let status = std::fs::read_to_string(procfs::proc_path(pid, "status")).context(|| format!("/proc/{pid}/status"))?;
-        let umask = umask_of(&status).ok_or_else(|| crate::error::EngineError(format!("no Umask in /proc/{pid}/status")))?;
-        let groups = groups_of(&status).ok_or_else(|| crate::error::EngineError(format!("no Groups in /proc/{pid}/status")))?;
+        let umask = umask_of(&status).ok_or_else(|| crate::error::EngineError::Failed(format!("no Umask in /proc/{pid}/status")))?;
+        let groups = groups_of(&status).ok_or_else(|| crate::error::EngineError::Failed(format!("no Groups in /proc/{pid}/status")))?;
         let cpus = sys::sched_getaffinity(pid).context(|| format!("cannot read the CPU affinity of the task (pid {pid})"))?;
         task.signal(0).context(|| format!("the task (pid {pid}) has ended"))?;
         Ok(TaskView { limits, umask, cpus, groups })

@@ -27,7 +27,7 @@ impl User {
     pub fn lookup(uid: u32, gid: u32) -> Result<User> {
         let entry = nix::unistd::User::from_uid(uid.into())
             .context(|| format!("cannot look up uid {uid}"))?
-            .ok_or_else(|| crate::error::EngineError(format!("uid {uid} has no passwd entry on this node")))?;
+            .ok_or_else(|| crate::error::EngineError::Failed(format!("uid {uid} has no passwd entry on this node")))?;
         if uid == 0 {
             return fail("refusing to act for root");
         }
