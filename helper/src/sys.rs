@@ -245,7 +245,7 @@ pub fn sendfile(to: RawFd, from: RawFd, count: usize) -> io::Result<usize> {
 
 /// Ends the calling (forked) process at once: no atexit handler, no flush
 /// of buffers copied from the parent.
-pub fn exit_now(code: i32) -> ! {
+fn exit_now(code: i32) -> ! {
     // SAFETY: _exit(2) never returns and runs nothing of this process.
     unsafe { libc::_exit(code) }
 }
