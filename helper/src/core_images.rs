@@ -214,7 +214,11 @@ fn read_verified(dir: &Path, f: &ImageFile) -> Result<Vec<u8>> {
     let mut sum = Checksum::default();
     sum.update(&bytes);
     if bytes.len() as u64 != f.size || sum.hex() != f.xxh3 {
-        return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.name));
+        return Err(crate::error::EngineError::Damaged(format!(
+            "checkpoint {} is damaged: checksum of {} does not match the manifest",
+            dir.display(),
+            f.name
+        )));
     }
     Ok(bytes)
 }

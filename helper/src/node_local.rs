@@ -296,7 +296,11 @@ pub fn recreate(m: &Manifest, dir: &Path, placeholder: &procfs::PidFd) -> Result
         let src =
             File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).context(|| format!("cannot open {}", path.display()))?;
         if crate::storage::checksum(&path)? != entry.xxh3 || src.metadata().map(|md| md.len()).ok() != Some(f.size) {
-            return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.data));
+            return Err(EngineError::Damaged(format!(
+                "checkpoint {} is damaged: checksum of {} does not match the manifest",
+                dir.display(),
+                f.data
+            )));
         }
         write_as_user(&mnt, &user, f, src, deadline)
             .map_err(|why| EngineError::Failed(format!("cannot recreate node-local file {}: {why}", f.path)))?;

@@ -400,7 +400,7 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
         ));
     }
     let damaged = || {
-        EngineError::Failed(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), expected.name))
+        EngineError::Damaged(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), expected.name))
     };
     let result = if expected.zstd {
         let mut reader = SummingReader { inner: io::BufReader::with_capacity(CHUNK, &file), hasher: Checksum::default(), bytes: 0 };
