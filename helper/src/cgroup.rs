@@ -30,18 +30,7 @@ pub fn procs_files(pid: i32) -> std::io::Result<Vec<CString>> {
 /// given. Allocation-free: safe between fork and exec.
 pub fn join_in_child(files: &[CString]) -> std::io::Result<()> {
     for file in files {
-        // SAFETY: plain syscalls on a NUL-terminated path.
-        unsafe {
-            let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
+        crate::sys::write_file(file, b"0")?;
     }
     Ok(())
 }

@@ -167,8 +167,14 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
 }
 
 /// Dumps into a sealed checkpoint not yet in place: the caller commits it
-/// (a staged one may be moved after the job has let go of the node).
+/// (a staged one may be moved after the job has let go of the node). A
+/// failure is `NotTaken`, naming the earlier checkpoint at the target: the
+/// dump writes only into its staging directory, so that one is untouched.
 pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, Staging)> {
+    dump_staged(settings, req).map_err(|cause| storage::not_taken(&req.target, cause))
+}
+
+fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, Staging)> {
     let entered = Instant::now();
     let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
     let version = criu::check(&settings.criu)?;
@@ -176,7 +182,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     // Held from here: while it answers, `req.pid` is this process, so the
     // namespaces opened by that pid below are its own (a pid freed and
     // reused by anyone else's container fails the re-check).
-    let held = procfs::PidFd::of_user(req.pid, uid).ok_or_else(|| EngineError(format!("process {} has ended", req.pid)))?;
+    let held = procfs::PidFd::of_user(req.pid, uid).ok_or_else(|| EngineError::Failed(format!("process {} has ended", req.pid)))?;
     let pid_ns = procfs::ns_inode(req.pid, "pid").context(|| format!("process {}", req.pid))?;
     let image = req.image.as_path();
     let image_stamp = storage::stamp(image)?;
@@ -227,7 +233,7 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
     phase("CRIU starts");
     let started = Instant::now();
     let mut criu_cmd = invocation.command()?;
-    held.signal(0).map_err(|_| EngineError(format!("process {} ended while its checkpoint was prepared", req.pid)))?;
+    held.signal(0).map_err(|_| EngineError::Failed(format!("process {} ended while its checkpoint was prepared", req.pid)))?;
     criu_cmd.cmd().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let child = criu_cmd.spawn().context(|| "cannot run CRIU".into())?;
     // Threads only once CRIU is forked: the images, and meanwhile the
@@ -264,15 +270,13 @@ pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, S
         let log = std::fs::read_to_string(staging.work.join(DUMP_LOG)).unwrap_or_default();
         let why = streamed
             .err()
-            .map(|e| e.0)
+            .map(|e| e.to_string())
             .or_else(|| criu::first_error(&log))
             .or_else(|| String::from_utf8_lossy(&out.stderr).lines().last().map(str::to_string))
             .unwrap_or_else(|| format!("exit status {}", out.status));
-        // What happens to the container is the caller's to say; an
-        // earlier checkpoint is named only when there is one.
-        let earlier =
-            if req.target.exists() { format!(" (the checkpoint already at {} is untouched)", req.target.display()) } else { String::new() };
-        return fail(format!("CRIU could not dump process {}: {why}{earlier}", req.pid));
+        // What happens to the container is the caller's to say; `dump`
+        // names the earlier checkpoint, if there is one.
+        return Err(EngineError::Criu(format!("CRIU could not dump process {}: {why}", req.pid)));
     }
     let mut files = streamed?;
     // The pids restore must keep free: those CRIU dumped. A listing of the

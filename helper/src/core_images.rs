@@ -214,7 +214,11 @@ fn read_verified(dir: &Path, f: &ImageFile) -> Result<Vec<u8>> {
     let mut sum = Checksum::default();
     sum.update(&bytes);
     if bytes.len() as u64 != f.size || sum.hex() != f.xxh3 {
-        return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.name));
+        return Err(crate::error::EngineError::Damaged(format!(
+            "checkpoint {} is damaged: checksum of {} does not match the manifest",
+            dir.display(),
+            f.name
+        )));
     }
     Ok(bytes)
 }
@@ -362,7 +366,7 @@ pub fn check_images(
 pub fn check(dir: &Path, m: &Manifest) -> Result<()> {
     let images = read_images(dir, &m.files)?;
     check_images(&images, m.owner.uid, m.owner.gid, || groups_of(m.owner.uid))
-        .or_else(|why| fail(format!("checkpoint {}: {why}: refusing to restore it", dir.display())))
+        .map_err(|why| crate::error::EngineError::Refused(format!("checkpoint {}: {why}: refusing to restore it", dir.display())))
 }
 
 /// Every id the dumped tree is restored with (pids and thread ids as the
@@ -388,7 +392,7 @@ pub fn dumped_ids(dir: &Path, files: &[ImageFile]) -> Result<Vec<i32>> {
 pub fn restored_groups(dir: &Path, m: &Manifest) -> Result<Vec<u32>> {
     let images = read_images(dir, &m.files)?;
     let tree = decode_pstree(&images.pstree).or_else(fail)?;
-    let root = tree.first().map(|p| p.pid).ok_or_else(|| crate::error::EngineError("empty process tree".into()))?;
+    let root = tree.first().map(|p| p.pid).ok_or_else(|| crate::error::EngineError::Failed("empty process tree".into()))?;
     let core = images.cores.get(&root).map(|b| decode_core(&format!("core-{root}.img"), b)).transpose().or_else(fail)?;
     Ok(core.and_then(|c| c.thread_core?.creds).map(|c| c.groups).unwrap_or_default())
 }
@@ -639,13 +643,13 @@ mod tests {
             assert_eq!(read_verified(&dir, &entry).unwrap(), bytes);
         }
         let other = ImageFile { xxh3: "00".into(), ..entry.clone() };
-        let why = read_verified(&dir, &other).unwrap_err().0;
+        let why = read_verified(&dir, &other).unwrap_err().to_string();
         assert!(why.contains(if root { "checksum of core-5.img does not match" } else { "not a root-owned file" }), "{why}");
         let compressed = ImageFile { zstd: true, ..entry.clone() };
-        assert!(read_verified(&dir, &compressed).unwrap_err().0.contains("stored compressed"));
+        assert!(read_verified(&dir, &compressed).unwrap_err().to_string().contains("stored compressed"));
         std::os::unix::fs::symlink(dir.join("core-5.img"), dir.join("core-6.img")).unwrap();
         let link = ImageFile { name: "core-6.img".into(), ..entry };
-        assert!(read_verified(&dir, &link).unwrap_err().0.starts_with("cannot open"));
+        assert!(read_verified(&dir, &link).unwrap_err().to_string().starts_with("cannot open"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

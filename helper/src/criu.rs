@@ -61,6 +61,12 @@ read the container's /etc/ld.so.preload and libraries; use a statically linked C
 
 impl std::error::Error for CriuError {}
 
+impl From<CriuError> for crate::error::EngineError {
+    fn from(e: CriuError) -> Self {
+        crate::error::EngineError::Failed(e.to_string())
+    }
+}
+
 /// Parses the output of `criu --version` ("Version: 4.2.1", then optional lines
 /// such as "GitID: …"). Two-part versions ("Version: 4.1") have patch 0.
 pub fn parse_version(output: &str) -> Option<Version> {
@@ -310,60 +316,47 @@ struct Spawn {
     envp: Vec<std::ffi::CString>,
 }
 
-/// NULL-terminated pointer arrays into `Spawn`'s strings, built before the
-/// fork (the child may not allocate).
-struct ExecArgs(Vec<*const libc::c_char>, Vec<*const libc::c_char>);
-// SAFETY: the pointers point into CStrings owned by the same closure, never
-// freed or changed while it lives.
-unsafe impl Send for ExecArgs {}
-unsafe impl Sync for ExecArgs {}
-
-impl ExecArgs {
-    /// execveat(2) of `fd` itself; returns only on failure.
-    unsafe fn exec(&self, fd: i32) {
-        libc::syscall(libc::SYS_execveat, fd, c"".as_ptr(), self.0.as_ptr(), self.1.as_ptr(), libc::AT_EMPTY_PATH);
-    }
-}
-
 impl Spawn {
+    // `unsafe` outside crate::sys: what must be async-signal-safe is this
+    // hook's body, so only here can it be checked.
+    #[allow(unsafe_code)]
     fn command(self) -> std::process::Command {
+        use crate::sys;
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
-        let ptrs = |v: &[std::ffi::CString]| v.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect::<Vec<_>>();
-        let exec_args = ExecArgs(ptrs(&self.argv), ptrs(&self.envp));
+        let Spawn { binary, mnt, net, uid, gid, groups, caps, fds, argv, envp } = self;
+        // Built before the fork: the child may not allocate.
+        let exec_args = sys::ExecArgs::new(argv, envp);
         // Never executed by path: the pre_exec hook below execs the fd.
         let mut cmd = std::process::Command::new("/nonexistent/criu");
         cmd.env_clear();
-        let Spawn { binary, mnt, net, uid, gid, groups, caps, fds, argv, envp } = self;
-        // SAFETY: runs in the forked child before exec: syscalls only, no
-        // allocation unless one fails (the agent has other threads, which
-        // may hold the allocator's lock at the fork).
+        // SAFETY: runs in the forked child before exec: async-signal-safe
+        // functions of crate::sys, and caps' capset/prctl, which allocate
+        // only when one fails (the agent has other threads, which may hold
+        // the allocator's lock at the fork).
         unsafe {
             cmd.pre_exec(move || {
                 use std::io::Error;
-                let _keep = (&argv, &envp);
-                let check = |rc: libc::c_int| if rc == -1 { Err(Error::last_os_error()) } else { Ok(()) };
                 if let Some(net) = &net {
-                    check(libc::setns(net.as_raw_fd(), libc::CLONE_NEWNET))?;
+                    sys::setns(net.as_raw_fd(), libc::CLONE_NEWNET)?;
                 }
                 if let Some(mnt) = &mnt {
-                    check(libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS))?;
+                    sys::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS)?;
                 }
                 // A session of its own, led inside its PID namespace: with
                 // --shell-job the restored tree joins CRIU's session, which
                 // must not be one the namespace cannot see (getsid 0).
-                check(libc::setsid())?;
+                sys::setsid()?;
                 // Moved out of the way first: a source may sit on another
                 // one's target number.
                 for (from, to) in &fds {
-                    let moved = libc::fcntl(from.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1000);
-                    check(moved)?;
-                    check(libc::dup2(moved, *to))?;
+                    let moved = sys::dup_cloexec_above(from.as_raw_fd(), 1000)?;
+                    sys::dup2(moved, *to)?;
                 }
-                check(libc::setgroups(groups.len(), groups.as_ptr()))?;
-                check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
-                check(libc::setresgid(gid, gid, gid))?;
-                check(libc::setresuid(uid, uid, uid))?;
+                sys::setgroups(&groups)?;
+                sys::keep_caps()?;
+                sys::setresgid(gid)?;
+                sys::setresuid(uid)?;
                 let to_io = |e: caps::errors::CapsError| Error::other(e.to_string());
                 caps::set(None, caps::CapSet::Effective, &caps).map_err(to_io)?;
                 caps::set(None, caps::CapSet::Permitted, &caps).map_err(to_io)?;
@@ -371,8 +364,7 @@ impl Spawn {
                 for cap in &caps {
                     caps::raise(None, caps::CapSet::Ambient, *cap).map_err(to_io)?;
                 }
-                exec_args.exec(binary.as_raw_fd());
-                Err(Error::last_os_error())
+                Err(exec_args.execveat_fd(binary.as_raw_fd()))
             });
         }
         cmd

@@ -25,7 +25,7 @@ use crate::user::User;
 use ckpt_config::Settings;
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -101,30 +101,24 @@ pub fn serve_open_as_user(requests: &[String]) -> Result<()> {
     if nix::unistd::geteuid().is_root() {
         return fail("open-as-user must not run as root");
     }
-    // SAFETY: our parent handed us this socket as fd 3.
-    let sock = unsafe { UnixStream::from_raw_fd(OPENER_FD) };
+    let sock = UnixStream::from(crate::sys::take_inherited_fd(OPENER_FD).context(|| format!("fd {OPENER_FD}"))?);
     for request in requests {
-        let (kind, path) = request.split_once('=').ok_or_else(|| EngineError(format!("bad request {request:?}")))?;
+        let (kind, path) = request.split_once('=').ok_or_else(|| EngineError::Failed(format!("bad request {request:?}")))?;
         let flags = match kind {
             "image" => libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
             "path" => libc::O_PATH | libc::O_CLOEXEC,
             _ => return fail(format!("bad request {request:?}")),
         };
-        let cpath = CString::new(path).map_err(|_| EngineError(format!("{path:?} contains a NUL byte")))?;
-        // SAFETY: plain open(2) of a NUL-terminated path.
-        let fd = unsafe { libc::open(cpath.as_ptr(), flags) };
-        let sent = if fd < 0 {
-            let why = std::io::Error::last_os_error().to_string();
-            send_with_fd(&sock, format!("E{why}").as_bytes(), None)
-        } else {
-            // SAFETY: open just returned it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // Whether the user could change it (mode, ACLs, read-only
-            // mounts all count), asked as the user.
-            let proc_path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
-            // SAFETY: faccessat(2) on a NUL-terminated path.
-            let writable = unsafe { libc::faccessat(libc::AT_FDCWD, proc_path.as_ptr(), libc::W_OK, libc::AT_EACCESS) } == 0;
-            send_with_fd(&sock, if writable { b"Fw" } else { b"Fr" }, Some(fd.as_raw_fd()))
+        let cpath = CString::new(path).map_err(|_| EngineError::Failed(format!("{path:?} contains a NUL byte")))?;
+        let sent = match crate::sys::open(&cpath, flags) {
+            Err(why) => send_with_fd(&sock, format!("E{why}").as_bytes(), None),
+            Ok(fd) => {
+                // Whether the user could change it (mode, ACLs, read-only
+                // mounts all count), asked as the user.
+                let proc_path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL");
+                let writable = crate::sys::writable_by_effective_ids(&proc_path);
+                send_with_fd(&sock, if writable { b"Fw" } else { b"Fr" }, Some(fd.as_raw_fd()))
+            }
         };
         sent.context(|| "cannot answer the helper".into())?;
     }
@@ -141,24 +135,14 @@ fn send_with_fd(sock: &UnixStream, payload: &[u8], fd: Option<RawFd>) -> nix::Re
 /// Opens `paths` as `user` (a separate process that is the user); one
 /// result per path, in order: the descriptor, or why the user cannot open it.
 fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result::Result<Opened, String>>> {
-    use nix::sys::socket::{recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType};
-    use std::os::unix::process::CommandExt;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (ours, theirs) =
         socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).context(|| "socketpair".into())?;
     let helper = std::env::current_exe().context(|| "own path".into())?;
     let mut cmd = user.command(&helper);
     cmd.arg("open-as-user").args(paths.iter().map(|(k, p)| format!("{}={p}", k.tag())));
-    let theirs_fd = theirs.as_raw_fd();
-    // SAFETY: dup2 only, between fork and exec (runs after the identity
-    // change registered by `User::command`).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(theirs_fd, OPENER_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Runs after the identity change registered by `User::command`.
+    crate::sys::on_exec_dup2(&mut cmd, theirs.as_raw_fd(), OPENER_FD);
     let mut child = cmd.spawn().context(|| "cannot start a process as the user".into())?;
     drop(theirs);
     let sock = UnixStream::from(ours);
@@ -169,11 +153,8 @@ fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result
         let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
         sock.set_read_timeout(Some(left)).context(|| "socket".into())?;
         let mut buf = [0u8; 4096];
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!([RawFd; 1]);
-        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC);
-        let msg = match msg {
-            Ok(m) if m.bytes > 0 => m,
+        let (bytes, fds) = match crate::sys::recv_with_fds::<1>(&sock, &mut buf) {
+            Ok((bytes, fds)) if bytes > 0 => (bytes, fds),
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -183,17 +164,7 @@ fn open_as_user(user: &User, paths: &[(Kind, String)]) -> Result<Vec<std::result
                 ));
             }
         };
-        let mut fd = None;
-        for c in msg.cmsgs().context(|| "bad control message".into())? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for f in fds {
-                    // SAFETY: the kernel just installed it for us.
-                    let owned = unsafe { OwnedFd::from_raw_fd(f) };
-                    fd.get_or_insert(owned);
-                }
-            }
-        }
-        let bytes = msg.bytes;
+        let fd = fds.into_iter().next();
         let text = String::from_utf8_lossy(&buf[..bytes]).into_owned();
         out.push(match (text.as_bytes().first(), fd) {
             (Some(b'F'), Some(fd)) => Ok(Opened { fd, writable_by_user: text.as_bytes().get(1) != Some(&b'r') }),
@@ -378,7 +349,7 @@ const SIF_DESCRIPTOR_SIZE: usize = 585;
 pub fn sif_partitions(file: &File) -> Result<Vec<i32>> {
     use std::os::unix::fs::FileExt;
     let mut header = [0u8; 128];
-    file.read_exact_at(&mut header, 0).map_err(|_| EngineError("the container image is not a SIF file (too short)".into()))?;
+    file.read_exact_at(&mut header, 0).map_err(|_| EngineError::Failed("the container image is not a SIF file (too short)".into()))?;
     if &header[32..41] != b"SIF_MAGIC" {
         return fail("the container image is not a SIF file");
     }
@@ -389,7 +360,7 @@ pub fn sif_partitions(file: &File) -> Result<Vec<i32>> {
     }
     let mut descriptors = vec![0u8; total as usize * SIF_DESCRIPTOR_SIZE];
     file.read_exact_at(&mut descriptors, offset as u64)
-        .map_err(|_| EngineError("the container image's SIF descriptors are truncated".into()))?;
+        .map_err(|_| EngineError::Failed("the container image's SIF descriptors are truncated".into()))?;
     let mut out = Vec::new();
     for d in descriptors.chunks(SIF_DESCRIPTOR_SIZE) {
         let datatype = i32::from_le_bytes(d[0..4].try_into().unwrap());
@@ -413,8 +384,7 @@ fn check_image(conf: &ApptainerConf, user: &User, opened: &Opened, real_path: &s
     // kernel: the user must not be able to change it in between, or while
     // it is mounted (a filesystem image rewritten under the kernel).
     let group_writable = st.st_mode & 0o020 != 0 && (st.st_gid == user.gid || user.groups.contains(&st.st_gid));
-    // SAFETY: fgetxattr(2) size query of a fixed name on an fd we own.
-    let has_acl = unsafe { libc::fgetxattr(image.as_raw_fd(), c"system.posix_acl_access".as_ptr(), std::ptr::null_mut(), 0) } > 0;
+    let has_acl = crate::sys::has_xattr(image, c"system.posix_acl_access");
     // Decided here from the inode, whatever mount she opened it through;
     // her own answer (`writable_by_user`) only adds to it.
     if opened.writable_by_user || st.st_uid == user.uid || group_writable || st.st_mode & 0o002 != 0 || has_acl {
@@ -568,7 +538,7 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     let mut opened = open_as_user(user, &wanted)?
         .into_iter()
         .zip(&wanted)
-        .map(|(r, (_, p))| r.map_err(|why| EngineError(format!("{p} cannot be opened by you: {why}"))));
+        .map(|(r, (_, p))| r.map_err(|why| EngineError::Failed(format!("{p} cannot be opened by you: {why}"))));
     let mut next = || opened.next().expect("one answer per path");
 
     let image_opened = next()?;

@@ -19,11 +19,11 @@
 
 use crate::error::{fail, Context, Result};
 use ckpt_config::Settings;
-use nix::fcntl::{openat, renameat, OFlag};
+use nix::fcntl::{renameat, OFlag};
 use nix::sys::stat::{fstat, mkdirat, Mode};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 /// What a user sees of one of her checkpoints.
@@ -58,9 +58,7 @@ fn by_user(settings: &Settings) -> PathBuf {
 
 fn open_dir_at(parent: Option<&OwnedFd>, path: &std::path::Path) -> nix::Result<OwnedFd> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = openat(parent.map(|p| p.as_raw_fd()), path, flags, Mode::empty())?;
-    // SAFETY: just returned by openat, owned once.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::sys::openat(parent.map(|p| p.as_raw_fd()), path, flags, Mode::empty())
 }
 
 /// The user's entry directory, created on first use (as root).
@@ -91,11 +89,10 @@ pub fn record(settings: &Settings, uid: u32, gid: u32, entry: &Entry) -> Result<
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
     let tmp = format!(".{}.{}-{nanos}", entry.file_name(), std::process::id());
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = openat(Some(dir.as_raw_fd()), tmp.as_str(), flags, Mode::from_bits_truncate(0o600))
+    let fd = crate::sys::openat(Some(dir.as_raw_fd()), tmp.as_str(), flags, Mode::from_bits_truncate(0o600))
         .context(|| "cannot create a list entry".into())?;
-    // SAFETY: just returned by openat, owned once.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    let text = toml::to_string(entry).map_err(|e| crate::error::EngineError(e.to_string()))?;
+    let mut file = std::fs::File::from(fd);
+    let text = toml::to_string(entry).map_err(|e| crate::error::EngineError::Failed(e.to_string()))?;
     file.write_all(text.as_bytes()).context(|| "cannot write a list entry".into())?;
     nix::unistd::fchown(file.as_raw_fd(), Some(uid.into()), Some(gid.into())).context(|| "chown".into())?;
     renameat(Some(dir.as_raw_fd()), tmp.as_str(), Some(dir.as_raw_fd()), entry.file_name().as_str())

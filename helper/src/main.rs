@@ -4,11 +4,13 @@
 //! why), 2 bad usage. `restore` waits for the restored program and exits
 //! with its exit code.
 
+#![deny(unsafe_code)]
+
 use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
 use checkpoint_container::runtime::ContainerCommand;
-use checkpoint_container::{agent, criu, launch, listing, namespaces, storage, task};
+use checkpoint_container::{agent, criu, launch, listing, namespaces, storage, sys, task};
 use ckpt_config::{read_optional_file, Settings};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -226,14 +228,9 @@ fn main() -> ExitCode {
 /// Leaves slurmstepd's process tree (it reaps its own children only) and
 /// sends our output to the agent log: the plugin waits only for the parent.
 fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    use nix::unistd::{fork, setsid, ForkResult};
     use std::os::fd::AsRawFd;
-    // SAFETY: single-threaded at this point.
-    match unsafe { fork() }? {
-        ForkResult::Parent { .. } => std::process::exit(0),
-        ForkResult::Child => {}
-    }
-    setsid()?;
+    sys::fork_exit_parent()?;
+    nix::unistd::setsid()?;
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).or_else(|_| std::fs::File::create("/dev/null"))?;
     let null = std::fs::File::open("/dev/null")?;
     nix::unistd::dup2(null.as_raw_fd(), 0)?;
@@ -242,10 +239,8 @@ fn daemonize(log: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     drop((out, null));
     // slurmstepd's own descriptors (its sockets, other tasks' PMI sockets)
     // stop here: nothing the agent starts for the user may inherit them.
-    // SAFETY: close_range on numbers no Rust object owns any more.
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    // No Rust object owns any of them any more.
+    sys::close_range_from(3)?;
     Ok(())
 }
 
@@ -311,22 +306,20 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             launch::private_mount_namespace()?;
             // The status fd is for this process alone, not for the
             // container and CRIU it starts.
-            if let Some(fd) = status_fd {
-                // SAFETY: fcntl on an fd number the caller gave us.
-                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            let status = status_fd.map(sys::take_inherited_fd).transpose()?.map(std::fs::File::from);
+            if let Some(f) = &status {
+                nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
             }
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
             let done = restore(&settings, &req, |m, secs, pid| {
                 let line = format!("restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());
-                match status_fd {
+                match status {
                     // The agent signals and dumps the program by this pid
                     // (the container's namespace numbers it differently),
-                    // and tells the user once the step goes on.
-                    Some(fd) => {
+                    // and tells the user once the step goes on. Closed
+                    // once written: the line is all the fd is for.
+                    Some(mut f) => {
                         use std::io::Write;
-                        use std::os::fd::FromRawFd;
-                        // SAFETY: the caller handed us this fd for this one line.
-                        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
                         let _ = writeln!(f, "restored {} {line}", pid.unwrap_or(0));
                     }
                     None => eprintln!("checkpoint-container: {line}"),

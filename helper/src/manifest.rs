@@ -214,9 +214,9 @@ mod tests {
     #[test]
     fn refuses_unknown_fields_and_formats() {
         let text = sample().to_toml().replace(&format!("format = {FORMAT}"), "format = 9");
-        assert!(Manifest::parse(Path::new("m"), &text).unwrap_err().0.contains("format 9"));
+        assert!(Manifest::parse(Path::new("m"), &text).unwrap_err().to_string().contains("format 9"));
         let text = format!("extra = 1\n{}", sample().to_toml());
         assert!(Manifest::parse(Path::new("m"), &text).is_err());
-        assert!(Manifest::parse(Path::new("m"), "garbage").unwrap_err().0.starts_with("m is not a valid manifest"));
+        assert!(Manifest::parse(Path::new("m"), "garbage").unwrap_err().to_string().starts_with("m is not a valid manifest"));
     }
 }

@@ -59,10 +59,7 @@ pub fn spawn_init(cmd: &mut Command, network: ContainerNetwork) -> io::Result<Ch
     }
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: unshare(2) of this thread's namespaces.
-            if unsafe { libc::unshare(flags) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            nix::sched::unshare(nix::sched::CloneFlags::from_bits_retain(flags))?;
             cmd.spawn()
         })
         .join()
@@ -79,10 +76,7 @@ pub fn spawn_in_pid_ns(cmd: &mut Command, pid_ns: Option<&File>) -> io::Result<C
     let fd = ns.as_raw_fd();
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: setns(2) of this thread's PID namespace for children.
-            if unsafe { libc::setns(fd, libc::CLONE_NEWPID) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            crate::sys::setns(fd, libc::CLONE_NEWPID)?;
             cmd.spawn()
         })
         .join()
@@ -92,28 +86,7 @@ pub fn spawn_in_pid_ns(cmd: &mut Command, pid_ns: Option<&File>) -> io::Result<C
 
 /// Brings the namespace's `lo` up (its only interface).
 fn loopback_up() -> io::Result<()> {
-    // SAFETY: a socket and two ioctls on a zeroed ifreq we own.
-    unsafe {
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if sock < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-            *d = *s as libc::c_char;
-        }
-        let mut rc = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr);
-        if rc == 0 {
-            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            rc = libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr);
-        }
-        let err = io::Error::last_os_error();
-        libc::close(sock);
-        if rc != 0 {
-            return Err(err);
-        }
-    }
-    Ok(())
+    crate::sys::set_loopback_up()
 }
 
 /// The namespace's own /proc, in a mount namespace of the init's (a slave
@@ -195,15 +168,8 @@ const NS_GET_PARENT: libc::c_ulong = 0xb702;
 
 /// The namespace `ioctl` (NS_GET_USERNS, NS_GET_PARENT) returns for `ns`.
 fn related(ns: &File, request: libc::c_ulong) -> std::result::Result<u64, String> {
-    use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: these ioctls return a new fd or -1.
-    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), request) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    // SAFETY: just returned by the kernel, owned here only.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = File::from(crate::sys::ns_ioctl_fd(ns, request).map_err(|e| e.to_string())?);
     file.metadata().map(|m| m.ino()).map_err(|e| e.to_string())
 }
 

@@ -21,6 +21,7 @@
 use crate::error::{fail, Context, EngineError, Result};
 use crate::manifest::{Checksum, ImageFile, Manifest, NodeLocalFile};
 use crate::procfs::{self, Pid};
+use crate::sys;
 use crate::user::User;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -122,7 +123,7 @@ fn human(bytes: u64) -> String {
 }
 
 fn too_big(root: Pid, total: u64, limit: u64, biggest: (&str, u64)) -> EngineError {
-    EngineError(format!(
+    EngineError::Failed(format!(
         "node-local files of process {root} take {}, more than node_local_files_max ({}); the biggest is {} ({})",
         human(total),
         human(limit),
@@ -227,7 +228,7 @@ node-local files can travel with a checkpoint",
     } else {
         let mnt = crate::namespaces::open_checked(root)
             .map(|joined| joined.mnt)
-            .map_err(|why| EngineError(format!("refusing to read the node-local files of process {root}: {why}")))?;
+            .map_err(|why| EngineError::Failed(format!("refusing to read the node-local files of process {root}: {why}")))?;
         Some((mnt, User::lookup(uid, gid)?))
     };
     Ok(Pending { root, files, dirs, mnt })
@@ -251,7 +252,7 @@ impl Pending {
             let mut dest = crate::storage::create_private(&dir.join(&name))?;
             let copied = read_as_user(mnt, user, f, &mut dest, limit - used, deadline).map_err(|e| match e {
                 Copy::TooBig(size) => too_big(self.root, used + size, limit, (&f.path, size)),
-                Copy::Failed(why) => EngineError(format!("cannot save node-local file {}: {why}", f.path)),
+                Copy::Failed(why) => EngineError::Failed(format!("cannot save node-local file {}: {why}", f.path)),
             })?;
             used += copied.size;
             sealed.push(ImageFile { name: name.clone(), size: copied.size, xxh3: copied.xxh3, zstd: false });
@@ -276,10 +277,11 @@ pub fn recreate(m: &Manifest, dir: &Path, placeholder: &procfs::PidFd) -> Result
         return Ok(());
     }
     let pid = placeholder.pid;
-    let mnt = crate::namespaces::open_checked(pid).map_err(|why| EngineError(format!("refusing to write node-local files: {why}")))?.mnt;
+    let mnt =
+        crate::namespaces::open_checked(pid).map_err(|why| EngineError::Failed(format!("refusing to write node-local files: {why}")))?.mnt;
     // Still the placeholder once its namespace is open: a pid freed and
     // reused by another container would have its namespace opened.
-    placeholder.signal(0).map_err(|_| EngineError(format!("refusing to write node-local files: process {pid} has ended")))?;
+    placeholder.signal(0).map_err(|_| EngineError::Failed(format!("refusing to write node-local files: process {pid} has ended")))?;
     let user = User::lookup(m.owner.uid, m.owner.gid)?;
     let deadline = Instant::now() + TIMEOUT;
     make_dirs_as_user(&mnt, &user, &m.node_local_dirs, deadline)?;
@@ -294,10 +296,14 @@ pub fn recreate(m: &Manifest, dir: &Path, placeholder: &procfs::PidFd) -> Result
         let src =
             File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).context(|| format!("cannot open {}", path.display()))?;
         if crate::storage::checksum(&path)? != entry.xxh3 || src.metadata().map(|md| md.len()).ok() != Some(f.size) {
-            return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.data));
+            return Err(EngineError::Damaged(format!(
+                "checkpoint {} is damaged: checksum of {} does not match the manifest",
+                dir.display(),
+                f.data
+            )));
         }
         write_as_user(&mnt, &user, f, src, deadline)
-            .map_err(|why| EngineError(format!("cannot recreate node-local file {}: {why}", f.path)))?;
+            .map_err(|why| EngineError::Failed(format!("cannot recreate node-local file {}: {why}", f.path)))?;
     }
     Ok(())
 }
@@ -314,7 +320,6 @@ const ATTRS: u32 = 7;
 const MKDIR: u32 = 8;
 
 /// The child's report: stage, errno, then size, mode, gid of the file.
-#[repr(C)]
 #[derive(Default, Clone, Copy)]
 struct Report {
     stage: u32,
@@ -324,7 +329,31 @@ struct Report {
     gid: u32,
 }
 
+const REPORT_LEN: usize = 24;
+
 impl Report {
+    /// Sent as is through a pipe (allocation-free: the child's side).
+    fn to_bytes(self) -> [u8; REPORT_LEN] {
+        let mut b = [0u8; REPORT_LEN];
+        b[0..4].copy_from_slice(&self.stage.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.errno.to_ne_bytes());
+        b[8..16].copy_from_slice(&self.size.to_ne_bytes());
+        b[16..20].copy_from_slice(&self.mode.to_ne_bytes());
+        b[20..24].copy_from_slice(&self.gid.to_ne_bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8; REPORT_LEN]) -> Report {
+        let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        Report {
+            stage: u32_at(0),
+            errno: u32_at(4) as i32,
+            size: u64::from_ne_bytes(b[8..16].try_into().expect("8 bytes")),
+            mode: u32_at(16),
+            gid: u32_at(20),
+        }
+    }
+
     fn why(&self, uid: u32) -> String {
         let err = std::io::Error::from_raw_os_error(self.errno);
         match self.stage {
@@ -350,83 +379,50 @@ struct Ids<'a> {
 
 /// In the forked child: moves `keep` to fds 0.. and closes every other fd
 /// (root's, inherited), enters `mnt`, and becomes the user with no
-/// capability (setresuid away from 0 clears them all). Syscalls only.
-unsafe fn enter_as_user(mnt: RawFd, keep: &[RawFd], ids: &Ids) -> std::result::Result<(), (u32, i32)> {
-    let errno = || *libc::__errno_location();
+/// capability (setresuid away from 0 clears them all). Async-signal-safe.
+fn enter_as_user(mnt: RawFd, keep: &[RawFd], ids: &Ids) -> std::result::Result<(), (u32, i32)> {
+    let at = |stage: u32| move |e: std::io::Error| (stage, e.raw_os_error().unwrap_or(0));
     let mut high = [-1; 3];
     for (i, &fd) in keep.iter().chain([&mnt]).enumerate() {
-        high[i] = libc::fcntl(fd, libc::F_DUPFD, 100);
+        high[i] = sys::dup_above(fd, 100).map_err(at(ENTER))?;
     }
     let n = keep.len() + 1;
     for (i, &fd) in high[..n].iter().enumerate() {
-        if fd < 0 || libc::dup2(fd, i as RawFd) < 0 {
-            return Err((ENTER, errno()));
-        }
+        sys::dup2(fd, i as RawFd).map_err(at(ENTER))?;
     }
-    libc::syscall(libc::SYS_close_range, n as u32, u32::MAX, 0u32);
-    if libc::setns(keep.len() as RawFd, libc::CLONE_NEWNS) != 0 {
-        return Err((ENTER, errno()));
-    }
-    libc::close(keep.len() as RawFd);
+    let _ = sys::close_range_from(n as u32);
+    sys::setns(keep.len() as RawFd, libc::CLONE_NEWNS).map_err(at(ENTER))?;
+    sys::close(keep.len() as RawFd);
     // Not traceable by the user once it is hers (it carries a copy of the
     // root agent's memory), whatever fs.suid_dumpable says.
-    if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-        return Err((BECOME, errno()));
-    }
-    if libc::setgroups(ids.groups.len(), ids.groups.as_ptr()) != 0
-        || libc::setresgid(ids.gid, ids.gid, ids.gid) != 0
-        || libc::setresuid(ids.uid, ids.uid, ids.uid) != 0
-        || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-    {
-        return Err((BECOME, errno()));
-    }
-    Ok(())
+    sys::set_not_dumpable().map_err(at(BECOME))?;
+    sys::setgroups(ids.groups)
+        .and_then(|()| sys::setresgid(ids.gid))
+        .and_then(|()| sys::setresuid(ids.uid))
+        .and_then(|()| sys::set_no_new_privs())
+        .map_err(at(BECOME))
 }
 
-/// openat2 of an absolute path from the namespace's root, following no
-/// symlink in any component (nor /proc magic links).
-unsafe fn open_no_symlinks(path: &CString, flags: i32, mode: u32) -> RawFd {
-    // struct open_how of openat2(2) (libc's is non-exhaustive).
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow { flags: flags as u64, mode: mode as u64, resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS };
-    libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>()) as RawFd
+fn send_report(fd: RawFd, r: &Report) {
+    let _ = sys::write(fd, &r.to_bytes());
 }
 
-unsafe fn send_report(fd: RawFd, r: &Report) {
-    libc::write(fd, r as *const Report as *const libc::c_void, std::mem::size_of::<Report>());
-}
-
-/// Forks; the child runs `body` and exits with its result.
-fn fork(body: impl FnOnce() -> i32) -> Result<libc::pid_t> {
-    // SAFETY: the child only runs `body`, which makes syscalls on data
-    // prepared before the fork, then _exit.
-    match unsafe { libc::fork() } {
-        -1 => fail(format!("cannot fork: {}", std::io::Error::last_os_error())),
-        0 => unsafe { libc::_exit(body()) },
-        pid => Ok(pid),
-    }
+fn forked(child: std::io::Result<libc::pid_t>) -> Result<libc::pid_t> {
+    child.or_else(|e| fail(format!("cannot fork: {e}")))
 }
 
 /// Reaps the child, killing it first if it outlives `deadline`.
 fn reap(pid: libc::pid_t, deadline: Instant) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let pid = nix::unistd::Pid::from_raw(pid);
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid on our own child.
-        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if rc != 0 {
+        if !matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive)) {
             return;
         }
         if Instant::now() > deadline {
-            // SAFETY: our unreaped child: the pid cannot have been reused.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
+            // Our unreaped child: the pid cannot have been reused.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(pid, None);
             return;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -441,13 +437,9 @@ fn pipe() -> Result<(File, File)> {
 /// Waits until `fd` is ready for `events`, at most until `deadline`.
 fn wait_ready(fd: &File, events: i16, deadline: Instant) -> std::io::Result<()> {
     let left = deadline.saturating_duration_since(Instant::now());
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
-    // SAFETY: poll on one fd we own.
-    let rc = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-    match rc {
-        0 => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("not done within {} s", TIMEOUT.as_secs()))),
-        n if n < 0 => Err(std::io::Error::last_os_error()),
-        _ => Ok(()),
+    match sys::poll_one(fd, events, left.as_millis().min(i32::MAX as u128) as i32)? {
+        false => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("not done within {} s", TIMEOUT.as_secs()))),
+        true => Ok(()),
     }
 }
 
@@ -463,9 +455,7 @@ fn read_by(fd: &mut File, buf: &mut [u8], deadline: Instant) -> std::io::Result<
 }
 
 fn read_report(fd: &mut File, deadline: Instant) -> std::io::Result<Option<Report>> {
-    let mut r = Report::default();
-    // SAFETY: Report is plain integers; any bytes are a valid value.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(&mut r as *mut Report as *mut u8, std::mem::size_of::<Report>()) };
+    let mut bytes = [0u8; REPORT_LEN];
     let mut got = 0;
     while got < bytes.len() {
         match read_by(fd, &mut bytes[got..], deadline)? {
@@ -473,7 +463,7 @@ fn read_report(fd: &mut File, deadline: Instant) -> std::io::Result<Option<Repor
             n => got += n,
         }
     }
-    Ok(Some(r))
+    Ok(Some(Report::from_bytes(&bytes)))
 }
 
 fn nonblocking(f: &File) -> Result<()> {
@@ -498,49 +488,54 @@ struct Copied {
 fn read_as_user(mnt: &File, user: &User, f: &Found, dest: &mut File, room: u64, deadline: Instant) -> std::result::Result<Copied, Copy> {
     let failed = |e: String| Copy::Failed(e);
     let path = CString::new(f.path.clone()).map_err(|_| failed("its path contains a NUL byte".into()))?;
-    let (mut from_child, to_root) = pipe().map_err(|e| failed(e.0))?;
+    let (mut from_child, to_root) = pipe().map_err(|e| failed(e.to_string()))?;
     let ids = Ids { uid: user.uid, gid: user.gid, groups: &user.groups };
     let (dev, ino, out, mnt_fd) = (f.dev, f.ino, to_root.as_raw_fd(), mnt.as_raw_fd());
-    // SAFETY: in the forked child: syscalls on fds and data prepared before
-    // the fork; the report is plain integers.
-    let child = fork(|| unsafe {
-        let mut r = Report::default();
-        if let Err((stage, errno)) = enter_as_user(mnt_fd, &[out], &ids) {
-            r.stage = stage;
-            r.errno = errno;
-            send_report(0, &r);
-            return 1;
-        }
-        let fd = open_no_symlinks(&path, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC, 0);
-        let mut st: libc::stat = std::mem::zeroed();
-        if fd < 0 {
-            r.stage = OPEN;
-        } else if libc::fstat(fd, &mut st) != 0 {
-            r.stage = IO;
-        } else if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_dev != dev || st.st_ino != ino {
-            r.stage = REPLACED;
-        }
-        if r.stage != DONE {
-            r.errno = *libc::__errno_location();
-            send_report(0, &r);
-            return 1;
-        }
-        (r.size, r.mode, r.gid) = (st.st_size as u64, st.st_mode & 0o7777, st.st_gid);
-        send_report(0, &r);
-        let mut sent = 0u64;
-        while sent < r.size {
-            let n = libc::sendfile(0, fd, std::ptr::null_mut(), (r.size - sent).min(CHUNK as u64) as usize);
-            if n <= 0 {
+    #[allow(unsafe_code)]
+    // SAFETY: the child calls only async-signal-safe functions of sys, on
+    // fds and data prepared before the fork; the report is plain integers.
+    let child = forked(unsafe {
+        sys::fork_child(|| {
+            let mut r = Report::default();
+            if let Err((stage, errno)) = enter_as_user(mnt_fd, &[out], &ids) {
+                (r.stage, r.errno) = (stage, errno);
+                send_report(0, &r);
                 return 1;
             }
-            sent += n as u64;
-        }
-        0
+            let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC;
+            let opened = sys::open_no_symlinks(&path, flags, 0).map_err(|e| (OPEN, e)).and_then(|fd| {
+                let st = sys::fstat(fd).map_err(|e| (IO, e))?;
+                Ok((fd, st))
+            });
+            let (fd, st) = match opened {
+                Ok((_, st)) if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_dev != dev || st.st_ino != ino => {
+                    (r.stage, r.errno) = (REPLACED, 0);
+                    send_report(0, &r);
+                    return 1;
+                }
+                Ok(found) => found,
+                Err((stage, e)) => {
+                    (r.stage, r.errno) = (stage, e.raw_os_error().unwrap_or(0));
+                    send_report(0, &r);
+                    return 1;
+                }
+            };
+            (r.size, r.mode, r.gid) = (st.st_size as u64, st.st_mode & 0o7777, st.st_gid);
+            send_report(0, &r);
+            let mut sent = 0u64;
+            while sent < r.size {
+                match sys::sendfile(0, fd, (r.size - sent).min(CHUNK as u64) as usize) {
+                    Ok(n) if n > 0 => sent += n as u64,
+                    _ => return 1,
+                }
+            }
+            0
+        })
     })
-    .map_err(|e| failed(e.0))?;
+    .map_err(|e| failed(e.to_string()))?;
     drop(to_root);
     let result = (|| {
-        nonblocking(&from_child).map_err(|e| failed(e.0))?;
+        nonblocking(&from_child).map_err(|e| failed(e.to_string()))?;
         let io = |e: std::io::Error| failed(format!("reading it from the copier: {e}"));
         let report = read_report(&mut from_child, deadline).map_err(io)?.ok_or_else(|| failed("the copier ended without a word".into()))?;
         if report.stage != DONE {
@@ -580,27 +575,30 @@ fn make_dirs_as_user(mnt: &File, user: &User, dirs: &[String], deadline: Instant
     let (mut status_r, status_w) = pipe()?;
     let ids = Ids { uid: user.uid, gid: user.gid, groups: &user.groups };
     let (mnt_fd, keep) = (mnt.as_raw_fd(), [status_w.as_raw_fd()]);
-    // SAFETY: in the forked child: syscalls on fds and data prepared before
-    // the fork.
-    let child = fork(|| unsafe {
-        let mut r = Report::default();
-        if let Err((stage, errno)) = enter_as_user(mnt_fd, &keep, &ids) {
-            (r.stage, r.errno) = (stage, errno);
-            send_report(0, &r);
-            return 1;
-        }
-        for (i, p) in paths.iter().enumerate() {
-            if libc::mkdir(p.as_ptr(), 0o700) != 0 && *libc::__errno_location() != libc::EEXIST {
-                (r.stage, r.errno, r.size) = (MKDIR, *libc::__errno_location(), i as u64);
+    #[allow(unsafe_code)]
+    // SAFETY: the child calls only async-signal-safe functions of sys, on
+    // fds and data prepared before the fork.
+    let child = forked(unsafe {
+        sys::fork_child(|| {
+            let mut r = Report::default();
+            if let Err((stage, errno)) = enter_as_user(mnt_fd, &keep, &ids) {
+                (r.stage, r.errno) = (stage, errno);
                 send_report(0, &r);
                 return 1;
             }
-        }
-        send_report(0, &r);
-        0
+            for (i, p) in paths.iter().enumerate() {
+                if let Err(e) = sys::mkdir_if_missing(p, 0o700) {
+                    (r.stage, r.errno, r.size) = (MKDIR, e.raw_os_error().unwrap_or(0), i as u64);
+                    send_report(0, &r);
+                    return 1;
+                }
+            }
+            send_report(0, &r);
+            0
+        })
     })?;
     drop(status_w);
-    let report = nonblocking(&status_r).and_then(|()| read_report(&mut status_r, deadline).map_err(|e| EngineError(e.to_string())));
+    let report = nonblocking(&status_r).and_then(|()| read_report(&mut status_r, deadline).map_err(|e| EngineError::Failed(e.to_string())));
     reap(child, deadline);
     match report? {
         Some(r) if r.stage == DONE => Ok(()),
@@ -616,76 +614,70 @@ fn make_dirs_as_user(mnt: &File, user: &User, dirs: &[String], deadline: Instant
 /// regular file of hers) with the bytes root sends from `src`.
 fn write_as_user(mnt: &File, user: &User, f: &NodeLocalFile, mut src: File, deadline: Instant) -> std::result::Result<(), String> {
     let path = CString::new(f.path.clone()).map_err(|_| "its path contains a NUL byte".to_string())?;
-    let (from_root, mut to_child) = pipe().map_err(|e| e.0)?;
-    let (mut status_r, status_w) = pipe().map_err(|e| e.0)?;
+    let (from_root, mut to_child) = pipe().map_err(|e| e.to_string())?;
+    let (mut status_r, status_w) = pipe().map_err(|e| e.to_string())?;
     let ids = Ids { uid: user.uid, gid: user.gid, groups: &user.groups };
     let mut buf = vec![0u8; CHUNK];
     let (mode, gid, mnt_fd) = (f.mode & 0o7777, f.gid, mnt.as_raw_fd());
     let keep = [from_root.as_raw_fd(), status_w.as_raw_fd()];
-    let bufp = buf.as_mut_ptr();
-    // SAFETY: in the forked child: syscalls on fds and data prepared before
-    // the fork (`bufp` is CHUNK bytes, the parent's copy untouched).
-    let child = fork(|| unsafe {
-        let mut r = Report::default();
-        let fail_with = |mut r: Report, stage: u32| {
-            r.stage = stage;
-            r.errno = *libc::__errno_location();
-            send_report(1, &r);
-            1
-        };
-        if let Err((stage, errno)) = enter_as_user(mnt_fd, &keep, &ids) {
-            r.stage = stage;
-            r.errno = errno;
-            send_report(1, &r);
-            return 1;
-        }
-        let fd = open_no_symlinks(
-            &path,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            0o600,
-        );
-        if fd < 0 {
-            return fail_with(r, OPEN);
-        }
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd, &mut st) != 0 {
-            return fail_with(r, IO);
-        }
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != ids.uid {
-            return fail_with(r, NOT_HERS);
-        }
-        if libc::ftruncate(fd, 0) != 0 {
-            return fail_with(r, IO);
-        }
-        loop {
-            let n = libc::read(0, bufp as *mut libc::c_void, CHUNK);
-            if n < 0 {
-                return fail_with(r, IO);
+    #[allow(unsafe_code)]
+    // SAFETY: the child calls only async-signal-safe functions of sys, on
+    // fds and data prepared before the fork (`buf` is the child's copy).
+    let child = forked(unsafe {
+        sys::fork_child(|| {
+            let mut r = Report::default();
+            let fail_with = |mut r: Report, stage: u32, errno: i32| {
+                (r.stage, r.errno) = (stage, errno);
+                send_report(1, &r);
+                1
+            };
+            let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
+            if let Err((stage, errno)) = enter_as_user(mnt_fd, &keep, &ids) {
+                return fail_with(r, stage, errno);
             }
-            if n == 0 {
-                break;
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC;
+            let fd = match sys::open_no_symlinks(&path, flags, 0o600) {
+                Ok(fd) => fd,
+                Err(e) => return fail_with(r, OPEN, errno(e)),
+            };
+            let st = match sys::fstat(fd) {
+                Ok(st) => st,
+                Err(e) => return fail_with(r, IO, errno(e)),
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != ids.uid {
+                return fail_with(r, NOT_HERS, 0);
             }
-            let mut done = 0isize;
-            while done < n {
-                let w = libc::write(fd, bufp.offset(done) as *const libc::c_void, (n - done) as usize);
-                if w <= 0 {
-                    return fail_with(r, IO);
+            if let Err(e) = sys::truncate_to_zero(fd) {
+                return fail_with(r, IO, errno(e));
+            }
+            loop {
+                let n = match sys::read(0, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => return fail_with(r, IO, errno(e)),
+                };
+                let mut done = 0;
+                while done < n {
+                    match sys::write(fd, &buf[done..n]) {
+                        Ok(w) if w > 0 => done += w,
+                        Ok(_) => return fail_with(r, IO, 0),
+                        Err(e) => return fail_with(r, IO, errno(e)),
+                    }
                 }
-                done += w;
+                r.size += n as u64;
             }
-            r.size += n as u64;
-        }
-        if libc::fchmod(fd, mode) != 0 || (st.st_gid != gid && libc::fchown(fd, u32::MAX, gid) != 0) {
-            return fail_with(r, ATTRS);
-        }
-        send_report(1, &r);
-        0
+            if let Err(e) = sys::fchmod(fd, mode).and_then(|()| if st.st_gid != gid { sys::fchown_group(fd, gid) } else { Ok(()) }) {
+                return fail_with(r, ATTRS, errno(e));
+            }
+            send_report(1, &r);
+            0
+        })
     })
-    .map_err(|e| e.0)?;
+    .map_err(|e| e.to_string())?;
     drop((from_root, status_w));
     let result = (|| {
-        nonblocking(&to_child).map_err(|e| e.0)?;
-        nonblocking(&status_r).map_err(|e| e.0)?;
+        nonblocking(&to_child).map_err(|e| e.to_string())?;
+        nonblocking(&status_r).map_err(|e| e.to_string())?;
         let io = |e: std::io::Error| format!("sending it to the writer: {e}");
         'send: loop {
             let n = std::io::Read::read(&mut src, &mut buf).map_err(|e| format!("cannot read the checkpoint: {e}"))?;
@@ -744,7 +736,7 @@ mod tests {
     fn the_size_message_names_size_limit_and_biggest_file() {
         let e = too_big(42, 5 << 20, 1 << 20, ("/dev/shm/big", 4 << 20));
         assert_eq!(
-            e.0,
+            e.to_string(),
             "node-local files of process 42 take 5.0 MiB, more than node_local_files_max (1.0 MiB); the biggest is /dev/shm/big (4.0 MiB)"
         );
     }

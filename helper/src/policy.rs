@@ -11,8 +11,13 @@
 //! (escapes, whitespace it trims, options it ignores) is refused rather than
 //! interpreted: the check and the use must see the same thing.
 
-use crate::error::{fail, Result};
+use crate::error::{EngineError, Result};
 use crate::runtime::apptainer::{flag, ContainerCommand, Use, FLAGS, GLOBAL_FLAGS};
+
+/// Every failure here is a refusal (matched as such by callers).
+fn refused<T>(msg: impl Into<String>) -> Result<T> {
+    Err(EngineError::Refused(msg.into()))
+}
 
 /// Environment variables Apptainer reads as binds (sites' modules set them).
 pub const BIND_ENV: &[&str] = &["APPTAINER_BIND", "APPTAINER_BINDPATH", "SINGULARITY_BIND", "SINGULARITY_BINDPATH"];
@@ -60,7 +65,7 @@ fn options(argv: &[String], start: usize, image: usize) -> Result<Vec<(String, O
             out.push((flag.to_string(), Some(value.to_string())));
         } else if crate::runtime::apptainer::takes_value(arg) {
             if i + 1 >= image {
-                return fail(format!("apptainer option {arg} has no value"));
+                return refused(format!("apptainer option {arg} has no value"));
             }
             out.push((arg.clone(), Some(argv[i + 1].clone())));
             i += 1;
@@ -76,7 +81,7 @@ fn options(argv: &[String], start: usize, image: usize) -> Result<Vec<(String, O
 /// refusing every form where Apptainer would see something else: escapes
 /// (`\,` `\:`), whitespace it trims, relative destinations, other options.
 pub fn parse_binds(value: &str) -> Result<Vec<Bind>> {
-    let refuse = |why: &str| fail(format!("bind {value:?} cannot be used with --checkpoint-container: {why}"));
+    let refuse = |why: &str| refused(format!("bind {value:?} cannot be used with --checkpoint-container: {why}"));
     if value.contains('\\') {
         return refuse("escaped characters are not accepted");
     }
@@ -129,7 +134,7 @@ pub fn plan(cmd: &ContainerCommand, uid: u32, gid: u32, env: &[(String, String)]
     let image = cmd.image_index();
     for f in &argv[1..sub] {
         if !flag(GLOBAL_FLAGS, f).is_some_and(|d| matches!(d.used, Use::Shape { .. })) {
-            return fail(format!("apptainer option {f} cannot be used with --checkpoint-container"));
+            return refused(format!("apptainer option {f} cannot be used with --checkpoint-container"));
         }
     }
     let mut p = Plan {
@@ -145,7 +150,7 @@ pub fn plan(cmd: &ContainerCommand, uid: u32, gid: u32, env: &[(String, String)]
         pwd_given: false,
     };
     if p.image.is_empty() || p.image.chars().any(char::is_control) {
-        return fail("the container image name is empty or has control characters");
+        return refused("the container image name is empty or has control characters");
     }
     let identity = format!("uid:{uid},gid:{gid}");
     for (given, value) in options(argv, sub + 1, image)? {
@@ -165,7 +170,7 @@ pub fn plan(cmd: &ContainerCommand, uid: u32, gid: u32, env: &[(String, String)]
             // identity root adds anyway, nothing else.
             (Some(Use::Security), Some(v)) if v == identity => {}
             _ => {
-                return fail(format!(
+                return refused(format!(
                     "apptainer option {given} cannot be used with --checkpoint-container (the container is started by root for you)"
                 ))
             }
@@ -225,7 +230,7 @@ mod tests {
             "apptainer exec --env-file /root/x app.sif x",
         ] {
             let e = plan_of(bad).unwrap_err();
-            assert!(e.0.contains("cannot be used with --checkpoint-container"), "{bad}: {e}");
+            assert!(e.to_string().contains("cannot be used with --checkpoint-container"), "{bad}: {e}");
         }
         // The identity root adds anyway is accepted (and not repeated).
         assert!(plan_of("apptainer exec --security uid:5,gid:6 app.sif x").unwrap().options.is_empty());

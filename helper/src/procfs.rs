@@ -229,14 +229,7 @@ pub struct PidFd {
 
 impl PidFd {
     pub fn open(pid: Pid) -> io::Result<PidFd> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: pidfd_open(2) returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: just returned by the kernel, owned here only.
-        Ok(PidFd { pid, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) } })
+        Ok(PidFd { pid, fd: crate::sys::pidfd_open(pid)? })
     }
 
     /// A pidfd of `pid` if, once held, that process belongs to `uid`: a pid
@@ -247,13 +240,7 @@ impl PidFd {
     }
 
     pub fn signal(&self, sig: i32) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: pidfd_send_signal(2) on an fd we own, no siginfo.
-        let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        crate::sys::pidfd_send_signal(&self.fd, sig)
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::error::{fail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,27 +97,16 @@ pub fn send_task_fds(stream: &UnixStream, extra: &[RawFd]) -> Result<()> {
 
 /// Receives what `send_task_fds` sent.
 pub fn recv_task_fds(stream: &UnixStream) -> Result<TaskFds> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut payload = [0u8; 64];
-    let mut iov = [std::io::IoSliceMut::new(&mut payload)];
-    let mut space = nix::cmsg_space!([RawFd; 3 + MAX_EXTRA_FDS]);
-    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .context(|| "cannot receive the task's stdio".into())?;
-    let len = msg.bytes;
-    let mut received: Vec<OwnedFd> = Vec::new();
-    for c in msg.cmsgs().context(|| "bad control message".into())? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            // SAFETY: the kernel just installed these descriptors for us.
-            received.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
-        }
-    }
+    let (len, mut received) =
+        crate::sys::recv_with_fds::<{ 3 + MAX_EXTRA_FDS }>(stream, &mut payload).context(|| "cannot receive the task's stdio".into())?;
     let text = std::str::from_utf8(&payload[..len]).ok().and_then(|t| t.strip_prefix('S'));
     let numbers: Option<Vec<RawFd>> =
         text.and_then(|t| t.split(',').filter(|n| !n.is_empty()).map(|n| n.parse::<RawFd>().ok().filter(|&n| n > 2)).collect());
     match numbers {
         Some(numbers) if received.len() == 3 + numbers.len() => {
             let extra_fds = received.split_off(3);
-            let stdio: [OwnedFd; 3] = received.try_into().map_err(|_| crate::error::EngineError("stdio".into()))?;
+            let stdio: [OwnedFd; 3] = received.try_into().map_err(|_| crate::error::EngineError::Failed("stdio".into()))?;
             Ok(TaskFds { stdio, extra: numbers.into_iter().zip(extra_fds).collect() })
         }
         _ => fail("the task did not pass its stdio"),
@@ -154,7 +143,7 @@ mod tests {
         });
         let mut channel = Channel::new(b).unwrap();
         let e = channel.recv::<ToAgent>().unwrap_err();
-        assert!(e.0.contains("longer than"), "{e}");
+        assert!(e.to_string().contains("longer than"), "{e}");
         drop(channel);
         writer.join().unwrap();
     }

@@ -13,7 +13,7 @@ use crate::user::User;
 use ckpt_config::Settings;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,20 +42,20 @@ pub fn verify(settings: &Settings, req: &RestoreRequest) -> Result<Manifest> {
     let m = storage::open_checkpoint(&req.images, false)?;
     if let Some(uid) = req.expected_uid {
         if m.owner.uid != uid {
-            return fail(format!(
+            return Err(EngineError::Refused(format!(
                 "checkpoint {} belongs to uid {}, not to uid {uid}: refusing to restore it",
                 req.images.display(),
                 m.owner.uid
-            ));
+            )));
         }
     }
     if let Some(job) = req.expected_job {
         if m.job.job_id != Some(job) {
-            return fail(format!(
+            return Err(EngineError::Refused(format!(
                 "checkpoint {} belongs to job {}, not to job {job}: refusing to restore it",
                 req.images.display(),
                 m.job.job_id.map_or("none".into(), |j| j.to_string())
-            ));
+            )));
         }
     }
     // What CRIU will give each restored thread, read from the images
@@ -82,19 +82,10 @@ fn pids_free(placeholder: &Placeholder, m: &Manifest) -> Result<()> {
 /// reopen the restored stdio through /proc/self/fd, which a root-owned pipe
 /// refuses (runc#1333).
 fn user_pipe(uid: u32) -> Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: plain syscalls; setfsuid only changes this thread's fs identity.
-    let rc = unsafe {
-        libc::setfsuid(uid);
-        let rc = libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC);
-        libc::setfsuid(0);
-        rc
-    };
-    if rc != 0 {
-        return fail(format!("cannot create a pipe: {}", std::io::Error::last_os_error()));
+    match crate::sys::with_fsuid(uid, || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)) {
+        Ok((r, w)) => Ok((File::from(r), File::from(w))),
+        Err(e) => fail(format!("cannot create a pipe: {}", std::io::Error::from(e))),
     }
-    // SAFETY: pipe2 returned two fresh descriptors we now own.
-    unsafe { Ok((File::from(OwnedFd::from_raw_fd(fds[0])), File::from(OwnedFd::from_raw_fd(fds[1])))) }
 }
 
 /// Copies the restored program's output to ours until it closes it.
@@ -322,7 +313,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             .payload
             .signal(0)
             .map(|_| c)
-            .map_err(|_| EngineError("the placeholder container ended before CRIU could join it".into()))
+            .map_err(|_| EngineError::Failed("the placeholder container ended before CRIU could join it".into()))
     });
     let spawned = spawned.and_then(|mut c| {
         let [out, err] = stdio;
@@ -396,11 +387,11 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         // Its log is named in the error: kept.
         work_dir.keep = true;
         let why = criu::first_error(&log).unwrap_or_else(|| format!("CRIU exited with {status}"));
-        return fail(format!(
+        return Err(EngineError::Criu(format!(
             "CRIU could not restore {}: {why} (nothing was left running; log in {})",
             req.images.display(),
             work.display()
-        ));
+        )));
     };
     placeholder.finish();
     use std::os::unix::process::ExitStatusExt;

@@ -24,6 +24,12 @@ pub const DUMP_LOG: &str = "dump.log";
 
 /// Checks a checkpoint path given on the command line or by the plugin:
 /// absolute, no `..`, and a parent that is a real directory (not a symlink).
+/// `cause` as a checkpoint for `target` not taken, naming the earlier one
+/// there if any (what the caller says the task runs again from).
+pub fn not_taken(target: &Path, cause: crate::error::EngineError) -> crate::error::EngineError {
+    crate::error::EngineError::NotTaken { cause: Box::new(cause), kept: target.exists().then(|| target.to_path_buf()) }
+}
+
 fn checked_target(path: &Path) -> Result<(PathBuf, String)> {
     if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
         return fail(format!("checkpoint directory {} must be an absolute path without \"..\"", path.display()));
@@ -32,7 +38,7 @@ fn checked_target(path: &Path) -> Result<(PathBuf, String)> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| crate::error::EngineError(format!("checkpoint directory {} has no name", path.display())))?;
+        .ok_or_else(|| crate::error::EngineError::Failed(format!("checkpoint directory {} has no name", path.display())))?;
     let meta = fs::symlink_metadata(parent).context(|| format!("checkpoint directory parent {}", parent.display()))?;
     if !meta.is_dir() {
         return fail(format!("checkpoint directory parent {} is not a directory", parent.display()));
@@ -194,10 +200,18 @@ impl Staging {
     /// (a restore elsewhere waits for it); `commit` ends the announcement.
     pub fn announce_move(&self) -> Result<()> {
         let marker = moving_marker(&self.target);
-        let mut f = create_private(&marker)?;
-        writeln!(f, "{} {}", node_name(), std::process::id())
-            .and_then(|_| f.sync_all())
-            .context(|| format!("cannot write {}", marker.display()))
+        let written = create_private(&marker).and_then(|mut f| {
+            writeln!(f, "{} {}", node_name(), std::process::id())
+                .and_then(|_| f.sync_all())
+                .context(|| format!("cannot write {}", marker.display()))
+        });
+        written.map_err(|cause| self.not_taken(cause))
+    }
+
+    /// `cause` as a checkpoint not taken, naming the earlier one at the
+    /// target: neither the dump nor a failed commit touches it.
+    pub fn not_taken(&self, cause: crate::error::EngineError) -> crate::error::EngineError {
+        not_taken(&self.target, cause)
     }
 
     /// Puts the sealed checkpoint in place of `target`, atomically: an
@@ -206,7 +220,7 @@ impl Staging {
     /// filesystem, so the swap stays atomic).
     pub fn commit(mut self) -> Result<()> {
         let marker = moving_marker(&self.target);
-        let result = self.commit_inner();
+        let result = self.commit_inner().map_err(|cause| self.not_taken(cause));
         let _ = fs::remove_file(marker);
         result
     }
@@ -233,8 +247,7 @@ impl Staging {
 /// (clean pages; a no-op on tmpfs).
 fn drop_cached(file: &File) {
     use std::os::fd::AsRawFd;
-    // SAFETY: fadvise on an fd we hold; only advice, never unsafe to data.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let _ = nix::fcntl::posix_fadvise(file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
 /// `drop_cached` for every file of a checkpoint directory: the one a new
@@ -374,16 +387,8 @@ impl<'a> Writeback<'a> {
     /// The file is written up to `upto`.
     pub fn progress(&mut self, upto: u64) {
         if upto >= self.started + Self::STEP {
-            // SAFETY: a syscall on an fd we hold. Only starts the writeback
-            // (no wait); a failure surfaces in the sealing fsync.
-            unsafe {
-                libc::sync_file_range(
-                    std::os::fd::AsRawFd::as_raw_fd(self.file),
-                    self.started as i64,
-                    (upto - self.started) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
+            // A failure surfaces in the sealing fsync.
+            crate::sys::start_writeback(self.file, self.started, upto - self.started);
             self.started = upto;
         }
     }
@@ -397,15 +402,13 @@ impl<'a> Writeback<'a> {
 /// components are created (0755, the last with that mode). Every directory root
 /// writes into passes this first, so nothing a user made can be in it.
 pub fn trusted_dir(path: &Path, create_mode: Option<u32>) -> Result<()> {
-    use nix::fcntl::{openat, OFlag};
+    use nix::fcntl::OFlag;
     use nix::sys::stat::{fstat, Mode};
     if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
         return fail(format!("{} must be an absolute path without \"..\"", path.display()));
     }
     let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    // SAFETY: each fd below was just returned by open/openat and is owned once.
-    let own = |fd: std::os::fd::RawFd| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let mut dir = own(nix::fcntl::open("/", flags, Mode::empty()).context(|| "cannot open /".into())?);
+    let mut dir = File::from(crate::sys::openat(None, "/", flags, Mode::empty()).context(|| "cannot open /".into())?);
     let names: Vec<_> = path
         .components()
         .filter_map(|c| match c {
@@ -417,21 +420,21 @@ pub fn trusted_dir(path: &Path, create_mode: Option<u32>) -> Result<()> {
     for (i, name) in names.iter().enumerate() {
         let last = i + 1 == names.len();
         so_far.push(name);
-        let next = match openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty()) {
+        let next = match crate::sys::openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty()) {
             Err(nix::errno::Errno::ENOENT) if create_mode.is_some() => {
                 let mode = if last { create_mode.unwrap_or(0o700) } else { 0o755 };
                 nix::sys::stat::mkdirat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, Mode::from_bits_truncate(mode))
                     .or_else(|e| if e == nix::errno::Errno::EEXIST { Ok(()) } else { Err(e) })
                     .context(|| format!("cannot create {}", so_far.display()))?;
-                openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty())
+                crate::sys::openat(Some(std::os::fd::AsRawFd::as_raw_fd(&dir)), *name, flags, Mode::empty())
             }
             other => other,
         };
-        let next = own(next.map_err(|e| match e {
+        let next = File::from(next.map_err(|e| match e {
             nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR => {
-                crate::error::EngineError(format!("{} is not a directory (a symlink?): root does not use it", so_far.display()))
+                crate::error::EngineError::Failed(format!("{} is not a directory (a symlink?): root does not use it", so_far.display()))
             }
-            e => crate::error::EngineError(format!("cannot open {}: {e}", so_far.display())),
+            e => crate::error::EngineError::Failed(format!("cannot open {}: {e}", so_far.display())),
         })?);
         let st = fstat(std::os::fd::AsRawFd::as_raw_fd(&next)).context(|| format!("cannot stat {}", so_far.display()))?;
         let writable = st.st_mode & 0o022 != 0;
@@ -548,6 +551,12 @@ fn digest_open(mut f: File, path: &Path) -> Result<(u64, String)> {
 /// present with its recorded size, nothing extra; with `verify_digests`,
 /// every file's digest too (restore verifies them while serving instead).
 pub fn open_checkpoint(dir: &Path, verify_digests: bool) -> Result<Manifest> {
+    use crate::error::EngineError::{Damaged, NoCheckpoint};
+    // Nothing there (nor perhaps its parent): no checkpoint, which callers
+    // tell apart from an unusable one.
+    if dir.is_absolute() && !dir.components().any(|c| c == Component::ParentDir) && matches!(dir.try_exists(), Ok(false)) {
+        return Err(NoCheckpoint { path: dir.to_path_buf() });
+    }
     let (parent, _) = checked_target(dir)?;
     trusted_dir(&parent, None)?;
     let meta = fs::symlink_metadata(dir).context(|| format!("checkpoint {}", dir.display()))?;
@@ -555,47 +564,48 @@ pub fn open_checkpoint(dir: &Path, verify_digests: bool) -> Result<Manifest> {
         return fail(format!("checkpoint {} is not a directory", dir.display()));
     }
     if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
-        return fail(format!(
+        return Err(Damaged(format!(
             "checkpoint {} was not written by this helper (owner uid {}, mode {:o}; expected root, 0700)",
             dir.display(),
             meta.uid(),
             meta.mode() & 0o7777
-        ));
+        )));
     }
     let manifest_path = dir.join(FILE_NAME);
-    let mf = open_nofollow(&manifest_path).context(|| format!("checkpoint {} is incomplete: no manifest", dir.display()))?;
+    let mf = open_nofollow(&manifest_path).map_err(|e| Damaged(format!("checkpoint {} is incomplete: no manifest: {e}", dir.display())))?;
     let mmeta = mf.metadata().context(|| format!("cannot stat {}", manifest_path.display()))?;
     if !mmeta.is_file() || mmeta.uid() != 0 {
-        return fail(format!("{} is not a root-owned file", manifest_path.display()));
+        return Err(Damaged(format!("{} is not a root-owned file", manifest_path.display())));
     }
     let text = std::io::read_to_string(mf).context(|| format!("cannot read {}", manifest_path.display()))?;
     let manifest = Manifest::parse(&manifest_path, &text)?;
     for f in &manifest.files {
         let path = dir.join(&f.name);
         if f.name.contains('/') || f.name == FILE_NAME {
-            return fail(format!("{}: bad file name {:?}", manifest_path.display(), f.name));
+            return Err(Damaged(format!("{}: bad file name {:?}", manifest_path.display(), f.name)));
         }
-        let fmeta = fs::symlink_metadata(&path).context(|| format!("checkpoint {} is incomplete: {} is missing", dir.display(), f.name))?;
+        let fmeta = fs::symlink_metadata(&path)
+            .map_err(|e| Damaged(format!("checkpoint {} is incomplete: {} is missing: {e}", dir.display(), f.name)))?;
         if !fmeta.is_file() || fmeta.uid() != 0 {
-            return fail(format!("checkpoint {}: {} is not a root-owned file", dir.display(), f.name));
+            return Err(Damaged(format!("checkpoint {}: {} is not a root-owned file", dir.display(), f.name)));
         }
         if fmeta.len() != f.size {
-            return fail(format!(
+            return Err(Damaged(format!(
                 "checkpoint {} is truncated or altered: {} is {} bytes, the manifest says {}",
                 dir.display(),
                 f.name,
                 fmeta.len(),
                 f.size
-            ));
+            )));
         }
         if verify_digests && checksum(&path)? != f.xxh3 {
-            return fail(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.name));
+            return Err(Damaged(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), f.name)));
         }
     }
     for entry in fs::read_dir(dir).context(|| format!("cannot list {}", dir.display()))? {
         let name = entry.context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned();
         if name != FILE_NAME && name != DUMP_LOG && !manifest.files.iter().any(|f| f.name == name) {
-            return fail(format!("checkpoint {} holds {name}, which the manifest does not list", dir.display()));
+            return Err(Damaged(format!("checkpoint {} holds {name}, which the manifest does not list", dir.display())));
         }
     }
     Ok(manifest)
@@ -622,6 +632,30 @@ mod tests {
         copy_file(&File::open(dir.join("src")).unwrap(), &dst).unwrap();
         assert!(fs::read(dir.join("dst")).unwrap() == bytes);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_checkpoint_is_told_apart_from_an_incomplete_one() {
+        use crate::error::EngineError;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("kinds");
+        let ckpt = dir.join("step0.task0");
+        let missing = open_checkpoint(&ckpt, false).unwrap_err();
+        assert!(matches!(&missing, EngineError::NoCheckpoint { path } if *path == ckpt), "{missing:?}");
+        assert!(open_checkpoint(&dir.join("none/step0.task0"), false).is_err_and(|e| matches!(e, EngineError::NoCheckpoint { .. })));
+        fs::create_dir(&ckpt).unwrap();
+        fs::set_permissions(&ckpt, fs::Permissions::from_mode(0o700)).unwrap();
+        let empty = open_checkpoint(&ckpt, false).unwrap_err();
+        assert!(matches!(&empty, EngineError::Damaged(m) if m.contains("is incomplete: no manifest")), "{empty:?}");
+        let kept = not_taken(&ckpt, EngineError::Criu("CRIU could not dump process 7: x".into()));
+        assert_eq!(kept.kept_checkpoint(), Some(&ckpt));
+        assert_eq!(
+            kept.to_string(),
+            format!("CRIU could not dump process 7: x (the checkpoint already at {} is untouched)", ckpt.display())
+        );
+        fs::remove_dir_all(&dir).unwrap();
+        let none = not_taken(&ckpt, EngineError::Failed("full".into()));
+        assert_eq!((none.kept_checkpoint(), none.to_string().as_str()), (None, "full"));
     }
 
     #[test]

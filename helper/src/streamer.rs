@@ -21,8 +21,8 @@ use ckpt_config::Compression;
 use prost::Message;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -89,25 +89,14 @@ fn send_reply(sock: &mut UnixStream, exists: bool) -> io::Result<()> {
 
 /// The pipe end CRIU passes after a request.
 fn receive_pipe(sock: &UnixStream) -> io::Result<File> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut byte = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    let mut fds: Vec<RawFd> = Vec::new();
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(got) = cmsg {
-            fds.extend(got);
-        }
-    }
-    // SAFETY: SCM_RIGHTS delivered these fds to us; each is owned once.
-    let mut files: Vec<File> = fds.into_iter().map(|fd| unsafe { File::from_raw_fd(fd) }).collect();
+    let (_, fds) = crate::sys::recv_with_fds::<1>(sock, &mut byte)?;
+    let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
     let pipe = files.pop().filter(|_| files.is_empty()).ok_or_else(|| protocol_error("expected one pipe"))?;
     if !std::os::unix::fs::FileTypeExt::is_fifo(&pipe.metadata()?.file_type()) {
         return Err(protocol_error("passed descriptor is not a pipe"));
     }
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    let _ = nix::fcntl::fcntl(pipe.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     Ok(pipe)
 }
 
@@ -178,13 +167,13 @@ fn per_file<T: Send + 'static>(
                     Ok(Some(work)) => workers.push(std::thread::spawn(work)),
                     Ok(None) => {}
                     Err(e) => {
-                        error = Some(EngineError(format!("image streamer: {e}")));
+                        error = Some(EngineError::Failed(format!("image streamer: {e}")));
                         break;
                     }
                 }
             }
             Err(e) => {
-                error = Some(EngineError(format!("image streamer: {e}")));
+                error = Some(EngineError::Failed(format!("image streamer: {e}")));
                 break;
             }
         }
@@ -258,7 +247,7 @@ impl<W: Write> Write for SummingWriter<'_, W> {
 }
 
 fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result<ImageFile> {
-    let err = |e: io::Error| EngineError(format!("cannot write image {}: {e}", path.display()));
+    let err = |e: io::Error| EngineError::Failed(format!("cannot write image {}: {e}", path.display()));
     let file =
         File::options().write(true).read(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).map_err(err)?;
     let (size, xxh3) = if zstd {
@@ -410,15 +399,16 @@ fn serve_file(dir: &Path, expected: &ImageFile, pipe: File) -> Result<()> {
             expected.size
         ));
     }
-    let damaged =
-        || EngineError(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), expected.name));
+    let damaged = || {
+        EngineError::Damaged(format!("checkpoint {} is damaged: checksum of {} does not match the manifest", dir.display(), expected.name))
+    };
     let result = if expected.zstd {
         let mut reader = SummingReader { inner: io::BufReader::with_capacity(CHUNK, &file), hasher: Checksum::default(), bytes: 0 };
         let mut out = HoldBack { pipe: &pipe, held: Vec::with_capacity(2 * CHUNK) };
         zstd::stream::copy_decode(&mut reader, &mut out)
             .and_then(|_| io::copy(&mut reader, &mut io::sink()))
             .map(|_| ())
-            .map_err(|e| EngineError(format!("cannot decompress {}: {e}", path.display())))?;
+            .map_err(|e| EngineError::Failed(format!("cannot decompress {}: {e}", path.display())))?;
         if reader.bytes != expected.size || reader.hasher.hex() != expected.xxh3 {
             return Err(damaged());
         }
@@ -467,8 +457,8 @@ fn splice_verified(file: &File, expected: &ImageFile, pipe: &File, damaged: impl
                 Ok(Ok(upto)) if upto == size => size,
                 Ok(Ok(upto)) => upto.min(held_back),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => return Err(damaged()),
-                Ok(Err(e)) => return Err(EngineError(format!("cannot read an image: {e}"))),
-                Err(_) => return Err(EngineError("checksum thread ended early".into())),
+                Ok(Err(e)) => return Err(EngineError::Failed(format!("cannot read an image: {e}"))),
+                Err(_) => return Err(EngineError::Failed("checksum thread ended early".into())),
             };
             if let Err(e) = splice_range(file, sent, upto, pipe) {
                 // CRIU closed its end: dropping `summed` stops the thread.

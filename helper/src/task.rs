@@ -56,15 +56,15 @@ fn exec_unprotected(argv: &[String], blocked: SigSet) -> crate::error::EngineErr
     use std::os::unix::process::CommandExt;
     let _ = blocked.thread_unblock();
     let e = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
-    crate::error::EngineError(format!("cannot run {}: {e}", argv[0]))
+    crate::error::EngineError::Failed(format!("cannot run {}: {e}", argv[0]))
 }
 
 /// Descriptors Slurm gives the task beyond stdio that the program needs:
 /// the PMI-2 socket of `srun --mpi=pmi2` (`PMI_FD`), when it is open.
 fn slurm_fds() -> Vec<std::os::fd::RawFd> {
     let pmi = std::env::var("PMI_FD").ok().and_then(|v| v.parse::<std::os::fd::RawFd>().ok()).filter(|&fd| fd > 2);
-    // SAFETY: F_GETFD only asks whether the number is an open descriptor.
-    pmi.into_iter().filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0).collect()
+    // F_GETFD only asks whether the number is an open descriptor.
+    pmi.into_iter().filter(|&fd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()).collect()
 }
 
 /// Runs the task; returns its exit code.
@@ -76,11 +76,11 @@ pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
     for s in FORWARDED {
         set.add(*s);
     }
-    set.thread_block().map_err(|e| crate::error::EngineError(format!("cannot block signals: {e}")))?;
+    set.thread_block().map_err(|e| crate::error::EngineError::Failed(format!("cannot block signals: {e}")))?;
 
     let stream = connect(socket)?;
     protocol::send_task_fds(&stream, &slurm_fds())?;
-    let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError(e.to_string()))?)?;
+    let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError::Failed(e.to_string()))?)?;
     let cwd = std::env::current_dir().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/".into());
     let runtime = resolve_program(&argv[0]);
     channel.send(&ToAgent::Start {
@@ -99,7 +99,7 @@ pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
             }
         }
     });
-    let mut reader = Channel::new(stream).map_err(|e| crate::error::EngineError(e.to_string()))?;
+    let mut reader = Channel::new(stream).map_err(|e| crate::error::EngineError::Failed(e.to_string()))?;
     std::thread::spawn(move || loop {
         let msg = reader.recv::<ToTask>().unwrap_or(None);
         let end = msg.is_none();

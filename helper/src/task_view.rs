@@ -10,6 +10,7 @@
 
 use crate::error::{Context, Result};
 use crate::procfs::{self, Pid, PidFd};
+use crate::sys;
 
 /// RLIMIT_CPU … RLIMIT_RTTIME: every limit Linux has.
 const LIMITS: usize = 16;
@@ -40,16 +41,11 @@ impl TaskView {
         // From /proc, not prlimit(2): reading another user's limits that
         // way needs CAP_SYS_RESOURCE, which a node may not grant root.
         let text = std::fs::read_to_string(procfs::proc_path(pid, "limits")).context(|| format!("/proc/{pid}/limits"))?;
-        let limits = limits_of(&text).ok_or_else(|| crate::error::EngineError(format!("cannot parse /proc/{pid}/limits")))?;
+        let limits = limits_of(&text).ok_or_else(|| crate::error::EngineError::Failed(format!("cannot parse /proc/{pid}/limits")))?;
         let status = std::fs::read_to_string(procfs::proc_path(pid, "status")).context(|| format!("/proc/{pid}/status"))?;
-        let umask = umask_of(&status).ok_or_else(|| crate::error::EngineError(format!("no Umask in /proc/{pid}/status")))?;
-        let groups = groups_of(&status).ok_or_else(|| crate::error::EngineError(format!("no Groups in /proc/{pid}/status")))?;
-        // SAFETY: a zeroed cpu_set_t is an empty set; the call fills it.
-        let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sched_getaffinity(2) into a set of the size given.
-        if unsafe { libc::sched_getaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &mut cpus) } != 0 {
-            return Err(std::io::Error::last_os_error()).context(|| format!("cannot read the CPU affinity of the task (pid {pid})"));
-        }
+        let umask = umask_of(&status).ok_or_else(|| crate::error::EngineError::Failed(format!("no Umask in /proc/{pid}/status")))?;
+        let groups = groups_of(&status).ok_or_else(|| crate::error::EngineError::Failed(format!("no Groups in /proc/{pid}/status")))?;
+        let cpus = sys::sched_getaffinity(pid).context(|| format!("cannot read the CPU affinity of the task (pid {pid})"))?;
         task.signal(0).context(|| format!("the task (pid {pid}) has ended"))?;
         Ok(TaskView { limits, umask, cpus, groups })
     }
@@ -58,32 +54,18 @@ impl TaskView {
     /// for use between fork and exec, last (a low open-file limit must not
     /// stop the descriptor set-up before it).
     pub fn apply_in_child(&self) -> std::io::Result<()> {
-        // SAFETY: plain syscalls on values owned by self.
-        unsafe {
-            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for (resource, limit) in self.limits.iter().enumerate() {
-                if libc::setrlimit(resource as _, limit) != 0 {
-                    // Without CAP_SYS_RESOURCE root cannot raise a hard
-                    // limit above its own: the lower of the two, then.
-                    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-                    if libc::getrlimit(resource as _, &mut own) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let max = limit.rlim_max.min(own.rlim_max);
-                    let lowered = libc::rlimit { rlim_cur: limit.rlim_cur.min(max), rlim_max: max };
-                    if libc::setrlimit(resource as _, &lowered) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-            }
-            libc::umask(self.umask);
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.cpus) != 0 {
-                return Err(std::io::Error::last_os_error());
+        sys::setgroups(&self.groups)?;
+        for (resource, limit) in self.limits.iter().enumerate() {
+            if sys::setrlimit(resource, limit).is_err() {
+                // Without CAP_SYS_RESOURCE root cannot raise a hard
+                // limit above its own: the lower of the two, then.
+                let own = sys::getrlimit(resource)?;
+                let max = limit.rlim_max.min(own.rlim_max);
+                sys::setrlimit(resource, &libc::rlimit { rlim_cur: limit.rlim_cur.min(max), rlim_max: max })?;
             }
         }
-        Ok(())
+        sys::umask(self.umask);
+        sys::sched_setaffinity(0, &self.cpus)
     }
 
     /// Gives every thread of the user's restored processes below `root`
@@ -102,10 +84,7 @@ impl TaskView {
             }
             // The node's thread ids (not the container's numbering).
             for tid in procfs::node_tids(pid).unwrap_or_default() {
-                // SAFETY: sched_setaffinity(2) with a set of the size given.
-                if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &self.cpus) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context(|| format!("cannot bind restored thread {tid}"));
-                }
+                sys::sched_setaffinity(tid, &self.cpus).context(|| format!("cannot bind restored thread {tid}"))?;
             }
             held.signal(0).context(|| format!("restored pid {pid} ended while being bound"))?;
             done += 1;
@@ -166,15 +145,14 @@ mod tests {
         let text = std::fs::read_to_string("/proc/self/limits").unwrap();
         let limits = limits_of(&text).unwrap();
         for (resource, limit) in limits.iter().enumerate() {
-            let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            // SAFETY: getrlimit(2) into a valid rlimit.
-            assert_eq!(unsafe { libc::getrlimit(resource as _, &mut own) }, 0);
+            let own = sys::getrlimit(resource).unwrap();
             assert_eq!((limit.rlim_cur, limit.rlim_max), (own.rlim_cur, own.rlim_max), "resource {resource}");
         }
         assert!(limits_of("Limit   Soft Limit   Hard Limit   Units\n").is_none());
     }
 
     #[test]
+    #[allow(unsafe_code)] // pre_exec
     fn a_child_gets_what_was_read_from_its_parent() {
         use std::os::unix::process::CommandExt;
         let me = PidFd::open(std::process::id() as Pid).unwrap();

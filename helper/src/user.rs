@@ -8,7 +8,6 @@
 
 use crate::error::{fail, Context, Result};
 use std::ffi::CString;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 #[derive(Debug, Clone)]
@@ -28,7 +27,7 @@ impl User {
     pub fn lookup(uid: u32, gid: u32) -> Result<User> {
         let entry = nix::unistd::User::from_uid(uid.into())
             .context(|| format!("cannot look up uid {uid}"))?
-            .ok_or_else(|| crate::error::EngineError(format!("uid {uid} has no passwd entry on this node")))?;
+            .ok_or_else(|| crate::error::EngineError::Failed(format!("uid {uid} has no passwd entry on this node")))?;
         if uid == 0 {
             return fail("refusing to act for root");
         }
@@ -45,16 +44,7 @@ impl User {
     /// root-started Apptainer: with one gid in `--security` it sets no
     /// groups itself, and the container would keep root's.
     pub fn give_groups(&self, cmd: &mut Command) {
-        let groups = self.groups.clone();
-        // SAFETY: one syscall between fork and exec, on a list built before.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::sys::on_exec_setgroups(cmd, self.groups.clone());
     }
 
     /// `program` run as this user, with an empty environment and stdio on
@@ -62,20 +52,7 @@ impl User {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
-        // SAFETY: only syscalls between fork and exec; the group list was
-        // built before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setresgid(gid, gid, gid) != 0
-                    || libc::setresuid(uid, uid, uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::sys::on_exec_become(&mut cmd, self.uid, self.gid, self.groups.clone());
         cmd
     }
 }

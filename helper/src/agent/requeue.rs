@@ -6,7 +6,7 @@ use super::messages::tell_user;
 use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
 use super::*;
 use crate::checkpoint::{dump, CheckpointRequest};
-use crate::error::{Context, Result};
+use crate::error::{Context, EngineError, Result};
 use crate::launch::{Launch, SYSTEM_PATH};
 use crate::manifest::JobIds;
 use crate::procfs::{self, Pid};
@@ -41,7 +41,10 @@ pub(super) fn try_restore(
     let m = match storage::open_checkpoint(dir, false) {
         Ok(m) => m,
         Err(e) => {
-            let why = if dir.exists() { e.to_string() } else { "no checkpoint was taken when the job was requeued".into() };
+            let why = match e {
+                EngineError::NoCheckpoint { .. } => "no checkpoint was taken when the job was requeued".into(),
+                e => e.to_string(),
+            };
             tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
             return Ok(None);
         }
@@ -150,7 +153,7 @@ pub(super) fn checkpoint_for_requeue(
         ),
         Err(e) => {
             running.kill(t.uid);
-            let from = if ckpt.exists() { "from its previous checkpoint" } else { "from the start" };
+            let from = if e.kept_checkpoint().is_some() { "from its previous checkpoint" } else { "from the start" };
             (format!("checkpoint of {} failed: {e}; it will run again {from}", t.name()), None)
         }
     }

@@ -6,7 +6,6 @@
 
 use ckpt_config::agent_files::ENDING;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,8 +43,7 @@ impl SessionFile {
             }
         };
         for _ in 0..LOCK_RETRIES {
-            // SAFETY: flock(2) on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            if crate::sys::flock_exclusive_nonblocking(&file) {
                 let _ = file.set_len(0);
                 return Some(SessionFile { path: path.to_path_buf(), file, ending: false });
             }

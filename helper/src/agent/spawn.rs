@@ -6,7 +6,7 @@ use super::*;
 use crate::error::{Context, Result};
 use crate::procfs::{self, Pid};
 use crate::task_view::TaskView;
-use crate::{cgroup, namespaces};
+use crate::{cgroup, namespaces, sys};
 use ckpt_config::ContainerNetwork;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -109,7 +109,9 @@ pub(super) fn spawn_for_task(
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
     cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
-    // SAFETY: allocation-free calls between fork and exec.
+    // SAFETY: between fork and exec: async-signal-safe functions of
+    // crate::sys only (join_in_child and apply_in_child are made of them).
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             cgroup::join_in_child(&cgroups)?;
@@ -117,15 +119,10 @@ pub(super) fn spawn_for_task(
             // number overwrites another's source.
             let mut moved = [-1; 8];
             for (i, (_, from)) in extra.iter().enumerate().take(moved.len()) {
-                moved[i] = libc::fcntl(*from, libc::F_DUPFD_CLOEXEC, 100);
-                if moved[i] < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                moved[i] = sys::dup_cloexec_above(*from, 100)?;
             }
             for (i, (to, _)) in extra.iter().enumerate().take(moved.len()) {
-                if libc::dup2(moved[i], *to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                sys::dup2(moved[i], *to)?;
             }
             view.as_ref().map_or(Ok(()), TaskView::apply_in_child)
         });

@@ -139,6 +139,12 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+impl From<ParseError> for crate::error::EngineError {
+    fn from(e: ParseError) -> Self {
+        crate::error::EngineError::Failed(e.to_string())
+    }
+}
+
 /// Index of the first operand at or after `start`, skipping flags and their
 /// values. `--` ends the flags.
 fn first_operand(argv: &[String], start: usize, table: &[Flag]) -> Option<usize> {
