@@ -320,7 +320,7 @@ fn vina_stars(text: &str) -> usize {
 /// The result table: one line per pose (mode, affinity, RMSDs).
 fn vina_poses(text: &str) -> Vec<String> {
     let table = text.split_once("-----+------------+----------+----------").map_or("", |(_, rest)| rest);
-    table.lines().map(str::trim).take_while(|l| l.split_whitespace().count() == 4).map(str::to_string).collect()
+    table.lines().skip(1).map(str::trim).take_while(|l| l.split_whitespace().count() == 4).map(str::to_string).collect()
 }
 
 /// Docking requeued a third of the way through on node1, finished on
