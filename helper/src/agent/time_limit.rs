@@ -54,6 +54,8 @@ enum Plan {
     At(Duration, u32),
     /// Not watched, and why.
     Not(String),
+    /// Not requeued again: the job was requeued as often as the site allows.
+    Spent(String),
 }
 
 /// What to do for a job, from its `scontrol show job` fields.
@@ -77,7 +79,7 @@ fn plan(info: &HashMap<String, String>, lead_minutes: u32, max_restarts: u32) ->
     };
     if restarts >= max_restarts {
         let times = if restarts == 1 { "once".to_string() } else { format!("{restarts} times") };
-        return Plan::Not(format!(
+        return Plan::Spent(format!(
             "the job was requeued {times}, the most the site allows (time_limit_max_restarts={max_restarts}); \
              this run ends at its time limit"
         ));
@@ -120,16 +122,23 @@ fn restarts(info: &HashMap<String, String>) -> Option<u32> {
     info.get("Restarts").and_then(|r| r.parse().ok())
 }
 
+fn not_watched(t: &Task, stderr: &mut File, step: &str, why: &str, tell: bool) {
+    let msg = format!("{step} is not checkpointed before the time limit: {why}");
+    log::info!("{}: {msg}", t.name());
+    if tell {
+        tell_user(stderr, &msg);
+    }
+}
+
 fn run(t: &Task, user: &User, lead: u32, max: u32, stderr: &mut File) {
     let step = format!("step {}.{}", t.job_id, t.step_id);
     let (mut wait, armed) = match plan(&job_info(t), lead, max) {
         Plan::At(wait, restarts) => (wait, restarts),
-        Plan::Not(why) => {
-            let msg = format!("{step} is not checkpointed before the time limit: {why}");
-            log::info!("{}: {msg}", t.name());
-            tell_user(stderr, &msg);
-            return;
-        }
+        // A job that did not ask (the site's default) hears why only when
+        // its requeues are spent: the rest (no or a short time limit,
+        // --no-requeue, not a batch job) it chose itself.
+        Plan::Spent(why) => return not_watched(t, stderr, &step, &why, true),
+        Plan::Not(why) => return not_watched(t, stderr, &step, &why, t.before_time_limit.is_some()),
     };
     let msg = format!(
         "{step}: checkpoint and requeue at {}, {lead} min before the time limit (restart {} of at most {max})",
@@ -155,7 +164,7 @@ fn run(t: &Task, user: &User, lead: u32, max: u32, stderr: &mut File) {
         match plan(&info, lead, max) {
             Plan::At(w, _) if !w.is_zero() => wait = w,
             Plan::At(..) => break,
-            Plan::Not(why) => {
+            Plan::Not(why) | Plan::Spent(why) => {
                 log::info!("{}: no longer requeued before the time limit: {why}", t.name());
                 return;
             }
@@ -214,7 +223,7 @@ mod tests {
     #[test]
     fn jobs_that_cannot_or_must_not_be_requeued_are_not_watched() {
         let why = |changes: &[(&str, &str)]| match plan(&with(changes), 1, 2) {
-            Plan::Not(why) => why,
+            Plan::Not(why) | Plan::Spent(why) => why,
             other => panic!("{other:?}"),
         };
         assert!(why(&[("Requeue", "0")]).contains("--no-requeue"));
@@ -223,6 +232,7 @@ mod tests {
         assert!(why(&[("TimeLimit", "Partition_Limit")]).contains("no time limit"));
         assert!(why(&[("TimeLimit", "00:01:00")]).contains("not longer than the 1 min"));
         assert!(why(&[("Restarts", "3")]).contains("requeued 3 times, the most the site allows (time_limit_max_restarts=2)"));
+        assert!(matches!(plan(&with(&[("Restarts", "2")]), 1, 2), Plan::Spent(_)));
         assert!(why(&[("Restarts", "x")]).contains("how often"));
     }
 
