@@ -34,6 +34,14 @@ pub const DEFAULT_APPTAINER_CONF: &str = "/etc/apptainer/apptainer.conf";
 /// the checkpoint storage absorb by filling /dev/shm (RAM, up to half the
 /// node's memory by default).
 pub const DEFAULT_NODE_LOCAL_FILES_MAX: u64 = 1 << 30;
+/// How many times a job may have been requeued (Slurm's `Restarts`, all
+/// causes) and still be requeued before its time limit: Slurm's default
+/// `MaxBatchRequeue`, so the plugin never pushes a job into the hold Slurm
+/// puts a job in beyond that.
+pub const DEFAULT_TIME_LIMIT_MAX_RESTARTS: u32 = 5;
+/// The longest lead before a time limit a site or a job may ask for, in
+/// minutes (a year): anything larger is a typo.
+pub const MAX_LEAD_MINUTES: u32 = 525_600;
 
 /// Which tasks are container commands: the plugin wraps only those, the
 /// helper parses them (its `runtime` module).
@@ -167,6 +175,13 @@ pub struct Settings {
     /// Most bytes of node-local (tmpfs) files a checkpoint may carry; more
     /// fails the checkpoint.
     pub node_local_files_max: u64,
+    /// Minutes before its time limit a protected batch job is checkpointed
+    /// and requeued when the job does not say (`--checkpoint-before-time-limit`);
+    /// 0: only jobs that ask.
+    pub checkpoint_before_time_limit: u32,
+    /// A job requeued this many times (Slurm's `Restarts`) is no longer
+    /// requeued before its time limit: it runs into it.
+    pub time_limit_max_restarts: u32,
     /// The TOML file these settings were read from, if one was read.
     pub config_file: Option<PathBuf>,
 }
@@ -240,6 +255,8 @@ impl Default for Settings {
             staging_dir: None,
             container_network: ContainerNetwork::Isolated,
             node_local_files_max: DEFAULT_NODE_LOCAL_FILES_MAX,
+            checkpoint_before_time_limit: 0,
+            time_limit_max_restarts: DEFAULT_TIME_LIMIT_MAX_RESTARTS,
             config_file: None,
         }
     }
@@ -310,6 +327,21 @@ pub fn parse_size(key: &str, value: &str) -> Result<u64, ConfigError> {
         _ => return Err(bad()),
     };
     number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// A count of minutes or restarts: decimal digits only (no sign, no
+/// spaces), at most `max`. Also what the plugin accepts from a job's
+/// option, whose value is the user's.
+pub fn parse_count(key: &str, value: &str, max: u32) -> Result<u32, ConfigError> {
+    let bad = || ConfigError::BadValue { key: key.to_string(), value: value.to_string(), why: "expected a whole number" };
+    if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match value.parse::<u64>() {
+        Ok(n) if n <= u64::from(max) => Ok(n as u32),
+        Ok(_) => Err(ConfigError::BadValue { key: key.to_string(), value: value.to_string(), why: "the number is too large" }),
+        Err(_) => Err(bad()),
+    }
 }
 
 /// A size as `parse_size` reads it back: the largest exact binary unit.
@@ -420,6 +452,30 @@ pub const SETTINGS: &[Setting] = &[
             Ok(())
         },
         get: |s| Some(format_size(s.node_local_files_max)),
+        toml_integer: true,
+    },
+    Setting {
+        key: "checkpoint_before_time_limit",
+        flag: Some("checkpoint-before-time-limit"),
+        value_name: "MINUTES",
+        help: "Checkpoint and requeue protected batch jobs this many minutes before their time limit (0: only jobs that ask)",
+        set: |s, k, v| {
+            s.checkpoint_before_time_limit = parse_count(k, v, MAX_LEAD_MINUTES)?;
+            Ok(())
+        },
+        get: |s| Some(s.checkpoint_before_time_limit.to_string()),
+        toml_integer: true,
+    },
+    Setting {
+        key: "time_limit_max_restarts",
+        flag: Some("time-limit-max-restarts"),
+        value_name: "N",
+        help: "A job requeued this many times (any cause) is no longer requeued before its time limit",
+        set: |s, k, v| {
+            s.time_limit_max_restarts = parse_count(k, v, u32::MAX)?;
+            Ok(())
+        },
+        get: |s| Some(s.time_limit_max_restarts.to_string()),
         toml_integer: true,
     },
 ];
@@ -636,6 +692,22 @@ mod tests {
     }
 
     #[test]
+    fn time_limit_settings_are_whole_numbers() {
+        let s = load(&[]).unwrap();
+        assert_eq!((s.checkpoint_before_time_limit, s.time_limit_max_restarts), (0, DEFAULT_TIME_LIMIT_MAX_RESTARTS));
+        let s = load(&["checkpoint_before_time_limit=10", "time_limit_max_restarts=2"]).unwrap();
+        assert_eq!((s.checkpoint_before_time_limit, s.time_limit_max_restarts), (10, 2));
+        for bad in ["", "-1", "+1", " 1", "1m", "0x10", "99999999999"] {
+            let e = load(&[&format!("checkpoint_before_time_limit={bad}")]).unwrap_err();
+            assert!(matches!(e, ConfigError::BadValue { .. }), "{bad}: {e}");
+        }
+        assert!(load(&["checkpoint_before_time_limit=525601"]).unwrap_err().to_string().contains("too large"));
+        let read = |_: &Path| Ok(Some("checkpoint_before_time_limit = 15\ntime_limit_max_restarts = \"3\"\n".to_string()));
+        let s = Settings::load(&[] as &[&str], read).unwrap();
+        assert_eq!((s.checkpoint_before_time_limit, s.time_limit_max_restarts), (15, 3));
+    }
+
+    #[test]
     fn unknown_argument_is_named() {
         let e = load(&["helper=/opt/h", "frobnicate=1"]).unwrap_err();
         assert_eq!(e, ConfigError::UnknownKey { arg: "frobnicate=1".into() });
@@ -708,7 +780,11 @@ mod tests {
     #[test]
     fn helper_flags_give_back_the_same_settings() {
         let read = |_: &Path| Ok(Some("staging_dir = \"/run/ckpt\"\n".to_string()));
-        let s = Settings::load(&["config=/etc/site.toml", "compression=zstd", "node_local_files_max=3GiB"], read).unwrap();
+        let s = Settings::load(
+            &["config=/etc/site.toml", "compression=zstd", "node_local_files_max=3GiB", "checkpoint_before_time_limit=7"],
+            read,
+        )
+        .unwrap();
         // What the helper does with its flags: each one a plugstack argument.
         let args = s.to_args();
         let mut back = Vec::new();

@@ -115,6 +115,10 @@ enum Command {
         /// The task process, the only client accepted
         #[arg(long)]
         task_pid: i32,
+        /// Minutes before its time limit the job asked to be checkpointed
+        /// and requeued (its --checkpoint-before-time-limit)
+        #[arg(long, value_name = "MINUTES")]
+        before_time_limit: Option<u32>,
         /// Where the agent logs (appended)
         #[arg(long, value_name = "FILE", default_value = "/var/log/slurm/checkpoint-container.log")]
         log: PathBuf,
@@ -351,10 +355,23 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             gid,
             restart_count,
             task_pid,
+            before_time_limit,
             log,
         } => {
-            let t =
-                agent::Task { socket, session_file, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
+            let t = agent::Task {
+                socket,
+                session_file,
+                job_id,
+                step_id,
+                task_id,
+                step_tasks,
+                step_nodes,
+                uid,
+                gid,
+                restart_count,
+                task_pid,
+                before_time_limit,
+            };
             daemonize(&log)?;
             // slurmstepd hands on the job's umask: the modes of what root
             // creates (the socket directory users must reach) are root's.

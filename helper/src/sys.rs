@@ -482,3 +482,15 @@ pub fn set_loopback_up() -> io::Result<()> {
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) }).map(drop)
 }
+
+/// The hour and minute of the node's local time at `unix_secs`.
+pub fn local_hour_minute(unix_secs: i64) -> Option<(i32, i32)> {
+    let secs = unix_secs as libc::time_t;
+    // SAFETY: an all-zero tm is a valid value; localtime_r writes only into
+    // the tm we own and reads only `secs`.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&secs, &mut tm) }.is_null() {
+        return None;
+    }
+    Some((tm.tm_hour, tm.tm_min))
+}

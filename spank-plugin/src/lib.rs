@@ -21,6 +21,10 @@ SPANK_PLUGIN!(b"checkpoint-container", SLURM_VERSION_NUMBER, CheckpointContainer
 /// `#SBATCH --checkpoint-container`.
 pub const OPTION: &str = "checkpoint-container";
 
+/// With it: `--checkpoint-before-time-limit=MINUTES`, checkpoint and
+/// requeue the job that long before its time limit (0: not this job).
+pub const TIME_LIMIT_OPTION: &str = "checkpoint-before-time-limit";
+
 /// Prefix of every line the plugin prints or logs, so admins can grep for it.
 pub const LOG_PREFIX: &str = "checkpoint-container";
 
@@ -42,6 +46,19 @@ pub(crate) fn log_error(msg: &str) {
 /// configuration is broken.
 pub(crate) fn refusal(e: &ConfigError) -> String {
     format!("--{OPTION} cannot be honoured, the site configuration is invalid: {e}")
+}
+
+/// The job's `--checkpoint-before-time-limit`, if given. Its value is the
+/// user's (in slurmstepd too: any client can send it), so only a number
+/// within bounds is taken.
+fn before_time_limit(spank: &SpankHandle) -> Result<Option<u32>, String> {
+    let max = ckpt_config::MAX_LEAD_MINUTES;
+    let bad = |value: &str| format!("--{TIME_LIMIT_OPTION}={value} is invalid: expected a whole number of minutes, at most {max}");
+    match spank.get_option_value(TIME_LIMIT_OPTION) {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => ckpt_config::parse_count(TIME_LIMIT_OPTION, &v, max).map(Some).map_err(|_| bad(&v)),
+        Err(_) => Err(bad("?")),
+    }
 }
 
 pub(crate) fn log_info(msg: &str) {
@@ -73,6 +90,10 @@ unsafe impl Plugin for CheckpointContainer {
             "Checkpoint this job's Apptainer containers with CRIU when it is preempted \
              or requeued, and restore them when it runs again",
         ))?;
+        spank.register_option(SpankOption::new(TIME_LIMIT_OPTION).takes_value("MINUTES").usage(
+            "With --checkpoint-container: checkpoint this batch job's containers and requeue it \
+             MINUTES before its time limit (0: do not; default: the site's setting)",
+        ))?;
         let args: Vec<String> = spank.plugin_argv()?.iter().map(|s| s.to_string()).collect();
         let settings = Settings::load(&args, ckpt_config::read_optional_file);
         if let (Err(e), Context::Remote) = (&settings, context) {
@@ -86,14 +107,21 @@ unsafe impl Plugin for CheckpointContainer {
 
     fn init_post_opt(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
         self.requested = spank.is_option_set(OPTION);
-        if !self.requested {
-            return Ok(());
-        }
+        let lead = before_time_limit(spank);
         let settings = self.settings.as_ref().expect("init ran before init_post_opt");
         match spank.context()? {
-            Context::Local | Context::Allocator => client::init_post_opt(settings),
-            Context::Remote => {
-                self.stepd.init_post_opt(spank, settings);
+            Context::Local | Context::Allocator => {
+                let lead = lead?;
+                if lead.is_some() && !self.requested {
+                    return Err(format!("--{TIME_LIMIT_OPTION} applies to protected containers: add --{OPTION}").into());
+                }
+                if !self.requested {
+                    return Ok(());
+                }
+                client::init_post_opt(settings)
+            }
+            Context::Remote if self.requested => {
+                self.stepd.init_post_opt(spank, settings, lead);
                 Ok(())
             }
             _ => Ok(()),

@@ -46,11 +46,22 @@ pub struct StepState {
     /// the task then runs unprotected, and says so.
     unprotected: Option<String>,
     settings: Option<Settings>,
+    /// The job's `--checkpoint-before-time-limit`, for its agents.
+    before_time_limit: Option<u32>,
 }
 
 impl StepState {
-    pub fn init_post_opt(&mut self, spank: &mut SpankHandle, settings: &Result<Settings, ConfigError>) {
+    pub fn init_post_opt(&mut self, spank: &mut SpankHandle, settings: &Result<Settings, ConfigError>, lead: Result<Option<u32>, String>) {
         let step = step_name(spank);
+        match lead {
+            Ok(lead) => self.before_time_limit = lead,
+            Err(why) => {
+                // Only a client other than srun/sbatch sends a bad value.
+                log_error(&format!("step {step}: {why}"));
+                self.failure = Some(why);
+                return;
+            }
+        }
         let settings = match settings {
             Err(e) => {
                 // A broken site configuration refuses the job (srun and
@@ -127,6 +138,9 @@ impl StepState {
         cmd.args(["--step-tasks", &spank.job_total_task_count()?.to_string(), "--step-nodes", &spank.job_nnodes()?.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);
         cmd.args(["--restart-count", restarts.trim(), "--task-pid", &spank.task_pid()?.to_string()]);
+        if let Some(minutes) = self.before_time_limit {
+            cmd.args(["--before-time-limit", &minutes.to_string()]);
+        }
         let status = cmd.env_clear().stdin(std::process::Stdio::null()).status();
         match status {
             Ok(s) if s.success() => Ok(()),

@@ -11,6 +11,8 @@
 //! - when the task gets SIGTERM, asks slurmctld whether the job is being
 //!   requeued (its restart count went up) and if so checkpoints the
 //!   container; otherwise (scancel) passes the SIGTERM on;
+//! - if the job asked (or the site does), requeues the job a few minutes
+//!   before its time limit, which checkpoints it the same way;
 //! - when the container ends on its own, the job is finished for good with
 //!   this task: its checkpoint is removed.
 
@@ -21,6 +23,7 @@ mod session;
 mod session_file;
 mod slurmctld;
 mod spawn;
+mod time_limit;
 
 pub use layout::{collect_garbage, job_dir};
 pub use session::run;
@@ -55,6 +58,9 @@ pub struct Task {
     pub restart_count: u32,
     /// The task process the plugin saw forked: the only accepted client.
     pub task_pid: Pid,
+    /// Minutes before the time limit the job asked to be checkpointed and
+    /// requeued (none: the site's `checkpoint_before_time_limit`).
+    pub before_time_limit: Option<u32>,
 }
 
 impl Task {

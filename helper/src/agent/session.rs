@@ -158,6 +158,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             ),
         );
     }
+    super::time_limit::watch(settings, t, &user, &stderr);
     // Hash the container image now, while nothing waits for it: the
     // checkpoint then finds the digest in the node's cache.
     {
