@@ -14,7 +14,7 @@ echo "== id"; id -a
 echo "== umask"; umask
 echo "== limits"; cat /proc/self/limits
 echo "== cwd"; pwd
-echo "== home"; echo "HOME=$HOME"; ls -ldn "$HOME"
+echo "== home"; echo "HOME=$HOME"; stat -c "%A %u %g %n" "$HOME"
 echo "== home-content"; ls -a "$HOME/$PROBE_DIR"
 echo "== status"; grep -E '^(Cpus_allowed_list|Mems_allowed_list|Groups|NoNewPrivs|Seccomp|Cap...):' /proc/self/status
 echo "== cgroup"; cat /proc/self/cgroup
