@@ -113,6 +113,10 @@ enum Command {
         /// The task process, the only client accepted
         #[arg(long)]
         task_pid: i32,
+        /// Seconds between periodic checkpoints the job asked for (0: none;
+        /// the site's settings bound it)
+        #[arg(long)]
+        interval_request: Option<u64>,
         /// Where the agent logs (appended)
         #[arg(long, value_name = "FILE", default_value = "/var/log/slurm/checkpoint-container.log")]
         log: PathBuf,
@@ -358,10 +362,23 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             gid,
             restart_count,
             task_pid,
+            interval_request,
             log,
         } => {
-            let t =
-                agent::Task { socket, session_file, job_id, step_id, task_id, step_tasks, step_nodes, uid, gid, restart_count, task_pid };
+            let t = agent::Task {
+                socket,
+                session_file,
+                job_id,
+                step_id,
+                task_id,
+                step_tasks,
+                step_nodes,
+                uid,
+                gid,
+                restart_count,
+                task_pid,
+                interval_request,
+            };
             daemonize(&log)?;
             // slurmstepd hands on the job's umask: the modes of what root
             // creates (the socket directory users must reach) are root's.

@@ -16,6 +16,7 @@
 
 mod layout;
 mod messages;
+mod periodic;
 mod requeue;
 mod session;
 mod session_file;
@@ -55,6 +56,8 @@ pub struct Task {
     pub restart_count: u32,
     /// The task process the plugin saw forked: the only accepted client.
     pub task_pid: Pid,
+    /// Seconds between periodic checkpoints the job asked for (periodic.rs).
+    pub interval_request: Option<u64>,
 }
 
 impl Task {
