@@ -72,6 +72,8 @@ impl Timer {
         match checkpoint(settings, t, running, started, ckpt) {
             Ok(Some(line)) => log::info!("{}: {line}", t.name()),
             Ok(None) => {}
+            // The program ended meanwhile: its exit is the agent's next event.
+            Err(_) if running.payload.as_ref().is_some_and(|p| p.signal(0).is_err()) => {}
             Err(why) => {
                 let kept = if ckpt.exists() { "its previous checkpoint stays" } else { "it has no checkpoint yet" };
                 let msg = format!("periodic checkpoint of {} failed: {why}; it goes on, and {kept}", t.name());
