@@ -253,7 +253,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 return Ok(());
             }
             Event::Periodic => {
-                if let Some(timer) = &timer {
+                // Not once the task was told to end (scancel): the program
+                // is ending, and the checkpoint would be removed with it.
+                if let Some(timer) = timer.as_ref().filter(|_| !session.is_ending()) {
                     let started = StartedAs { argv: &argv, cwd: &cwd, env: &env, launch: &launched };
                     timer.tick(settings, t, &mut running, &started, &ckpt, &mut stderr);
                 }

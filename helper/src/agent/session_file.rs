@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub(super) struct SessionFile {
     path: PathBuf,
     file: File,
+    ending: bool,
 }
 
 impl SessionFile {
@@ -33,14 +34,19 @@ impl SessionFile {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return crate::error::fail(format!("{} is held by another agent", path.display()));
         }
-        Ok(SessionFile { path: path.to_path_buf(), file })
+        Ok(SessionFile { path: path.to_path_buf(), file, ending: false })
     }
 
     /// The task was told to end: its container is checkpointed or ended.
     pub(super) fn ending(&mut self) {
+        self.ending = true;
         if let Err(e) = self.file.write_all(ENDING.as_bytes()) {
             log::warn!("cannot write {}: {e}", self.path.display());
         }
+    }
+
+    pub(super) fn is_ending(&self) -> bool {
+        self.ending
     }
 }
 
