@@ -111,3 +111,21 @@ fn a_failed_periodic_checkpoint_is_one_line_and_the_job_goes_on() {
     job.assert_continued("out.txt");
     job.cleanup(c);
 }
+
+/// A step of several tasks is left to the requeue path (its cut needs every
+/// task stopped at one barrier), and says so once.
+#[test]
+fn a_step_of_several_tasks_says_it_takes_no_periodic_checkpoints() {
+    let c = cluster();
+    let _site = PlugstackOverride::new(c, site_allows_short_intervals);
+    let out = c
+        .sh(
+            "node1",
+            "alice",
+            &format!("{ASK} && srun -w node1 -n2 --checkpoint-container apptainer -s exec {} true", cluster_tests::TEST_SIF),
+        )
+        .ok();
+    let line = "runs 2 tasks: it is checkpointed when the job is preempted or requeued, not every 4 s";
+    assert_eq!(out.stderr.matches(line).count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("are checkpointed if the job is preempted or requeued"), "{}", out.stderr);
+}

@@ -31,22 +31,17 @@ impl Timer {
     /// The timer for this task, if it takes periodic checkpoints; says why
     /// not when the job asked for them in vain.
     pub(super) fn start(settings: &Settings, t: &Task, events: mpsc::Sender<Event>, stderr: &mut File) -> Option<Timer> {
-        let seconds = settings.checkpoint_interval_for(t.interval_request);
-        if seconds == 0 {
-            return None;
+        let asked = settings.checkpoint_interval_for(t.interval_request);
+        if asked > 0 && t.step().is_coupled() && t.task_id == 0 {
+            tell_user(
+                stderr,
+                &format!(
+                    "step {}.{} runs {} tasks: it is checkpointed when the job is preempted or requeued, not every {asked} s",
+                    t.job_id, t.step_id, t.step_tasks
+                ),
+            );
         }
-        if t.step().is_coupled() {
-            if t.task_id == 0 {
-                tell_user(
-                    stderr,
-                    &format!(
-                        "step {}.{} runs {} tasks: it is checkpointed when the job is preempted or requeued, not every {seconds} s",
-                        t.job_id, t.step_id, t.step_tasks
-                    ),
-                );
-            }
-            return None;
-        }
+        let seconds = interval(settings, t)?;
         let interval = Duration::from_secs(seconds);
         let (done, next) = mpsc::channel();
         std::thread::spawn(move || loop {
@@ -59,12 +54,9 @@ impl Timer {
         Some(Timer { done })
     }
 
+    /// "every N s and " for the step's first line, if it takes them.
     pub(super) fn interval_text(settings: &Settings, t: &Task) -> Option<String> {
-        match settings.checkpoint_interval_for(t.interval_request) {
-            0 => None,
-            _ if t.step().is_coupled() => None,
-            s => Some(format!("every {s} s and ")),
-        }
+        interval(settings, t).map(|s| format!("every {s} s and "))
     }
 
     /// Takes the periodic checkpoint, then starts the next interval.
@@ -83,6 +75,11 @@ impl Timer {
         }
         let _ = self.done.send(());
     }
+}
+
+/// Seconds between this task's periodic checkpoints, if it takes them.
+fn interval(settings: &Settings, t: &Task) -> Option<u64> {
+    Some(settings.checkpoint_interval_for(t.interval_request)).filter(|&s| s > 0 && !t.step().is_coupled())
 }
 
 /// Stops the tree, dumps it leaving it running, lets it go on, and puts the
