@@ -14,8 +14,8 @@ fn protected_line(value: &str, marker_dir: &str) -> String {
             &format!("CHECKPOINT_CONTAINER_INTERVAL='{value}' srun -w node1 --checkpoint-container apptainer -s exec {TEST_SIF} true"),
         )
         .ok();
-    // Apptainer's own environment handling may expand it, as alice inside
-    // her container (as without the option); root never does.
+    // Her own processes may expand it (it is her environment: the marker
+    // appeared, owned by alice, on the dev cluster); root never does.
     let by_root = c.sh("node1", "root", &format!("find {marker_dir} -name pwned -user root")).ok().stdout;
     assert_eq!(by_root, "", "root ran the value as a command: {value}");
     out.stderr
