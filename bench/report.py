@@ -46,7 +46,7 @@ def mib(b):
 
 
 all_sizes = sorted({k[0] for k in runs})
-kinds = ["ours", "ours-zstd", "ours-staged", "plain", "raw"]
+kinds = ["ours", "ours-zstd", "ours-staged", "periodic", "plain", "raw"]
 rows = ["| size | op | kind | seconds min / med / max | ÷ plain CRIU | ÷ raw bound | raw bound ÷ this | image |",
         "|---|---|---|---|---|---|---|---|"]
 for size in all_sizes:

@@ -5,7 +5,9 @@
 # checkpoint and restore of this project (as configured by default, with
 # zstd, with tmpfs staging), of plain CRIU and of the raw storage bound (dd
 # of the same bytes to the same target), image sizes, and the end-to-end
-# downtime of preempt -> requeue -> restore in Slurm. Writes
+# downtime of preempt -> requeue -> restore in Slurm; and periodic
+# checkpoints of a running job (bench/periodic.sh: how long its tree is
+# stopped, against plain CRIU's --leave-running dump). Writes
 # bench/results/RESULTS.md and bench/results/plot.png.
 #
 # BENCH_TARGET is where images go, on node1: /shared (default, a disk, as a
@@ -38,6 +40,11 @@ for size in $SIZES; do
     "$DC" exec ctl -- bash -s "$size" "$REPS" "$kind" < "$HERE/e2e.sh" | tee -a "$raw"
     [[ $kind == ours-staged ]] && cp "$OUT/plugstack.conf.orig" "$plugstack"
   done
+  echo "bench: $size MiB, periodic checkpoints of a running job" >&2
+  cp "$plugstack" "$OUT/plugstack.conf.orig"
+  sed -i '/spank_checkpoint_container/ s|$| checkpoint_interval_min=5|' "$plugstack"
+  "$DC" exec node1 -- bash -s "$size" "$REPS" < "$HERE/periodic.sh" | tee -a "$raw"
+  cp "$OUT/plugstack.conf.orig" "$plugstack"
 done
 # When slurmd sent each preempted step its SIGTERM (the nodes' logs, ms).
 for job in $(awk '$2 == "e2e-cycle" { print $4 }' "$raw" | sort -u); do

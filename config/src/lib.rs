@@ -42,6 +42,12 @@ pub const DEFAULT_TIME_LIMIT_MAX_RESTARTS: u32 = 5;
 /// The longest lead before a time limit a site or a job may ask for, in
 /// minutes (a year): anything larger is a typo.
 pub const MAX_LEAD_MINUTES: u32 = 525_600;
+/// Shortest interval between periodic checkpoints a job may ask for: each
+/// one writes the container's memory to the checkpoint storage.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MIN: u64 = 600;
+/// The job's environment variable asking for periodic checkpoints every
+/// that many seconds (0: none); the plugin takes only a number from it.
+pub const INTERVAL_ENV: &str = "CHECKPOINT_CONTAINER_INTERVAL";
 
 /// Which tasks are container commands: the plugin wraps only those, the
 /// helper parses them (its `runtime` module).
@@ -182,6 +188,11 @@ pub struct Settings {
     /// A job requeued this many times (Slurm's `Restarts`) is no longer
     /// requeued before its time limit: it runs into it.
     pub time_limit_max_restarts: u32,
+    /// Seconds between periodic checkpoints of a running container, for
+    /// jobs that do not ask (`INTERVAL_ENV`); 0: none.
+    pub checkpoint_interval: u64,
+    /// Shortest interval a job may ask for; a shorter one is raised to it.
+    pub checkpoint_interval_min: u64,
     /// The TOML file these settings were read from, if one was read.
     pub config_file: Option<PathBuf>,
 }
@@ -257,6 +268,8 @@ impl Default for Settings {
             node_local_files_max: DEFAULT_NODE_LOCAL_FILES_MAX,
             checkpoint_before_time_limit: 0,
             time_limit_max_restarts: DEFAULT_TIME_LIMIT_MAX_RESTARTS,
+            checkpoint_interval: 0,
+            checkpoint_interval_min: DEFAULT_CHECKPOINT_INTERVAL_MIN,
             config_file: None,
         }
     }
@@ -352,6 +365,21 @@ pub fn format_size(bytes: u64) -> String {
         }
     }
     bytes.to_string()
+}
+
+/// A number of seconds (digits only, at most a year).
+pub fn parse_seconds(key: &str, value: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadValue { key: key.to_string(), value: value.to_string(), why: "expected a number of seconds" };
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    value.parse::<u64>().ok().filter(|&n| n <= 366 * 86400).ok_or_else(bad)
+}
+
+/// What a job asked for in `INTERVAL_ENV`: a number of seconds, nothing
+/// else (the value is the user's).
+pub fn interval_request(value: &str) -> Result<u64, String> {
+    parse_seconds(INTERVAL_ENV, value.trim()).map_err(|e| e.to_string())
 }
 
 /// The plugstack.conf key (and helper flag) naming the TOML file: not a
@@ -478,6 +506,30 @@ pub const SETTINGS: &[Setting] = &[
         get: |s| Some(s.time_limit_max_restarts.to_string()),
         toml_integer: true,
     },
+    Setting {
+        key: "checkpoint_interval",
+        flag: Some("checkpoint-interval"),
+        value_name: "SECONDS",
+        help: "Seconds between periodic checkpoints of running containers, for jobs that do not ask; 0: none",
+        set: |s, k, v| {
+            s.checkpoint_interval = parse_seconds(k, v)?;
+            Ok(())
+        },
+        get: |s| Some(s.checkpoint_interval.to_string()),
+        toml_integer: true,
+    },
+    Setting {
+        key: "checkpoint_interval_min",
+        flag: Some("checkpoint-interval-min"),
+        value_name: "SECONDS",
+        help: "Shortest interval between periodic checkpoints a job may ask for (CHECKPOINT_CONTAINER_INTERVAL)",
+        set: |s, k, v| {
+            s.checkpoint_interval_min = parse_seconds(k, v)?;
+            Ok(())
+        },
+        get: |s| Some(s.checkpoint_interval_min.to_string()),
+        toml_integer: true,
+    },
 ];
 
 fn known_keys() -> String {
@@ -596,6 +648,16 @@ impl Settings {
         Ok(())
     }
 
+    /// Seconds between periodic checkpoints for a job that asked for
+    /// `request` (0: none): the site's default when it did not ask, never
+    /// more often than the site's minimum.
+    pub fn checkpoint_interval_for(&self, request: Option<u64>) -> u64 {
+        match request.unwrap_or(self.checkpoint_interval) {
+            0 => 0,
+            n => n.max(self.checkpoint_interval_min),
+        }
+    }
+
     /// The helper's command-line flags that give these settings (what the
     /// plugin passes to the helper it starts).
     pub fn to_args(&self) -> Vec<String> {
@@ -705,6 +767,27 @@ mod tests {
         let read = |_: &Path| Ok(Some("checkpoint_before_time_limit = 15\ntime_limit_max_restarts = \"3\"\n".to_string()));
         let s = Settings::load(&[] as &[&str], read).unwrap();
         assert_eq!((s.checkpoint_before_time_limit, s.time_limit_max_restarts), (15, 3));
+    }
+
+    #[test]
+    fn checkpoint_interval_is_the_sites_default_and_a_job_asks_no_more_often_than_the_minimum() {
+        let s = load(&[]).unwrap();
+        assert_eq!((s.checkpoint_interval, s.checkpoint_interval_min), (0, DEFAULT_CHECKPOINT_INTERVAL_MIN));
+        assert_eq!(s.checkpoint_interval_for(None), 0);
+        let s = load(&["checkpoint_interval=3600", "checkpoint_interval_min=60"]).unwrap();
+        assert_eq!(s.checkpoint_interval_for(None), 3600);
+        assert_eq!(s.checkpoint_interval_for(Some(0)), 0);
+        assert_eq!(s.checkpoint_interval_for(Some(5)), 60);
+        assert_eq!(s.checkpoint_interval_for(Some(120)), 120);
+        for bad in ["1h", "-1", " 5", "", "99999999999"] {
+            let e = load(&[&format!("checkpoint_interval={bad}")]).unwrap_err();
+            assert!(e.to_string().contains("expected a number of seconds"), "{bad}: {e}");
+        }
+        let read = |_: &Path| Ok(Some("checkpoint_interval = 900\n".to_string()));
+        assert_eq!(Settings::load(&[] as &[&str], read).unwrap().checkpoint_interval, 900);
+        assert_eq!(interval_request(" 30\n"), Ok(30));
+        assert!(interval_request("/etc/shadow").is_err());
+        assert!(interval_request("1e9").is_err());
     }
 
     #[test]

@@ -119,6 +119,10 @@ enum Command {
         /// and requeued (its --checkpoint-before-time-limit)
         #[arg(long, value_name = "MINUTES")]
         before_time_limit: Option<u32>,
+        /// Seconds between periodic checkpoints the job asked for (0: none;
+        /// the site's settings bound it)
+        #[arg(long)]
+        interval_request: Option<u64>,
         /// Where the agent logs (appended)
         #[arg(long, value_name = "FILE", default_value = "/var/log/slurm/checkpoint-container.log")]
         log: PathBuf,
@@ -356,6 +360,7 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             restart_count,
             task_pid,
             before_time_limit,
+            interval_request,
             log,
         } => {
             let t = agent::Task {
@@ -371,6 +376,7 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
                 restart_count,
                 task_pid,
                 before_time_limit,
+                interval_request,
             };
             daemonize(&log)?;
             // slurmstepd hands on the job's umask: the modes of what root

@@ -115,6 +115,11 @@ impl StepState {
             }
             return Ok(());
         };
+        if spank.task_global_id()? == 0 {
+            if let Some(Err(why)) = interval_request(spank) {
+                eprintln!("{LOG_PREFIX}: warning: {why}; the site's interval applies");
+            }
+        }
         // The task becomes our wrapper, which hands the container command to
         // the task's root agent (started in task_post_fork).
         let socket = agent_files::socket(spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
@@ -141,6 +146,9 @@ impl StepState {
         if let Some(minutes) = self.before_time_limit {
             cmd.args(["--before-time-limit", &minutes.to_string()]);
         }
+        if let Some(Ok(seconds)) = interval_request(spank) {
+            cmd.args(["--interval-request", &seconds.to_string()]);
+        }
         let status = cmd.env_clear().stdin(std::process::Stdio::null()).status();
         match status {
             Ok(s) if s.success() => Ok(()),
@@ -151,6 +159,13 @@ impl StepState {
             }
         }
     }
+}
+
+/// The periodic checkpoint interval the job asks for in its environment:
+/// only a number is taken from what the user controls.
+fn interval_request(spank: &SpankHandle) -> Option<Result<u64, String>> {
+    let value = spank.getenv(ckpt_config::INTERVAL_ENV).ok()??;
+    Some(ckpt_config::interval_request(&value))
 }
 
 fn step_name(spank: &SpankHandle) -> String {

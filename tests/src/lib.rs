@@ -153,6 +153,34 @@ impl Drop for PlugstackOverride {
     }
 }
 
+/// A compute node stopped hard (`devcluster crash`) for as long as it
+/// lives; started again and back in Slurm on drop, even when a test fails,
+/// so later tests have both nodes.
+pub struct CrashedNode<'a> {
+    cluster: &'a Cluster,
+    node: String,
+}
+
+impl Cluster {
+    /// Stops `node` as a power loss would: its link goes down, every process
+    /// in it dies at once.
+    pub fn crash(&self, node: &str) -> CrashedNode<'_> {
+        let out = Command::new(&self.devcluster).args(["crash", node]).output().unwrap();
+        let crashed = CrashedNode { cluster: self, node: node.to_string() };
+        assert!(out.status.success(), "devcluster crash {node}: {}", String::from_utf8_lossy(&out.stderr));
+        crashed
+    }
+}
+
+impl Drop for CrashedNode<'_> {
+    fn drop(&mut self) {
+        let out = Command::new(&self.cluster.devcluster).args(["revive", &self.node]).output().unwrap();
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("devcluster revive {}: {}", self.node, String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
 impl Cluster {
     /// Gives alice a second group (3001) on every host, as a site's group
     /// database is (a group she had on one node only would make her
@@ -241,7 +269,7 @@ pub fn expected_done(mem_mib: u32, steps: u32) -> String {
 /// The helper as installed on every node.
 /// Where the package installs the helper (the cluster installs the .deb).
 pub const HELPER: &str = "/usr/libexec/checkpoint-container/checkpoint-container";
-const WORKLOAD: &str = "/opt/checkpoint-container/bin/ckpt-workload";
+pub const WORKLOAD: &str = "/opt/checkpoint-container/bin/ckpt-workload";
 
 /// How a test starts the workload container.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -18,6 +18,7 @@
 
 mod layout;
 mod messages;
+mod periodic;
 mod requeue;
 mod session;
 mod session_file;
@@ -61,6 +62,8 @@ pub struct Task {
     /// Minutes before the time limit the job asked to be checkpointed and
     /// requeued (none: the site's `checkpoint_before_time_limit`).
     pub before_time_limit: Option<u32>,
+    /// Seconds between periodic checkpoints the job asked for (periodic.rs).
+    pub interval_request: Option<u64>,
 }
 
 impl Task {

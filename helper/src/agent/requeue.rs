@@ -98,26 +98,22 @@ pub(super) struct StartedAs<'a> {
     pub(super) launch: &'a Launch,
 }
 
-/// Checkpoints the task's container; returns the line for the user, and a
-/// staged checkpoint still to be moved into place (announced to restores)
-/// with its manifest.
-pub(super) fn checkpoint_for_requeue(
-    settings: &Settings,
+/// What to dump of the task's container: its payload's tree, recorded
+/// with this run's cut (the job's restart count).
+pub(super) fn checkpoint_request(
     t: &Task,
     running: &mut Running,
     started: &StartedAs,
     ckpt: &Path,
-) -> (String, Option<(Staging, crate::manifest::Manifest)>) {
+    leave_running: bool,
+) -> std::result::Result<CheckpointRequest, String> {
     let Some(pid) = running.payload(t.uid).map(|p| p.pid) else {
-        return (format!("{}: no running container to checkpoint", t.name()), None);
+        return Err(format!("{}: no running container to checkpoint", t.name()));
     };
-    let request = CheckpointRequest {
+    Ok(CheckpointRequest {
         pid,
         target: ckpt.to_path_buf(),
-        container: match ContainerCommand::parse(started.argv.to_vec()) {
-            Ok(c) => c,
-            Err(e) => return (e.to_string(), None),
-        },
+        container: ContainerCommand::parse(started.argv.to_vec()).map_err(|e| e.to_string())?,
         image: started.launch.image.clone(),
         image_name: started.launch.image_name.clone(),
         job: JobIds {
@@ -128,8 +124,24 @@ pub(super) fn checkpoint_for_requeue(
             cut: Some(t.restart_count),
         },
         expected_uid: Some(t.uid),
-        leave_running: false,
+        leave_running,
         started_in: Some((started.cwd.to_string(), started.env.to_vec())),
+    })
+}
+
+/// Checkpoints the task's container; returns the line for the user, and a
+/// staged checkpoint still to be moved into place (announced to restores)
+/// with its manifest.
+pub(super) fn checkpoint_for_requeue(
+    settings: &Settings,
+    t: &Task,
+    running: &mut Running,
+    started: &StartedAs,
+    ckpt: &Path,
+) -> (String, Option<(Staging, crate::manifest::Manifest)>) {
+    let request = match checkpoint_request(t, running, started, ckpt, false) {
+        Ok(r) => r,
+        Err(why) => return (why, None),
     };
     let sealed = dump(settings, &request).and_then(|(m, sealed)| {
         if !sealed.staged() {

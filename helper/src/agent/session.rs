@@ -3,6 +3,7 @@
 
 use super::layout::{forget_checkpoint, list_checkpoint, task_checkpoint_dir};
 use super::messages::{tell_requeued_job, tell_user};
+use super::periodic::Timer;
 use super::requeue::{checkpoint_for_requeue, go_on, restore_step, stop_step, try_restore, StartedAs};
 use super::session_file::SessionFile;
 use super::slurmctld::{is_requeue, requeue_info};
@@ -26,6 +27,8 @@ use std::time::{Duration, Instant};
 pub(super) enum Event {
     Message(Option<ToAgent>),
     Exited(i32),
+    /// Time for a periodic checkpoint (periodic.rs).
+    Periodic,
 }
 
 pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()> {
@@ -150,10 +153,11 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     // One line per step, from its first task: what is protected, truly.
     if t.task_id == 0 {
         let criu = crate::criu::check(&settings.criu).map(|v| format!(" (CRIU {v})")).unwrap_or_default();
+        let every = Timer::interval_text(settings, t).unwrap_or_default();
         tell_user(
             &mut stderr,
             &format!(
-                "step {}.{} is protected{criu}: its containers are checkpointed if the job is preempted or requeued",
+                "step {}.{} is protected{criu}: its containers are checkpointed {every}if the job is preempted or requeued",
                 t.job_id, t.step_id
             ),
         );
@@ -167,6 +171,9 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     }
     let (tx, rx) = mpsc::channel();
     let messages = tx.clone();
+    let timer = Timer::start(settings, t, tx.clone(), &mut stderr);
+    // Once the task got SIGTERM (scancel, or a requeue being served).
+    let mut told_to_end = false;
     let mut reader = Channel::new(stream).context(|| "socket".into())?;
     std::thread::spawn(move || loop {
         let msg = reader.recv::<ToAgent>().unwrap_or(None);
@@ -202,6 +209,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 }
             }
             Event::Message(Some(ToAgent::Terminate)) => {
+                told_to_end = true;
                 if let Some(s) = session.as_mut() {
                     s.ending();
                 }
@@ -252,6 +260,14 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     }
                 }
                 return Ok(());
+            }
+            Event::Periodic => {
+                // Not once the task was told to end (scancel): the program
+                // is ending, and the checkpoint would be removed with it.
+                if let Some(timer) = timer.as_ref().filter(|_| !told_to_end) {
+                    let started = StartedAs { argv: &argv, cwd: &cwd, env: &env, launch: &launched };
+                    timer.tick(settings, t, &mut running, &started, &ckpt, &mut stderr);
+                }
             }
             Event::Message(Some(ToAgent::Start { .. })) => {}
             Event::Message(None) => {

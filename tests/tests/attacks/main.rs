@@ -11,6 +11,7 @@
 mod criu;
 mod launch;
 mod node_local;
+mod periodic;
 mod restore;
 mod storage;
 

@@ -1,0 +1,110 @@
+//! Periodic checkpoints: while the job runs, its container is checkpointed
+//! every interval and left running, so a node that dies takes at most one
+//! interval of work with it (the requeued run restores the last one, as
+//! after a requeue). Each replaces the previous one atomically in
+//! checkpoint_dir (storage.rs); a failed one leaves it in place.
+//!
+//! Steps of several tasks are left to the requeue path: a periodic cut
+//! would need every task stopped at one barrier while the job runs.
+
+use super::layout::list_checkpoint;
+use super::messages::tell_user;
+use super::requeue::{checkpoint_request, go_on, StartedAs};
+use super::session::Event;
+use super::spawn::Running;
+use super::*;
+use crate::checkpoint::dump;
+use crate::step;
+use ckpt_config::Settings;
+use std::fs::File;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Instant;
+
+/// Ticks the agent's event loop every interval, counted from the end of the
+/// previous checkpoint (a slow one never queues the next behind it).
+pub(super) struct Timer {
+    done: mpsc::Sender<()>,
+}
+
+impl Timer {
+    /// The timer for this task, if it takes periodic checkpoints; says why
+    /// not when the job asked for them in vain.
+    pub(super) fn start(settings: &Settings, t: &Task, events: mpsc::Sender<Event>, stderr: &mut File) -> Option<Timer> {
+        let asked = settings.checkpoint_interval_for(t.interval_request);
+        if asked > 0 && t.step().is_coupled() && t.task_id == 0 {
+            tell_user(
+                stderr,
+                &format!(
+                    "step {}.{} runs {} tasks: it is checkpointed when the job is preempted or requeued, not every {asked} s",
+                    t.job_id, t.step_id, t.step_tasks
+                ),
+            );
+        }
+        let seconds = interval(settings, t)?;
+        let interval = Duration::from_secs(seconds);
+        let (done, next) = mpsc::channel();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(interval);
+            if events.send(Event::Periodic).is_err() || next.recv().is_err() {
+                break;
+            }
+        });
+        log::info!("{}: checkpointed every {seconds} s", t.name());
+        Some(Timer { done })
+    }
+
+    /// "every N s and " for the step's first line, if it takes them.
+    pub(super) fn interval_text(settings: &Settings, t: &Task) -> Option<String> {
+        interval(settings, t).map(|s| format!("every {s} s and "))
+    }
+
+    /// Takes the periodic checkpoint, then starts the next interval.
+    pub(super) fn tick(&self, settings: &Settings, t: &Task, running: &mut Running, started: &StartedAs, ckpt: &Path, stderr: &mut File) {
+        match checkpoint(settings, t, running, started, ckpt) {
+            Ok(Some(line)) => log::info!("{}: {line}", t.name()),
+            Ok(None) => {}
+            // The program ended meanwhile: its exit is the agent's next event.
+            Err(_) if running.payload.as_ref().is_some_and(|p| p.signal(0).is_err()) => {}
+            Err(why) => {
+                let kept = if ckpt.exists() { "its previous checkpoint stays" } else { "it has no checkpoint yet" };
+                let msg = format!("periodic checkpoint of {} failed: {why}; it goes on, and {kept}", t.name());
+                log::warn!("{msg}");
+                tell_user(stderr, &msg);
+            }
+        }
+        let _ = self.done.send(());
+    }
+}
+
+/// Seconds between this task's periodic checkpoints, if it takes them.
+fn interval(settings: &Settings, t: &Task) -> Option<u64> {
+    Some(settings.checkpoint_interval_for(t.interval_request)).filter(|&s| s > 0 && !t.step().is_coupled())
+}
+
+/// Stops the tree, dumps it leaving it running, lets it go on, and puts the
+/// checkpoint in checkpoint_dir (a staged one is copied there now: the node
+/// may die before the job ends). None: no container to checkpoint (it is
+/// ending).
+fn checkpoint(settings: &Settings, t: &Task, running: &mut Running, started: &StartedAs, ckpt: &Path) -> Result<Option<String>, String> {
+    if running.payload(t.uid).is_none() {
+        return Ok(None);
+    }
+    let request = checkpoint_request(t, running, started, ckpt, true)?;
+    let stopped_at = Instant::now();
+    let dumped = step::stop_tree(request.pid, t.uid, step::STOP_BARRIER_TIMEOUT)
+        .map_err(|e| format!("could not be stopped: {e}"))
+        .and_then(|_| dump(settings, &request).map_err(|e| e.to_string()));
+    // Whatever happened: dump continues the tree too, not a failed stop.
+    go_on(t, running);
+    let frozen = stopped_at.elapsed().as_secs_f64();
+    let (m, sealed) = dumped?;
+    let committed_at = Instant::now();
+    sealed.commit().map_err(|e| format!("could not be put in place: {e}"))?;
+    list_checkpoint(settings, t, &m, "complete");
+    Ok(Some(format!(
+        "periodic checkpoint ({:.1} MiB, tree stopped {frozen:.2} s, in place {:.2} s later)",
+        m.stats.images_bytes as f64 / 1048576.0,
+        committed_at.elapsed().as_secs_f64()
+    )))
+}
