@@ -89,40 +89,8 @@ enum Command {
     },
     /// Serve one --checkpoint-container task as root (started by the plugin)
     Agent {
-        /// Socket to serve the task on (created; its directory too)
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        /// Session file, locked while the task is served (next to the socket)
-        #[arg(long, value_name = "PATH")]
-        session_file: PathBuf,
-        #[arg(long)]
-        job_id: u32,
-        #[arg(long)]
-        step_id: u32,
-        #[arg(long)]
-        task_id: u32,
-        #[arg(long)]
-        uid: u32,
-        #[arg(long)]
-        gid: u32,
-        /// Tasks in the step and nodes it spans
-        #[arg(long, default_value_t = 1)]
-        step_tasks: u32,
-        #[arg(long, default_value_t = 1)]
-        step_nodes: u32,
-        #[arg(long, default_value_t = 0)]
-        restart_count: u32,
-        /// The task process, the only client accepted
-        #[arg(long)]
-        task_pid: i32,
-        /// Minutes before its time limit the job asked to be checkpointed
-        /// and requeued (its --checkpoint-before-time-limit)
-        #[arg(long, value_name = "MINUTES")]
-        before_time_limit: Option<u32>,
-        /// Seconds between periodic checkpoints the job asked for (0: none;
-        /// the site's settings bound it)
-        #[arg(long)]
-        interval_request: Option<u64>,
+        #[command(flatten)]
+        task: agent::Task,
         /// Where the agent logs (appended)
         #[arg(long, value_name = "FILE", default_value = "/var/log/slurm/checkpoint-container.log")]
         log: PathBuf,
@@ -213,7 +181,7 @@ fn main() -> ExitCode {
     // pid and task (job.step.task), whichever module logs it. Commands
     // people run print warnings and errors only.
     let agent = match &cli.command {
-        Command::Agent { job_id, step_id, task_id, .. } => Some(format!(" {job_id}.{step_id}.{task_id}")),
+        Command::Agent { task: t, .. } => Some(format!(" {}.{}.{}", t.job_id, t.step_id, t.task_id)),
         _ => None,
     };
     let mut logger =
@@ -347,44 +315,14 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             Ok(0)
         }
         Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
-        Command::Agent {
-            socket,
-            session_file,
-            job_id,
-            step_id,
-            task_id,
-            step_tasks,
-            step_nodes,
-            uid,
-            gid,
-            restart_count,
-            task_pid,
-            before_time_limit,
-            interval_request,
-            log,
-        } => {
-            let t = agent::Task {
-                socket,
-                session_file,
-                job_id,
-                step_id,
-                task_id,
-                step_tasks,
-                step_nodes,
-                uid,
-                gid,
-                restart_count,
-                task_pid,
-                before_time_limit,
-                interval_request,
-            };
+        Command::Agent { task: t, log } => {
             daemonize(&log)?;
             // slurmstepd hands on the job's umask: the modes of what root
             // creates (the socket directory users must reach) are root's.
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             launch::private_mount_namespace()?;
             if let Err(e) = agent::run(&settings, &settings_args, &t) {
-                log::error!("agent {job_id}.{step_id}.{task_id}: {e}");
+                log::error!("agent {}.{}.{}: {e}", t.job_id, t.step_id, t.task_id);
                 return Ok(1);
             }
             Ok(0)

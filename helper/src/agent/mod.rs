@@ -43,26 +43,45 @@ pub(super) const TELL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a checkpointed container may take to exit before the task ends.
 pub(super) const CONTAINER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone)]
+/// One task, as the plugin names it on the agent's command line (the
+/// `agent` subcommand's arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Task {
+    /// Socket to serve the task on (created; its directory too)
+    #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// Locked while this agent serves the task (session_file.rs).
+    /// Session file, locked while the task is served (session_file.rs)
+    #[arg(long, value_name = "PATH")]
     pub session_file: PathBuf,
+    #[arg(long)]
     pub job_id: u32,
+    #[arg(long)]
     pub step_id: u32,
+    #[arg(long)]
     pub task_id: u32,
-    /// Tasks in the step, and the nodes it spans.
+    /// Tasks in the step
+    #[arg(long, default_value_t = 1)]
     pub step_tasks: u32,
+    /// Nodes the step spans
+    #[arg(long, default_value_t = 1)]
     pub step_nodes: u32,
+    #[arg(long)]
     pub uid: u32,
+    #[arg(long)]
     pub gid: u32,
+    #[arg(long, default_value_t = 0)]
     pub restart_count: u32,
-    /// The task process the plugin saw forked: the only accepted client.
+    /// The task process the plugin saw forked: the only client accepted
+    #[arg(long)]
     pub task_pid: Pid,
-    /// Minutes before the time limit the job asked to be checkpointed and
-    /// requeued (none: the site's `checkpoint_before_time_limit`).
+    /// Minutes before its time limit the job asked to be checkpointed and
+    /// requeued (its --checkpoint-before-time-limit; none: the site's
+    /// checkpoint_before_time_limit)
+    #[arg(long, value_name = "MINUTES")]
     pub before_time_limit: Option<u32>,
-    /// Seconds between periodic checkpoints the job asked for (periodic.rs).
+    /// Seconds between periodic checkpoints the job asked for (0: none; the
+    /// site's settings bound it; periodic.rs)
+    #[arg(long)]
     pub interval_request: Option<u64>,
 }
 
