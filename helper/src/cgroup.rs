@@ -4,6 +4,9 @@
 
 use std::ffi::CString;
 
+/// Where a hybrid host (v1 hierarchies and v2) mounts its v2 hierarchy.
+const HYBRID_V2: &str = "/sys/fs/cgroup/unified";
+
 /// `cgroup.procs` files of every hierarchy `pid` belongs to.
 pub fn procs_files(pid: i32) -> std::io::Result<Vec<CString>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
@@ -15,7 +18,10 @@ pub fn procs_files(pid: i32) -> std::io::Result<Vec<CString>> {
             _ => continue,
         };
         let mount = match controllers {
-            "" => "/sys/fs/cgroup/unified".to_string(),
+            // The v2 hierarchy: beside the v1 ones on a hybrid host, the
+            // whole of /sys/fs/cgroup on a pure v2 one.
+            "" if std::path::Path::new(HYBRID_V2).is_dir() => HYBRID_V2.to_string(),
+            "" => "/sys/fs/cgroup".to_string(),
             c => format!("/sys/fs/cgroup/{}", c.strip_prefix("name=").unwrap_or(c)),
         };
         let file = format!("{mount}{path}/cgroup.procs");
