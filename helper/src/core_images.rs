@@ -230,6 +230,13 @@ pub struct Images {
     pub cores: std::collections::BTreeMap<u32, Vec<u8>>,
 }
 
+impl Images {
+    /// Every core image, decoded, by thread id.
+    fn decode_cores(&self) -> std::result::Result<std::collections::BTreeMap<u32, CoreEntry>, String> {
+        self.cores.iter().map(|(&tid, bytes)| Ok((tid, decode_core(&format!("core-{tid}.img"), bytes)?))).collect()
+    }
+}
+
 /// Reads pstree.img and every core image the manifest lists.
 fn read_images(dir: &Path, files: &[ImageFile]) -> Result<Images> {
     let Some(pstree) = files.iter().find(|f| f.name == PSTREE_IMAGE) else {
@@ -312,10 +319,7 @@ pub fn check_images(
     owner_groups: impl FnOnce() -> std::result::Result<BTreeSet<u32>, String>,
 ) -> std::result::Result<(), String> {
     let tree = decode_pstree(&images.pstree)?;
-    let mut cores = std::collections::BTreeMap::new();
-    for (&tid, bytes) in &images.cores {
-        cores.insert(tid, decode_core(&format!("core-{tid}.img"), bytes)?);
-    }
+    let cores = images.decode_cores()?;
     let mut listed = BTreeSet::new();
     for p in &tree {
         for tid in restored_ids(p, &cores) {
@@ -376,10 +380,7 @@ pub fn check(dir: &Path, m: &Manifest) -> Result<()> {
 pub fn dumped_ids(dir: &Path, files: &[ImageFile]) -> Result<Vec<i32>> {
     let images = read_images(dir, files)?;
     let tree = decode_pstree(&images.pstree).or_else(fail)?;
-    let mut cores = std::collections::BTreeMap::new();
-    for (&tid, bytes) in &images.cores {
-        cores.insert(tid, decode_core(&format!("core-{tid}.img"), bytes).or_else(fail)?);
-    }
+    let cores = images.decode_cores().or_else(fail)?;
     let mut ids: Vec<i32> = tree.iter().flat_map(|p| restored_ids(p, &cores)).map(|id| id as i32).collect();
     ids.sort_unstable();
     ids.dedup();

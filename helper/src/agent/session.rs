@@ -37,7 +37,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         // Users must reach their task's socket in it: 0755.
         storage::trusted_dir(dir, Some(0o755))?;
     }
-    let mut session = SessionFile::hold(&t.session_file);
+    let session = SessionFile::hold(&t.session_file);
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).context(|| format!("cannot listen on {}", socket.display()))?;
     nix::unistd::chown(socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
@@ -209,10 +209,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 }
             }
             Event::Message(Some(ToAgent::Terminate)) => {
-                told_to_end = true;
-                if let Some(s) = session.as_mut() {
-                    s.ending();
+                // Said once: a second SIGTERM changes nothing.
+                if !told_to_end {
+                    if let Some(s) = session.as_ref() {
+                        s.ending();
+                    }
                 }
+                told_to_end = true;
                 let info = requeue_info(t);
                 if !is_requeue(t, &info) {
                     // scancel or the end of the time limit: the program gets

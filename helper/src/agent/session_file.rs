@@ -13,7 +13,6 @@ use std::time::Duration;
 pub(super) struct SessionFile {
     path: PathBuf,
     file: File,
-    ending: bool,
 }
 
 /// How long the agent retries its lock: the batch step's reader holds a
@@ -45,7 +44,7 @@ impl SessionFile {
         for _ in 0..LOCK_RETRIES {
             if crate::sys::flock_exclusive_nonblocking(&file) {
                 let _ = file.set_len(0);
-                return Some(SessionFile { path: path.to_path_buf(), file, ending: false });
+                return Some(SessionFile { path: path.to_path_buf(), file });
             }
             std::thread::sleep(LOCK_RETRY);
         }
@@ -54,12 +53,8 @@ impl SessionFile {
     }
 
     /// The task was told to end: its container is checkpointed or ended.
-    /// Written once (a second SIGTERM changes nothing).
-    pub(super) fn ending(&mut self) {
-        if self.ending {
-            return;
-        }
-        self.ending = true;
+    /// Written at the start of the file, so saying it again changes nothing.
+    pub(super) fn ending(&self) {
         if let Err(e) = self.file.write_all_at(ENDING.as_bytes(), 0) {
             log::warn!("cannot write {}: {e}", self.path.display());
         }
