@@ -11,6 +11,8 @@
 #   /usr/lib/<multiarch>/slurm-wlm/spank_checkpoint_container.so   the plugin
 #   /usr/libexec/checkpoint-container/checkpoint-container          the helper (root-owned, never setuid)
 #   /usr/libexec/checkpoint-container/criu                          static CRIU
+#   /usr/libexec/checkpoint-container/shim/{apptainer,singularity}  links to the helper: the runtime shim
+#                                                                    first on the PATH of protected scripts
 #   /etc/slurm/plugstack.conf.d/checkpoint-container.conf           commented snippet (conffile)
 #   /var/spool/checkpoint-container                                  default checkpoint_dir (root, 0755)
 #   /usr/share/doc/checkpoint-container/                             README, docs, examples
@@ -35,6 +37,10 @@ doc=$root/usr/share/doc/checkpoint-container
 install -D -m 0644 "$plugin_dir/libspank_checkpoint_container.so" "$root/usr/lib/$multiarch/slurm-wlm/spank_checkpoint_container.so"
 install -D -m 0755 "$target/checkpoint-container" "$root/usr/libexec/checkpoint-container/checkpoint-container"
 install -D -m 0755 "$criu" "$root/usr/libexec/checkpoint-container/criu"
+install -d -m 0755 "$root/usr/libexec/checkpoint-container/shim"
+for runtime in apptainer singularity; do
+  ln -s ../checkpoint-container "$root/usr/libexec/checkpoint-container/shim/$runtime"
+done
 install -D -m 0644 "$HERE/plugstack.conf.d/checkpoint-container.conf" "$root/etc/slurm/plugstack.conf.d/checkpoint-container.conf"
 install -d -m 0755 "$root/var/spool/checkpoint-container"
 install -D -m 0644 "$REPO/README.md" "$doc/README.md"

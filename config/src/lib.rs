@@ -62,6 +62,54 @@ pub mod runtime {
     }
 }
 
+/// Slurm's step id of a batch script.
+pub const BATCH_STEP: u32 = 0xFFFF_FFFB;
+
+/// `JOB.STEP` as Slurm shows it: its special step ids (batch, extern,
+/// interactive) are the top of the u32 range and have names.
+pub fn step_name(job: u32, step: u32) -> String {
+    match step {
+        BATCH_STEP => format!("{job}.batch"),
+        0xFFFF_FFFC => format!("{job}.extern"),
+        0xFFFF_FFFA => format!("{job}.interactive"),
+        step => format!("{job}.{step}"),
+    }
+}
+
+/// The runtime shim: in a protected task that is not itself a container (a
+/// batch script, a wrapper script), a directory placed first on its PATH
+/// whose `apptainer` and `singularity` are the helper, which hands each
+/// container the task's processes start to the task's agent.
+pub mod shim {
+    use std::path::{Path, PathBuf};
+
+    /// The task's agent socket, for the shim (only a path to connect to:
+    /// the agent checks who connects).
+    pub const SOCKET_ENV: &str = "CHECKPOINT_CONTAINER_SOCKET";
+
+    /// `shim/` next to the helper: packages install it with the helper,
+    /// so one setting (`helper`) names both.
+    pub fn dir(helper: &Path) -> PathBuf {
+        helper.parent().unwrap_or(Path::new("/")).join("shim")
+    }
+
+    /// `path` (a PATH value) without `dir`: what the task would have had.
+    pub fn strip(path: &str, dir: &Path) -> String {
+        let dir = dir.to_string_lossy();
+        path.split(':').filter(|d| *d != dir).collect::<Vec<_>>().join(":")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn strip_takes_out_every_occurrence_and_nothing_else() {
+            let dir = std::path::Path::new("/usr/libexec/checkpoint-container/shim");
+            let path = "/usr/libexec/checkpoint-container/shim:/usr/bin:/usr/libexec/checkpoint-container/shim2:/usr/libexec/checkpoint-container/shim";
+            assert_eq!(super::strip(path, dir), "/usr/bin:/usr/libexec/checkpoint-container/shim2");
+        }
+    }
+}
+
 /// Where a task's root agent and slurmstepd meet on a node: a root-owned
 /// directory (0755, users reach their task's socket in it) holding, per
 /// protected task, the agent's socket and its session file. The plugin
@@ -90,17 +138,17 @@ pub mod agent_files {
         Ending,
     }
 
-    /// The agents of `job` serving a task on this node: root-owned session
-    /// files in `dir` that someone holds locked.
-    pub fn agents(dir: &Path, job: u32) -> Vec<Agent> {
-        let prefix = format!("{job}.");
+    /// The agents serving a task on this node whose session file name
+    /// starts with `prefix` (`JOB.`: the job's; `JOB.STEP.TASK.`: one
+    /// task's): root-owned session files in `dir` that someone holds locked.
+    pub fn agents(dir: &Path, prefix: &str) -> Vec<Agent> {
         // Root's directory, which only root can add to (agents create it
         // so: `storage::trusted_dir`), or nothing is read from it.
         let trusted = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0);
         let Some(entries) = std::fs::read_dir(dir).ok().filter(|_| trusted) else { return Vec::new() };
         entries
             .flatten()
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(SESSION_SUFFIX)))
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(prefix) && n.ends_with(SESSION_SUFFIX)))
             .filter_map(|e| agent(&e.path()))
             .collect()
     }
@@ -148,7 +196,8 @@ pub mod agent_files {
             let _other_job = held(&dir.join("71.0.0.session"), ENDING);
             std::fs::write(dir.join("7.2.0.session"), ENDING).unwrap(); // its agent is gone
             std::fs::write(dir.join("7.0.0.sock"), "").unwrap();
-            let mut found = agents(&dir, 7);
+            assert_eq!(agents(&dir, "7.1.0."), if unsafe { libc::getuid() } == 0 { vec![Agent::Ending] } else { vec![] });
+            let mut found = agents(&dir, "7.");
             found.sort();
             // SAFETY: getuid(2) cannot fail.
             if unsafe { libc::getuid() } == 0 {

@@ -21,6 +21,7 @@ pub mod procfs;
 pub mod protocol;
 pub mod restore;
 pub mod runtime;
+pub mod shim;
 pub mod step;
 pub mod storage;
 pub mod streamer;

@@ -33,6 +33,10 @@ pub struct Entry {
     pub job: u32,
     pub step: u32,
     pub task: u32,
+    /// Which container the task's processes started (the runtime shim's),
+    /// if the task was not itself the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<u32>,
     /// Where the checkpoint was taken.
     pub node: String,
     pub created_unix: u64,
@@ -44,12 +48,13 @@ pub struct Entry {
 
 impl Entry {
     fn file_name(&self) -> String {
-        entry_name(self.job, self.step, self.task)
+        entry_name(self.job, self.step, self.task, self.container)
     }
 }
 
-fn entry_name(job: u32, step: u32, task: u32) -> String {
-    format!("{job}.step{step}.task{task}")
+fn entry_name(job: u32, step: u32, task: u32, container: Option<u32>) -> String {
+    let container = container.map(|n| format!(".c{n}")).unwrap_or_default();
+    format!("{job}.step{step}.task{task}{container}")
 }
 
 fn by_user(settings: &Settings) -> PathBuf {
@@ -99,15 +104,16 @@ pub fn record(settings: &Settings, uid: u32, gid: u32, entry: &Entry) -> Result<
         .context(|| "cannot put a list entry in place".into())
 }
 
-/// Drops the entries of `job` (of one step and task, or all of them).
-pub fn forget(settings: &Settings, uid: u32, gid: u32, job: u32, which: Option<(u32, u32)>) {
+/// Drops the entries of `job` (of one step, task and container, or all of
+/// them).
+pub fn forget(settings: &Settings, uid: u32, gid: u32, job: u32, which: Option<(u32, u32, Option<u32>)>) {
     let Ok(dir) = user_dir(settings, uid, gid) else { return };
     forget_in(&dir, job, which);
 }
 
-fn forget_in(dir: &OwnedFd, job: u32, which: Option<(u32, u32)>) {
+fn forget_in(dir: &OwnedFd, job: u32, which: Option<(u32, u32, Option<u32>)>) {
     let names: Vec<String> = match which {
-        Some((step, task)) => vec![entry_name(job, step, task)],
+        Some((step, task, container)) => vec![entry_name(job, step, task, container)],
         None => names_in(dir).into_iter().filter(|n| n.starts_with(&format!("{job}.step"))).collect(),
     };
     for name in names {
@@ -148,24 +154,35 @@ pub fn own_entries(settings: &Settings) -> Result<Vec<Entry>> {
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .filter_map(|text| toml::from_str(&text).ok())
         .collect();
-    entries.sort_by_key(|e| (e.created_unix, e.job, e.step, e.task));
+    entries.sort_by_key(|e| (e.created_unix, e.job, e.step, e.task, e.container));
     Ok(entries)
 }
 
 /// The table `list` prints.
 pub fn table(entries: &[Entry], now_unix: u64) -> String {
-    let mut out = format!("{:<10} {:<6} {:<6} {:>10} {:>8}  {:<12} {}\n", "JOB", "STEP", "TASK", "SIZE", "AGE", "NODE", "STATE");
+    let row = |cells: [&str; 8]| {
+        format!(
+            "{:<10} {:<6} {:<6} {:<10} {:>10} {:>8}  {:<12} {}\n",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+        )
+    };
+    let mut out = row(["JOB", "STEP", "TASK", "CONTAINER", "SIZE", "AGE", "NODE", "STATE"]);
     for e in entries {
-        out.push_str(&format!(
-            "{:<10} {:<6} {:<6} {:>10} {:>8}  {:<12} {}\n",
-            e.job,
-            e.step,
-            e.task,
-            format!("{:.1} MiB", e.bytes as f64 / 1048576.0),
-            age(now_unix.saturating_sub(e.created_unix)),
-            e.node,
-            e.state
-        ));
+        // The batch script's step is "batch", as Slurm shows it.
+        let step = ckpt_config::step_name(e.job, e.step);
+        let step = step.split_once('.').map_or("?", |(_, s)| s);
+        // The task itself, or the container it started (in order).
+        let container = e.container.map_or("-".to_string(), |n| n.to_string());
+        out.push_str(&row([
+            &e.job.to_string(),
+            step,
+            &e.task.to_string(),
+            &container,
+            &format!("{:.1} MiB", e.bytes as f64 / 1048576.0),
+            &age(now_unix.saturating_sub(e.created_unix)),
+            &e.node,
+            &e.state,
+        ]));
     }
     out
 }
@@ -185,17 +202,33 @@ mod tests {
 
     #[test]
     fn the_table_shows_size_age_node_and_state() {
-        let e = Entry { job: 42, step: 0, task: 1, node: "node1".into(), created_unix: 1000, bytes: 64 << 20, state: "complete".into() };
-        let t = table(&[e], 1000 + 300);
-        assert!(t.lines().nth(1).unwrap().split_whitespace().eq(["42", "0", "1", "64.0", "MiB", "5m", "node1", "complete"]), "{t}");
+        let e = Entry {
+            job: 42,
+            step: 0,
+            task: 1,
+            container: None,
+            node: "node1".into(),
+            created_unix: 1000,
+            bytes: 64 << 20,
+            state: "complete".into(),
+        };
+        let b = Entry { step: ckpt_config::BATCH_STEP, task: 0, container: Some(2), ..e.clone() };
+        let t = table(&[e, b], 1000 + 300);
+        assert!(t.lines().nth(1).unwrap().split_whitespace().eq(["42", "0", "1", "-", "64.0", "MiB", "5m", "node1", "complete"]), "{t}");
+        assert!(
+            t.lines().nth(2).unwrap().split_whitespace().eq(["42", "batch", "0", "2", "64.0", "MiB", "5m", "node1", "complete"]),
+            "{t}"
+        );
         assert_eq!(age(59), "59s");
         assert_eq!(age(3 * 86400), "3d");
     }
 
     #[test]
     fn entries_round_trip_and_refuse_unknown_fields() {
-        let e = Entry { job: 1, step: 2, task: 3, node: "n".into(), created_unix: 4, bytes: 5, state: "moving".into() };
+        let e = Entry { job: 1, step: 2, task: 3, container: None, node: "n".into(), created_unix: 4, bytes: 5, state: "moving".into() };
         assert_eq!(toml::from_str::<Entry>(&toml::to_string(&e).unwrap()).unwrap(), e);
+        let c = Entry { container: Some(1), ..e };
+        assert_eq!(toml::from_str::<Entry>(&toml::to_string(&c).unwrap()).unwrap(), c);
         assert!(toml::from_str::<Entry>("job = 1\nevil = 2").is_err());
     }
 }

@@ -10,7 +10,7 @@ use checkpoint_container::checkpoint::{checkpoint, CheckpointRequest};
 use checkpoint_container::manifest::JobIds;
 use checkpoint_container::restore::{restore, RestoreRequest};
 use checkpoint_container::runtime::ContainerCommand;
-use checkpoint_container::{agent, criu, launch, listing, namespaces, storage, sys, task};
+use checkpoint_container::{agent, criu, launch, listing, namespaces, shim, storage, sys, task};
 use ckpt_config::{read_optional_file, Settings};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -80,10 +80,15 @@ enum Command {
     /// (for users; needs no privilege and shows nobody else's)
     List,
     /// Run a --checkpoint-container task (the plugin puts this in front of
-    /// the task's apptainer command; runs as the job user)
+    /// the task's command; runs as the job user)
     Task {
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
+        /// The command is no container: hand the agent the task's stdio,
+        /// then run it; the runtime shim on its PATH hands the agent each
+        /// container it starts
+        #[arg(long)]
+        watch: bool,
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
@@ -156,6 +161,18 @@ fn with_setting_flags(mut cmd: clap::Command) -> clap::Command {
 }
 
 fn main() -> ExitCode {
+    // Started as `apptainer` or `singularity`: the runtime shim, which takes
+    // the runtime's command line, not ours.
+    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    if args.first().is_some_and(|a| shim::started_as_runtime(a)) {
+        return match shim::run(args) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("checkpoint-container: {e}");
+                ExitCode::from(127)
+            }
+        };
+    }
     let matches = with_setting_flags(Cli::command()).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -314,7 +331,8 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             print!("{}", listing::table(&listing::own_entries(&settings)?, now));
             Ok(0)
         }
-        Command::Task { socket, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
+        Command::Task { socket, watch: true, command } => Err(task::watch(&socket, command).into()),
+        Command::Task { socket, watch: false, command } => Ok(task::run(&socket, command)?.clamp(0, 255) as u8),
         Command::Agent { task: t, log } => {
             daemonize(&log)?;
             // slurmstepd hands on the job's umask: the modes of what root

@@ -65,6 +65,33 @@ pub fn fd_target(pid: Pid, fd: i32) -> io::Result<String> {
     Ok(fs::read_link(proc_path(pid, &format!("fd/{fd}")))?.to_string_lossy().into_owned())
 }
 
+/// The parent of a process (the fourth field of /proc/PID/stat, after the
+/// ")" that ends its name, which may itself hold spaces and parentheses).
+pub fn ppid(pid: Pid) -> io::Result<Pid> {
+    let stat = fs::read_to_string(proc_path(pid, "stat"))?;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("unreadable /proc/{pid}/stat")))
+}
+
+/// Whether `pid` is `ancestor` or below it, following parents up to init.
+/// A process whose parent ended has been handed to a reaper, which breaks
+/// the chain: it counts as no descendant.
+pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
+    let mut p = pid;
+    // A chain longer than pid_max cannot be; the bound only stops a loop.
+    for _ in 0..4_194_304 {
+        if p == ancestor {
+            return true;
+        }
+        match ppid(p) {
+            Ok(parent) if parent > 0 && parent != p => p = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
 pub fn exists(pid: Pid) -> bool {
     proc_path(pid, "stat").exists()
 }
@@ -241,6 +268,12 @@ impl PidFd {
 
     pub fn signal(&self, sig: i32) -> io::Result<()> {
         crate::sys::pidfd_send_signal(&self.fd, sig)
+    }
+
+    /// Waits up to `timeout_ms` (-1: for ever) for the process to end;
+    /// whether it has.
+    pub fn wait_exit(&self, timeout_ms: i32) -> io::Result<bool> {
+        crate::sys::poll_one(&self.fd, libc::POLLIN, timeout_ms)
     }
 }
 

@@ -14,6 +14,10 @@ pub enum ToAgent {
     /// argv[0] as the user's PATH resolves it (the agent only compares it
     /// with the site's Apptainer: it never runs it).
     Start { argv: Vec<String>, cwd: String, env: Vec<(String, String)>, runtime: Option<String> },
+    /// The task is no container itself (a batch or wrapper script running
+    /// `argv`): serve the containers its processes start through the
+    /// runtime shim. Only the task process may say this, first.
+    Watch { argv: Vec<String> },
     /// Slurm is ending the task (SIGTERM): checkpoint if this is a requeue.
     Terminate,
     /// Pass a signal to the container (srun's Ctrl-C, scancel --signal).
@@ -22,6 +26,8 @@ pub enum ToAgent {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToTask {
+    /// After `Watch`: the agent serves the task's containers; run the command.
+    Go,
     /// The container ended; the task exits with this code.
     Exited(i32),
     /// The agent is done with the container after `Terminate`; exit.

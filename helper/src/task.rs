@@ -35,14 +35,14 @@ enum Event {
     Message(Option<ToTask>),
 }
 
-/// Where `program` is, as `execvp` would find it with this process's PATH
-/// (the user's), with symlinks resolved.
-fn resolve_program(program: &str) -> Option<String> {
+/// Where `program` is, as `execvp` would find it with `path` (the user's
+/// PATH), with symlinks resolved.
+fn resolve_program(program: &str, path: Option<&str>) -> Option<String> {
     let found = if program.contains('/') {
         Some(std::path::PathBuf::from(program))
     } else {
-        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-        std::env::split_paths(&path).map(|d| d.join(program)).find(|p| {
+        let path = path.unwrap_or("/usr/bin:/bin");
+        std::env::split_paths(path).map(|d| d.join(program)).find(|p| {
             use std::os::unix::fs::PermissionsExt;
             p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
@@ -51,12 +51,36 @@ fn resolve_program(program: &str) -> Option<String> {
 }
 
 /// Becomes the user's own command, as it would have run without
-/// `--checkpoint-container` (signals unblocked: the mask survives exec).
-fn exec_unprotected(argv: &[String], blocked: SigSet) -> crate::error::EngineError {
+/// `--checkpoint-container` (signals unblocked: the mask survives exec),
+/// with environment `env` (argv[0] looked up in its PATH), or this
+/// process's.
+pub(crate) fn exec_unprotected(argv: &[String], env: Option<&[(String, String)]>, blocked: SigSet) -> crate::error::EngineError {
     use std::os::unix::process::CommandExt;
     let _ = blocked.thread_unblock();
-    let e = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+    let mut cmd = std::process::Command::new(&argv[0]);
+    if let Some(env) = env {
+        cmd.env_clear().envs(env.iter().cloned());
+    }
+    let e = cmd.args(&argv[1..]).exec();
     crate::error::EngineError::Failed(format!("cannot run {}: {e}", argv[0]))
+}
+
+/// This process's environment (what is not UTF-8 cannot be sent, and is
+/// left out).
+pub(crate) fn own_env() -> Vec<(String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect()
+}
+
+/// The signals the task takes over, blocked in every thread (they inherit
+/// the mask) for the signal thread's sigwait.
+pub(crate) fn block_signals() -> Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    for s in FORWARDED {
+        set.add(*s);
+    }
+    set.thread_block().map_err(|e| crate::error::EngineError::Failed(format!("cannot block signals: {e}")))?;
+    Ok(set)
 }
 
 /// Descriptors Slurm gives the task beyond stdio that the program needs:
@@ -69,26 +93,46 @@ fn slurm_fds() -> Vec<std::os::fd::RawFd> {
 
 /// Runs the task; returns its exit code.
 pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
-    // Block the signals first: every thread inherits the mask, and the
-    // signal thread takes them with sigwait.
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    for s in FORWARDED {
-        set.add(*s);
-    }
-    set.thread_block().map_err(|e| crate::error::EngineError::Failed(format!("cannot block signals: {e}")))?;
-
+    // Block the signals first: every thread inherits the mask.
+    let set = block_signals()?;
     let stream = connect(socket)?;
+    hand_over(stream, argv, own_env(), set)
+}
+
+/// A task that is no container itself (a batch script, a wrapper script):
+/// hands the agent its stdio, so that the agent can speak to the job, then
+/// becomes its own command, whose processes' containers the runtime shim
+/// hands to the agent (shim.rs). Returns only if that exec failed.
+pub fn watch(socket: &Path, argv: Vec<String>) -> crate::error::EngineError {
+    let said = connect(socket).and_then(|stream| {
+        protocol::send_task_fds(&stream, &[])?;
+        let mut channel = Channel::new(stream)?;
+        channel.send(&ToAgent::Watch { argv: argv.clone() })?;
+        match channel.recv::<ToTask>()? {
+            Some(ToTask::Go) => Ok(()),
+            other => fail(format!("the node's checkpoint agent answered {other:?}")),
+        }
+    });
+    if let Err(e) = said {
+        // The task runs all the same; each container it starts then says
+        // that it runs unprotected (shim.rs).
+        eprintln!("checkpoint-container: warning: {e}");
+    }
+    exec_unprotected(&argv, None, SigSet::empty())
+}
+
+/// Hands the container command `argv` to the agent on `stream`, with this
+/// process's stdio, working directory and the environment `env`, and
+/// serves the signals and messages until the container ends (then returns
+/// its exit code) or the agent tells it to run the command itself.
+/// `signals` are blocked already.
+pub(crate) fn hand_over(stream: UnixStream, argv: Vec<String>, env: Vec<(String, String)>, set: SigSet) -> Result<i32> {
     protocol::send_task_fds(&stream, &slurm_fds())?;
     let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError::Failed(e.to_string()))?)?;
     let cwd = std::env::current_dir().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/".into());
-    let runtime = resolve_program(&argv[0]);
-    channel.send(&ToAgent::Start {
-        argv: argv.clone(),
-        cwd,
-        env: std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect(),
-        runtime,
-    })?;
+    let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+    let runtime = resolve_program(&argv[0], path);
+    channel.send(&ToAgent::Start { argv: argv.clone(), cwd, env: env.clone(), runtime })?;
 
     let (tx, rx) = mpsc::channel();
     let signals = tx.clone();
@@ -115,7 +159,8 @@ pub fn run(socket: &Path, argv: Vec<String>) -> Result<i32> {
             Event::Message(Some(ToTask::Exited(code))) => return Ok(code),
             Event::Message(Some(ToTask::Stopped)) => return Ok(128 + libc::SIGTERM),
             Event::Message(Some(ToTask::Failed(_))) => return Ok(1),
-            Event::Message(Some(ToTask::RunUnprotected(_))) => return Err(exec_unprotected(&argv, set)),
+            Event::Message(Some(ToTask::RunUnprotected(_))) => return Err(exec_unprotected(&argv, Some(&env), set)),
+            Event::Message(Some(ToTask::Go)) => {}
             Event::Message(None) => break,
         }
     }

@@ -1,5 +1,6 @@
-//! Remote context, batch step: the end of the batch script, in slurmstepd
-//! (root), between the script's exit and Slurm's SIGKILL of what it leaves.
+//! Remote context: the end of a task, in slurmstepd (root), between the
+//! task's exit and Slurm's SIGKILL of what it leaves; mostly the end of
+//! the batch script.
 //!
 //! When Slurm requeues or preempts a job, the script's shell dies of the
 //! SIGTERM at once, and its slurmstepd then SIGKILLs everything the script
@@ -56,7 +57,7 @@ pub fn after_script(dir: &Path, job: u32, pgid: i32) {
     let started = Instant::now();
     let mut saw_agents = false;
     loop {
-        let now = agents(dir, job);
+        let now = agents(dir, &format!("{job}."));
         if now.is_empty() {
             break;
         }
@@ -80,4 +81,32 @@ pub fn after_script(dir: &Path, job: u32, pgid: i32) {
         "job {job}: the batch script's end waited {:.2} s for its protected steps' checkpoints and output",
         started.elapsed().as_secs_f64()
     ));
+}
+
+/// How long a task's agent may take to say it is ending once the task has
+/// ended (it watches the task's pidfd, and looks every 100 ms).
+const AGENT_NOTICE: Duration = Duration::from_millis(500);
+
+/// After task `task` of step `job.step` (not the batch script) ended:
+/// waits while its agent is checkpointing or ending the containers the
+/// task's processes started, which slurmstepd would otherwise SIGKILL as
+/// soon as this returns. A task that is itself the container ends only
+/// once its agent is done: this returns at once then.
+pub fn after_task(dir: &Path, job: u32, step: u32, task: u32) {
+    let started = Instant::now();
+    let prefix = format!("{job}.{step}.{task}.");
+    loop {
+        let now = agents(dir, &prefix);
+        let ending = now.contains(&Agent::Ending);
+        if now.is_empty() || (!ending && started.elapsed() > AGENT_NOTICE) || started.elapsed() > WAIT_LIMIT {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    if started.elapsed() > AGENT_NOTICE {
+        log_info(&format!(
+            "task {task} of step {job}.{step}: its end waited {:.2} s for its containers' checkpoints",
+            started.elapsed().as_secs_f64()
+        ));
+    }
 }

@@ -145,9 +145,14 @@ unsafe impl Plugin for CheckpointContainer {
     /// For every job, asked for or not: `srun --checkpoint-container` in a
     /// script without the `#SBATCH` option protects a step all the same.
     fn task_exit(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
-        if matches!(spank.context()?, Context::Remote) && spank.job_stepid()? == stepd::BATCH_STEP {
-            let dir = std::path::Path::new(ckpt_config::agent_files::DIR);
-            batch::after_script(dir, spank.job_id()?, spank.task_pid()?);
+        if !matches!(spank.context()?, Context::Remote) {
+            return Ok(());
+        }
+        let dir = std::path::Path::new(ckpt_config::agent_files::DIR);
+        match spank.job_stepid()? {
+            ckpt_config::BATCH_STEP => batch::after_script(dir, spank.job_id()?, spank.task_pid()?),
+            step if self.requested => batch::after_task(dir, spank.job_id()?, step, spank.task_global_id()?),
+            _ => {}
         }
         Ok(())
     }

@@ -30,9 +30,6 @@ impl std::fmt::Display for AlreadyReported {
 
 impl Error for AlreadyReported {}
 
-/// Slurm's step id of a batch script.
-pub(crate) const BATCH_STEP: u32 = 0xFFFF_FFFB;
-
 /// Tasks whose command is an Apptainer container are the ones wrapped.
 fn is_container_command(argv: &[&str]) -> bool {
     argv.first().is_some_and(|a| ckpt_config::runtime::is_container_program(a))
@@ -48,6 +45,21 @@ pub struct StepState {
     settings: Option<Settings>,
     /// The job's `--checkpoint-before-time-limit`, for its agents.
     before_time_limit: Option<u32>,
+    /// The runtime shim's directory, once it proved to be root's alone:
+    /// tasks that are no container get it first on their PATH.
+    shim: Option<std::path::PathBuf>,
+}
+
+/// What a task of a protected step gets.
+#[derive(PartialEq)]
+enum Protection {
+    /// Its command is a container: the task hands it to its agent.
+    Container,
+    /// A script or another program, alone in its step on this node: the
+    /// runtime shim hands each container it starts to the task's agent.
+    Watch,
+    /// Nothing (a step of several tasks that are no container).
+    None,
 }
 
 impl StepState {
@@ -75,7 +87,8 @@ impl StepState {
         };
         match check_node(settings) {
             Ok(report) => {
-                log_info(&format!("enabled for step {step}: {report}"));
+                log_info(&format!("step {step}: this node can checkpoint containers: {report}"));
+                self.shim = trusted_shim(&ckpt_config::shim::dir(&settings.helper)).map_err(|why| log_error(&why)).ok();
                 self.settings = Some(settings.clone());
             }
             Err(why) => {
@@ -102,19 +115,45 @@ impl StepState {
         }
         spank.setenv(TASK_ENV, "1", true)?;
         let argv = spank.job_argv()?;
-        let Some(settings) = self.settings.as_ref().filter(|_| is_container_command(&argv)) else {
-            // Only containers are protected: say so, once per step, where
-            // the user may think otherwise. The batch script itself is no
-            // container; the steps it starts speak for themselves.
-            if spank.task_global_id()? == 0 && spank.job_stepid()? != BATCH_STEP {
-                let program = argv.first().copied().unwrap_or("?");
-                eprintln!(
-                    "{LOG_PREFIX}: warning: step {} runs {program}, not an Apptainer container: it will start over if the job is requeued",
-                    step_name(spank)
-                );
-            }
-            return Ok(());
+        let Some(settings) = self.settings.as_ref() else { return Ok(()) };
+        let protection = self.protection(spank)?;
+        // A step's tasks inherit the batch script's shim: only a watched
+        // task keeps it (its own), so the environment is what it was.
+        let path = spank.getenv("PATH")?.unwrap_or_default();
+        let path = match &self.shim {
+            Some(shim) => ckpt_config::shim::strip(&path, shim),
+            None => path,
         };
+        spank.unsetenv(ckpt_config::shim::SOCKET_ENV)?;
+        spank.setenv("PATH", &path, true)?;
+        let socket = agent_files::socket(spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
+        let helper = settings.helper.to_string_lossy().into_owned();
+        match protection {
+            Protection::None => {
+                // Only containers are protected: say so, once per step,
+                // where the user may think otherwise. The batch script's
+                // steps speak for themselves.
+                if spank.task_global_id()? == 0 && spank.job_stepid()? != ckpt_config::BATCH_STEP {
+                    let program = argv.first().copied().unwrap_or("?");
+                    eprintln!(
+                        "{LOG_PREFIX}: warning: step {} runs {program}, not an Apptainer container: it will start over if the job is requeued",
+                        step_name(spank)
+                    );
+                }
+                return Ok(());
+            }
+            Protection::Watch => {
+                // Each container the task's processes start finds the shim
+                // first, which hands it to the task's agent; the task hands
+                // the agent its stdio first, then runs its own command.
+                let shim = self.shim.as_ref().expect("Watch needs the shim").to_string_lossy().into_owned();
+                spank.setenv("PATH", format!("{shim}:{path}"), true)?;
+                spank.setenv(ckpt_config::shim::SOCKET_ENV, &socket, true)?;
+                spank.prepend_task_argv(vec![&helper, "task", "--socket", &socket, "--watch", "--"])?;
+                return Ok(());
+            }
+            Protection::Container => {}
+        }
         if spank.task_global_id()? == 0 {
             if let Some(Err(why)) = interval_request(spank) {
                 eprintln!("{LOG_PREFIX}: warning: {why}; the site's interval applies");
@@ -122,25 +161,39 @@ impl StepState {
         }
         // The task becomes our wrapper, which hands the container command to
         // the task's root agent (started in task_post_fork).
-        let socket = agent_files::socket(spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
-        let helper = settings.helper.to_string_lossy().into_owned();
         spank.prepend_task_argv(vec![&helper, "task", "--socket", &socket, "--"])?;
         Ok(())
+    }
+
+    /// What this task gets, in task_init and task_post_fork alike.
+    fn protection(&self, spank: &SpankHandle) -> Result<Protection, Box<dyn Error>> {
+        if is_container_command(&spank.job_argv()?) {
+            return Ok(Protection::Container);
+        }
+        let alone = spank.job_stepid()? == ckpt_config::BATCH_STEP || (spank.job_total_task_count()? == 1 && spank.job_nnodes()? == 1);
+        Ok(if alone && self.shim.is_some() { Protection::Watch } else { Protection::None })
     }
 
     /// Runs in slurmstepd as root once per task, before tasks exec: starts
     /// the task's agent (it detaches at once).
     pub fn task_post_fork(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
         let Some(settings) = &self.settings else { return Ok(()) };
-        if !is_container_command(&spank.job_argv()?) {
+        if self.protection(spank)? == Protection::None {
             return Ok(());
         }
         let (job, step, task) = (spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
+        // The batch script is one task on one node, whatever the job's size.
+        let (tasks, nodes) = match step {
+            ckpt_config::BATCH_STEP => (1, 1),
+            _ => (spank.job_total_task_count()?, spank.job_nnodes()?),
+        };
+        // The batch step's environment lacks it here: its agent asks
+        // slurmctld (agent/descendants.rs).
         let restarts = spank.getenv("SLURM_RESTART_COUNT")?.unwrap_or_else(|| "0".into());
         let mut cmd = helper_command(settings);
         cmd.args(["agent", "--socket", &agent_files::socket(job, step, task), "--session-file", &agent_files::session(job, step, task)]);
         cmd.args(["--job-id", &job.to_string(), "--step-id", &step.to_string(), "--task-id", &task.to_string()]);
-        cmd.args(["--step-tasks", &spank.job_total_task_count()?.to_string(), "--step-nodes", &spank.job_nnodes()?.to_string()]);
+        cmd.args(["--step-tasks", &tasks.to_string(), "--step-nodes", &nodes.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);
         cmd.args(["--restart-count", restarts.trim(), "--task-pid", &spank.task_pid()?.to_string()]);
         if let Some(minutes) = self.before_time_limit {
@@ -170,15 +223,7 @@ fn interval_request(spank: &SpankHandle) -> Option<Result<u64, String>> {
 
 fn step_name(spank: &SpankHandle) -> String {
     let job = spank.job_id().unwrap_or(0);
-    match spank.job_stepid() {
-        // Slurm's special step ids (batch, extern, interactive) are the top
-        // of the u32 range; show them the way Slurm does.
-        Ok(BATCH_STEP) => format!("{job}.batch"),
-        Ok(0xFFFF_FFFC) => format!("{job}.extern"),
-        Ok(0xFFFF_FFFA) => format!("{job}.interactive"),
-        Ok(step) => format!("{job}.{step}"),
-        Err(_) => format!("{job}.?"),
-    }
+    spank.job_stepid().map(|step| ckpt_config::step_name(job, step)).unwrap_or_else(|_| format!("{job}.?"))
 }
 
 /// The helper with every site setting on its command line: what it checks
@@ -206,6 +251,29 @@ fn check_node(settings: &Settings) -> Result<String, String> {
         return Err(format!("this node cannot checkpoint containers: {why}"));
     }
     Ok(stdout.trim().to_string())
+}
+
+/// The users' PATH gets the shim's directory first, so only a directory
+/// root alone can change is acceptable: owned by root, writable by nobody
+/// else (its links lead to the helper, itself checked).
+fn trusted_shim(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("runtime shim {} is unusable: {e}", dir.display()))?;
+    let why = if !meta.file_type().is_dir() {
+        Some("not a directory")
+    } else if meta.uid() != 0 {
+        Some("not owned by root")
+    } else if meta.mode() & 0o022 != 0 {
+        Some("writable by group or others")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(format!(
+            "runtime shim {} is unusable: {why}; containers started by batch and wrapper scripts are not protected",
+            dir.display()
+        )),
+        None => Ok(dir.to_path_buf()),
+    }
 }
 
 /// Root runs the helper, so only a file root alone can change is acceptable:

@@ -38,10 +38,10 @@ fn users_list_their_own_checkpoints_and_nobody_elses() {
     // Any node sees the list: it lives next to the checkpoints.
     let table = list(c, "node2", "alice");
     let row = row_of(&table, alices).unwrap_or_else(|| panic!("alice's job {alices} missing:\n{table}"));
-    assert_eq!(&row[1..3], ["0", "0"], "step and task: {table}");
-    assert_eq!(row[4], "MiB", "{table}");
-    assert!(row[3].parse::<f64>().unwrap() > 0.0, "size: {table}");
-    assert_eq!(&row[6..], ["node1", "complete"], "{table}");
+    assert_eq!(&row[1..4], ["0", "0", "-"], "step, task, container: {table}");
+    assert_eq!(row[5], "MiB", "{table}");
+    assert!(row[4].parse::<f64>().unwrap() > 0.0, "size: {table}");
+    assert_eq!(&row[7..], ["node1", "complete"], "{table}");
     assert!(row_of(&table, bobs).is_none(), "alice sees bob's job:\n{table}");
     let table = list(c, "node1", "bob");
     assert!(row_of(&table, bobs).is_some() && row_of(&table, alices).is_none(), "{table}");

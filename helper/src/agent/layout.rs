@@ -33,7 +33,7 @@ pub fn job_dir(settings: &Settings, job_id: u32) -> Result<PathBuf> {
 }
 
 pub(super) fn task_checkpoint_dir(settings: &Settings, t: &Task) -> Result<PathBuf> {
-    Ok(job_dir(settings, t.job_id)?.join(format!("step{}.task{}", t.step_id, t.task_id)))
+    Ok(job_dir(settings, t.job_id)?.join(t.checkpoint_name()))
 }
 
 /// Removes the checkpoints of jobs that are over for good: the user
@@ -62,9 +62,9 @@ pub fn collect_garbage(settings: &Settings) -> Vec<u32> {
 
 /// Removes the task's checkpoint, and the job's directory once it is empty.
 pub(super) fn forget_checkpoint(settings: &Settings, t: &Task) {
-    listing::forget(settings, t.uid, t.gid, t.job_id, Some((t.step_id, t.task_id)));
+    listing::forget(settings, t.uid, t.gid, t.job_id, Some((t.step_id, t.task_id, t.container)));
     let job = settings.checkpoint_dir.join(t.job_id.to_string());
-    let _ = std::fs::remove_dir_all(job.join(format!("step{}.task{}", t.step_id, t.task_id)));
+    let _ = std::fs::remove_dir_all(job.join(t.checkpoint_name()));
     let _ = std::fs::remove_dir(job);
 }
 
@@ -75,6 +75,7 @@ pub(super) fn list_checkpoint(settings: &Settings, t: &Task, m: &crate::manifest
         job: t.job_id,
         step: t.step_id,
         task: t.task_id,
+        container: t.container,
         node: m.node.clone(),
         created_unix: m.created_unix,
         bytes: m.stats.images_bytes,

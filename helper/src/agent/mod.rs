@@ -1,8 +1,11 @@
 //! `checkpoint-container agent`: root's side of one `--checkpoint-container`
 //! task, started by the plugin from slurmstepd (root) for that task alone.
 //!
-//! It serves exactly one client — the task process Slurm forked, proven by
-//! the socket's peer credentials (uid and pid) — and then:
+//! Its first client is the task process Slurm forked, proven by the socket's
+//! peer credentials (uid and pid). A task that is not a container itself
+//! (a batch script, a wrapper script) then becomes its own command, and the
+//! agent serves each container its processes start through the runtime
+//! shim (descendants.rs). For each container:
 //! - on the first run, starts the task's container root-started for the
 //!   user (policy.rs decides what is allowed), in the task's cgroups;
 //! - on a requeued run (SLURM_RESTART_COUNT > 0) with a checkpoint of the
@@ -16,6 +19,7 @@
 //! - when the container ends on its own, the job is finished for good with
 //!   this task: its checkpoint is removed.
 
+mod descendants;
 mod layout;
 mod messages;
 mod periodic;
@@ -33,6 +37,15 @@ use crate::procfs::Pid;
 use crate::step::StepTask;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// `stepS.taskT`, or `stepS.taskT.cN` for a container the task's processes
+/// started.
+fn checkpoint_name(step: u32, task: u32, container: Option<u32>) -> String {
+    match container {
+        None => format!("step{step}.task{task}"),
+        Some(n) => format!("step{step}.task{task}.c{n}"),
+    }
+}
 
 pub(super) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a restore waits for a staged checkpoint another node is moving
@@ -83,11 +96,24 @@ pub struct Task {
     /// site's settings bound it; periodic.rs)
     #[arg(long)]
     pub interval_request: Option<u64>,
+    /// Which of the containers the task's processes started this is (the
+    /// runtime shim's: descendants.rs); None: the task is the container.
+    #[arg(skip)]
+    pub container: Option<u32>,
 }
 
 impl Task {
     fn name(&self) -> String {
-        format!("task {} of step {}.{}", self.task_id, self.job_id, self.step_id)
+        let step = ckpt_config::step_name(self.job_id, self.step_id);
+        match self.container {
+            None => format!("task {} of step {step}", self.task_id),
+            Some(n) => format!("container {n} of task {} of step {step}", self.task_id),
+        }
+    }
+
+    /// The checkpoint's directory name in the job's (layout.rs).
+    fn checkpoint_name(&self) -> String {
+        checkpoint_name(self.step_id, self.task_id, self.container)
     }
 
     fn step(&self) -> StepTask {

@@ -1,5 +1,6 @@
-//! The task session: accept the one task process, start or restore its
-//! container, and serve its messages and signals until it ends.
+//! The task session: accept the task process; start or restore its
+//! container, or serve the containers its processes start
+//! (descendants.rs); serve each one's messages and signals until it ends.
 
 use super::layout::{forget_checkpoint, list_checkpoint, task_checkpoint_dir};
 use super::messages::{tell_requeued_job, tell_user};
@@ -8,6 +9,7 @@ use super::requeue::{checkpoint_for_requeue, go_on, restore_step, stop_step, try
 use super::session_file::SessionFile;
 use super::slurmctld::{is_requeue, requeue_info};
 use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
+use super::time_limit;
 use super::*;
 use crate::error::{fail, Context, Result};
 use crate::launch::{self, Launch};
@@ -19,9 +21,10 @@ use crate::user::User;
 use ckpt_config::Settings;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 pub(super) enum Event {
@@ -37,13 +40,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         // Users must reach their task's socket in it: 0755.
         storage::trusted_dir(dir, Some(0o755))?;
     }
-    let session = SessionFile::hold(&t.session_file);
+    let session = SessionFile::hold(&t.session_file).map(Arc::new);
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket).context(|| format!("cannot listen on {}", socket.display()))?;
     nix::unistd::chown(socket, Some(t.uid.into()), Some(t.gid.into())).context(|| "chown socket".into())?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).context(|| "chmod socket".into())?;
 
-    // One client, soon, or nobody.
+    // The task first, soon, or nobody.
     listener.set_nonblocking(true).context(|| "socket".into())?;
     let deadline = Instant::now() + ACCEPT_TIMEOUT;
     let stream = loop {
@@ -56,10 +59,10 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             }
         }
     };
-    let _ = std::fs::remove_file(socket);
     stream.set_nonblocking(false).context(|| "socket".into())?;
     let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).context(|| "peer credentials".into())?;
     if cred.uid() != t.uid || cred.pid() != t.task_pid {
+        let _ = std::fs::remove_file(socket);
         return fail(format!(
             "{}: refused a client with uid {} pid {} (expected the task, pid {})",
             t.name(),
@@ -71,16 +74,101 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     // Held from here: the task's cgroups are read from /proc/<pid> later
     // (a restore may first wait minutes), and that pid must still be it.
     let task = procfs::PidFd::open(t.task_pid).context(|| "pidfd of the task".into())?;
-    let protocol::TaskFds { stdio, extra: slurm_fds } = protocol::recv_task_fds(&stream)?;
+    let fds = protocol::recv_task_fds(&stream)?;
     // Every new task also sweeps what finished jobs left behind.
     for job in collect_garbage(settings) {
         log::info!("{}: removed the checkpoints of job {job}, which is over", t.name());
     }
-    let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
     let mut channel = Channel::new(stream.try_clone().context(|| "dup".into())?)?;
-    let Some(ToAgent::Start { argv, cwd, env, runtime }) = channel.recv()? else {
-        return fail(format!("{}: the task did not say what to run", t.name()));
-    };
+    match channel.recv()? {
+        Some(ToAgent::Start { argv, cwd, env, runtime }) => {
+            let _ = std::fs::remove_file(socket);
+            let start = Started { argv, cwd, env, runtime };
+            let client = Client { stream, channel, process: task, fds };
+            let mut stderr = client.stderr()?;
+            let restore = if t.restart_count == 0 { Restore::No } else { Restore::IfThere };
+            let container = Container { restore, session, time_limit: &Once::new() };
+            serve(settings, settings_args, t, client, start, container, &mut stderr, mpsc::channel())
+        }
+        Some(ToAgent::Watch { argv }) => {
+            channel.send(&ToTask::Go)?;
+            let watched = Watched { listener, task, stdio: fds.stdio, argv };
+            super::descendants::serve_descendants(settings, settings_args, t, watched, session)
+        }
+        _ => {
+            let _ = std::fs::remove_file(socket);
+            fail(format!("{}: the task did not say what to run", t.name()))
+        }
+    }
+}
+
+/// A task that is no container: what the agent keeps of it to serve the
+/// containers its processes start (descendants.rs).
+pub(super) struct Watched {
+    pub(super) listener: UnixListener,
+    pub(super) task: procfs::PidFd,
+    pub(super) stdio: [std::os::fd::OwnedFd; 3],
+    pub(super) argv: Vec<String>,
+}
+
+/// The process that handed the agent a container: the task, or a process
+/// below it (the runtime shim), held by pidfd; what it sent.
+pub(super) struct Client {
+    pub(super) stream: UnixStream,
+    pub(super) channel: Channel,
+    pub(super) process: procfs::PidFd,
+    pub(super) fds: protocol::TaskFds,
+}
+
+impl Client {
+    /// Its stderr, for lines to the user.
+    pub(super) fn stderr(&self) -> Result<File> {
+        Ok(File::from(self.fds.stdio[2].try_clone().context(|| "dup".into())?))
+    }
+}
+
+/// The container command as the client sent it.
+pub(super) struct Started {
+    pub(super) argv: Vec<String>,
+    pub(super) cwd: String,
+    pub(super) env: Vec<(String, String)>,
+    pub(super) runtime: Option<String>,
+}
+
+/// How the agent serves one container.
+pub(super) struct Container<'a> {
+    pub(super) restore: Restore,
+    /// Shared by the task's containers: says when one is being ended.
+    pub(super) session: Option<Arc<SessionFile>>,
+    /// Once per task: the watch of the job's time limit starts with the
+    /// first container that is protected.
+    pub(super) time_limit: &'a Once,
+}
+
+/// Whether to look for a checkpoint to restore.
+pub(super) enum Restore {
+    No,
+    /// A requeued run: restore the checkpoint if there is one.
+    IfThere,
+}
+
+/// Starts or restores one container and serves it until it ends, or until
+/// it is checkpointed or ended at Slurm's SIGTERM. `events` are the
+/// container's: the caller may keep a sender to tell it the task ended.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn serve(
+    settings: &Settings,
+    settings_args: &[String],
+    t: &Task,
+    client: Client,
+    start: Started,
+    Container { restore, session, time_limit }: Container,
+    stderr: &mut File,
+    (tx, rx): (mpsc::Sender<Event>, mpsc::Receiver<Event>),
+) -> Result<()> {
+    let Client { stream, mut channel, process: task, fds } = client;
+    let protocol::TaskFds { stdio, extra: slurm_fds } = fds;
+    let Started { argv, cwd, env, runtime } = start;
     if argv.is_empty() {
         return fail(format!("{}: the task sent an empty command", t.name()));
     }
@@ -120,24 +208,22 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         Err(e) => {
             let msg = format!("{} runs unprotected: {e}", t.name());
             log::warn!("{msg}");
-            tell_user(&mut stderr, &msg);
+            tell_user(stderr, &msg);
             channel.send(&ToTask::RunUnprotected(msg))?;
             return Ok(());
         }
     };
-    let restored = if t.restart_count == 0 {
-        None
-    } else if t.step().is_coupled() {
-        restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?
-    } else {
-        try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, &mut stderr)?.map(|mut r| {
+    let restored = match restore {
+        Restore::No => None,
+        Restore::IfThere if t.step().is_coupled() => restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?,
+        Restore::IfThere => try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?.map(|mut r| {
             go_on(t, &mut r);
             r
-        })
+        }),
     };
     let mut running = match restored {
         Some(r) => {
-            r.restored.iter().for_each(|line| tell_user(&mut stderr, line));
+            r.restored.iter().for_each(|line| tell_user(stderr, line));
             r
         }
         None => {
@@ -150,28 +236,35 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
     };
 
-    // One line per step, from its first task: what is protected, truly.
-    if t.task_id == 0 {
-        let criu = crate::criu::check(&settings.criu).map(|v| format!(" (CRIU {v})")).unwrap_or_default();
-        let every = Timer::interval_text(settings, t).unwrap_or_default();
-        tell_user(
-            &mut stderr,
+    // One line per step, from its first task, or per container the task's
+    // processes start: what is protected, truly.
+    let criu = || crate::criu::check(&settings.criu).map(|v| format!(" (CRIU {v})")).unwrap_or_default();
+    let every = Timer::interval_text(settings, t).unwrap_or_default();
+    let step = ckpt_config::step_name(t.job_id, t.step_id);
+    match t.container {
+        None if t.task_id == 0 => tell_user(
+            stderr,
+            &format!("step {step} is protected{}: its containers are checkpointed {every}if the job is preempted or requeued", criu()),
+        ),
+        None => {}
+        Some(_) => tell_user(
+            stderr,
             &format!(
-                "step {}.{} is protected{criu}: its containers are checkpointed {every}if the job is preempted or requeued",
-                t.job_id, t.step_id
+                "`{}` in step {step} is protected{}: it is checkpointed {every}if the job is preempted or requeued",
+                shown_command(&argv),
+                criu()
             ),
-        );
+        ),
     }
-    super::time_limit::watch(settings, t, &user, &stderr);
+    time_limit.call_once(|| time_limit::watch(settings, t, &user, stderr));
     // Hash the container image now, while nothing waits for it: the
     // checkpoint then finds the digest in the node's cache.
     {
         let image = launched.image.clone();
         std::thread::spawn(move || storage::image_digest(&image));
     }
-    let (tx, rx) = mpsc::channel();
     let messages = tx.clone();
-    let timer = Timer::start(settings, t, tx.clone(), &mut stderr);
+    let timer = Timer::start(settings, t, tx.clone(), stderr);
     // Once the task got SIGTERM (scancel, or a requeue being served).
     let mut told_to_end = false;
     let mut reader = Channel::new(stream).context(|| "socket".into())?;
@@ -233,7 +326,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                     }
                 };
                 log::info!("{}: {msg}", t.name());
-                tell_requeued_job(&user, &info, &mut stderr, &msg);
+                tell_requeued_job(&user, &info, stderr, &msg);
                 // Let Apptainer finish going away first: slurmstepd waits a
                 // whole second more for anything left in the step's cgroups.
                 let deadline = Instant::now() + CONTAINER_EXIT_TIMEOUT;
@@ -258,7 +351,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                         Err(e) => {
                             let msg = format!("checkpoint of {} could not be moved to {}: {e}", t.name(), ckpt.display());
                             log::warn!("{}: {msg}", t.name());
-                            tell_requeued_job(&user, &info, &mut stderr, &msg);
+                            tell_requeued_job(&user, &info, stderr, &msg);
                         }
                     }
                 }
@@ -269,10 +362,10 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
                 // is ending, and the checkpoint would be removed with it.
                 if let Some(timer) = timer.as_ref().filter(|_| !told_to_end) {
                     let started = StartedAs { argv: &argv, cwd: &cwd, env: &env, launch: &launched };
-                    timer.tick(settings, t, &mut running, &started, &ckpt, &mut stderr);
+                    timer.tick(settings, t, &mut running, &started, &ckpt, stderr);
                 }
             }
-            Event::Message(Some(ToAgent::Start { .. })) => {}
+            Event::Message(Some(ToAgent::Start { .. } | ToAgent::Watch { .. })) => {}
             Event::Message(None) => {
                 // The task is gone (killed): so is its container.
                 running.kill(t.uid);
@@ -281,4 +374,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
     }
     Ok(())
+}
+
+/// A container command as the user sees it in a line: its words, shortened.
+pub(super) fn shown_command(argv: &[String]) -> String {
+    let line = argv.join(" ");
+    match line.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line,
+    }
 }

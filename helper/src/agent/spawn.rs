@@ -134,9 +134,10 @@ pub(super) fn spawn_for_task(
     .context(|| format!("cannot start {}", argv[0]))
 }
 
-/// The task's cgroups, read while its pidfd proves the pid is still the task.
+/// The cgroups of the task (or of the process below it that started the
+/// container), read while its pidfd proves the pid is still that process.
 pub(super) fn task_cgroups(t: &Task, task: &procfs::PidFd) -> Result<Vec<std::ffi::CString>> {
-    let files = cgroup::procs_files(t.task_pid).context(|| "task cgroups".into())?;
+    let files = cgroup::procs_files(task.pid).context(|| "task cgroups".into())?;
     task.signal(0).context(|| format!("{}: the task has ended", t.name()))?;
     Ok(files)
 }

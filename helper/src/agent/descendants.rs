@@ -1,0 +1,235 @@
+//! A task that is no container itself: a batch script, a wrapper script,
+//! `bash -c …`. The task hands the agent its stdio and becomes its own
+//! command (task.rs `watch`); the runtime shim first on its PATH (shim.rs)
+//! hands the agent each container the task's processes start, and the
+//! agent serves each like a task's own container (session.rs `serve`),
+//! until the task ends.
+//!
+//! - **Who may hand over a container:** a process of the job's user that is
+//!   the task or below it (its parent chain reaches the task), held by
+//!   pidfd from the check on. The socket is the user's alone (0600); the
+//!   chain keeps another job of hers on this node from putting a container
+//!   in this job's place. Anyone else's request runs unprotected, and one
+//!   line says why.
+//! - **Which checkpoint is whose:** a requeued script runs again from its
+//!   top. Each container takes the earliest checkpoint of this task, not yet
+//!   taken in this run, whose command is its own (so a script that skips a
+//!   finished container, `[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]`, still
+//!   finds the next one's); a container with none starts fresh under a
+//!   number of its own. A container that ended by itself has no checkpoint
+//!   left: it runs again unless the script skips it.
+//! - **The end:** when the task's process ends (the batch shell dies of
+//!   Slurm's SIGTERM at once) every container still running is told to end,
+//!   as a task's SIGTERM tells its own: checkpointed if the job is being
+//!   requeued, else passed the SIGTERM. Containers that run at once are
+//!   checkpointed each at its own moment, not at one cut.
+
+use super::layout::job_dir;
+use super::messages::{tell_requeued_job, tell_user};
+use super::session::{serve, Client, Container, Event, Restore, Started, Watched};
+use super::session_file::SessionFile;
+use super::slurmctld::{is_requeue, job_info};
+use super::*;
+use crate::error::{Context, Result};
+use crate::procfs::{self, PidFd};
+use crate::protocol::{self, Channel, ToAgent, ToTask};
+use crate::storage;
+use crate::user::User;
+use ckpt_config::Settings;
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc, Mutex, Once};
+
+/// How often the agent looks whether the task has ended while no
+/// container is handed over.
+const TASK_POLL_MS: i32 = 100;
+
+pub(super) fn serve_descendants(
+    settings: &Settings,
+    settings_args: &[String],
+    t: &Task,
+    watched: Watched,
+    session: Option<Arc<SessionFile>>,
+) -> Result<()> {
+    let Watched { listener, task, stdio, argv } = watched;
+    let mut t = t.clone();
+    if t.step_id == ckpt_config::BATCH_STEP {
+        // The batch step's environment has no SLURM_RESTART_COUNT when the
+        // plugin starts its agent: slurmctld's count is this run's.
+        if let Some(n) = job_info(&t).get("Restarts").and_then(|v| v.parse().ok()) {
+            t.restart_count = n;
+        }
+    }
+    let t = &t;
+    let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
+    let claims = Arc::new(Mutex::new(Claims::scan(settings, t)));
+    log::info!(
+        "{}: serves the containers of `{}` (run {}, checkpoints of containers {:?})",
+        t.name(),
+        argv.join(" "),
+        t.restart_count,
+        claims.lock().unwrap_or_else(|e| e.into_inner()).on_disk
+    );
+    let time_limit = Arc::new(Once::new());
+    let mut running: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<Event>)> = Vec::new();
+    let mut handed = 0u32;
+    loop {
+        if task.wait_exit(0).unwrap_or(true) {
+            break;
+        }
+        if !crate::sys::poll_one(&listener, libc::POLLIN, TASK_POLL_MS).unwrap_or(false) {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else { continue };
+        let client = match admit(t, stream) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("{}: {e}", t.name());
+                continue;
+            }
+        };
+        handed += 1;
+        let (tx, rx) = mpsc::channel();
+        let events = tx.clone();
+        let (settings, settings_args, t) = (settings.clone(), settings_args.to_vec(), t.clone());
+        let (claims, time_limit, session) = (claims.clone(), time_limit.clone(), session.clone());
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = serve_one(&settings, &settings_args, &t, client, &claims, &time_limit, session, (tx, rx)) {
+                log::warn!("{}: {e}", t.name());
+            }
+        });
+        running.retain(|(thread, _)| !thread.is_finished());
+        running.push((thread, events));
+    }
+    let _ = std::fs::remove_file(&t.socket);
+    // The task is gone: its containers end with it, checkpointed if this
+    // is a requeue (each asks slurmctld, as for a task's SIGTERM).
+    for (_, events) in &running {
+        let _ = events.send(Event::Message(Some(ToAgent::Terminate)));
+    }
+    drop(session);
+    if handed == 0 && t.step_id != ckpt_config::BATCH_STEP {
+        // Truthful about what asked for protection and had none. A batch
+        // script that starts no container says nothing: its steps speak.
+        let info = job_info(t);
+        if is_requeue(t, &info) {
+            let msg = format!(
+                "{} ran `{}`, which started no Apptainer container: it starts over when the job runs again",
+                t.name(),
+                super::session::shown_command(&argv)
+            );
+            log::info!("{msg}");
+            tell_requeued_job(&User::lookup(t.uid, t.gid)?, &info, &mut stderr, &msg);
+        }
+    }
+    for (thread, _) in running {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+/// A client that may hand over a container: the job's user, the task or a
+/// process below it. Anyone else is told to run it unprotected, and why.
+fn admit(t: &Task, stream: UnixStream) -> std::result::Result<Client, String> {
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).map_err(|e| e.to_string())?;
+    if cred.uid() != t.uid {
+        // The socket is the user's (0600): only root gets here otherwise.
+        return Err(format!("refused a client with uid {}", cred.uid()));
+    }
+    // Held first, then checked: a pid that ended and was reused before the
+    // pidfd was opened fails the checks as another process.
+    let process = PidFd::of_user(cred.pid(), t.uid).ok_or_else(|| format!("client pid {} is gone", cred.pid()))?;
+    let fds = protocol::recv_task_fds(&stream).map_err(|e| e.to_string())?;
+    let mut channel = Channel::new(stream.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    if !procfs::is_descendant(cred.pid(), t.task_pid) || process.signal(0).is_err() {
+        let msg = format!(
+            "pid {} is not a process of {}: its container runs unprotected (the job's environment was carried elsewhere?)",
+            cred.pid(),
+            t.name()
+        );
+        if let Ok(stderr) = fds.stdio[2].try_clone() {
+            tell_user(&mut File::from(stderr), &msg);
+        }
+        let _ = channel.send(&ToTask::RunUnprotected(msg.clone()));
+        return Err(msg);
+    }
+    Ok(Client { stream, channel, process, fds })
+}
+
+/// Reads what the client asks for, finds its checkpoint, and serves it.
+#[allow(clippy::too_many_arguments)]
+fn serve_one(
+    settings: &Settings,
+    settings_args: &[String],
+    t: &Task,
+    mut client: Client,
+    claims: &Mutex<Claims>,
+    time_limit: &Once,
+    session: Option<Arc<SessionFile>>,
+    events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
+) -> Result<()> {
+    let Some(ToAgent::Start { argv, cwd, env, runtime }) = client.channel.recv()? else {
+        return crate::error::fail(format!("{}: a client did not say what to run", t.name()));
+    };
+    let (n, restore) = claims.lock().unwrap_or_else(|e| e.into_inner()).claim(settings, t, &argv);
+    let t = Task { container: Some(n), ..t.clone() };
+    let mut stderr = client.stderr()?;
+    let container = Container { restore, session, time_limit };
+    serve(settings, settings_args, &t, client, Started { argv, cwd, env, runtime }, container, &mut stderr, events)
+}
+
+/// The task's container numbers: the ones with a checkpoint (from earlier
+/// runs), and those taken in this run.
+struct Claims {
+    /// Numbers with a checkpoint (or one on its way from another node).
+    on_disk: BTreeSet<u32>,
+    taken: BTreeSet<u32>,
+}
+
+impl Claims {
+    fn scan(settings: &Settings, t: &Task) -> Claims {
+        if t.restart_count == 0 {
+            // A first run has none: what is there is another job's, under
+            // the same id (a Slurm whose job ids started again), and is
+            // replaced.
+            return Claims { on_disk: BTreeSet::new(), taken: BTreeSet::new() };
+        }
+        let prefix = format!("{}.c", t.checkpoint_name());
+        let on_disk = job_dir(settings, t.job_id)
+            .ok()
+            .and_then(|dir| std::fs::read_dir(dir).ok())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let rest = name.strip_prefix(&prefix)?;
+                rest.strip_suffix(".moving").unwrap_or(rest).parse::<u32>().ok()
+            })
+            .collect();
+        Claims { on_disk, taken: BTreeSet::new() }
+    }
+
+    /// The number of the container running `argv`, and whether it has a
+    /// checkpoint to restore: the earliest one not yet taken whose command
+    /// is the same; or a new number.
+    fn claim(&mut self, settings: &Settings, t: &Task, argv: &[String]) -> (u32, Restore) {
+        for &n in self.on_disk.difference(&self.taken) {
+            let Ok(dir) = super::layout::task_checkpoint_dir(settings, &Task { container: Some(n), ..t.clone() }) else { continue };
+            storage::wait_for_move(&dir, MOVE_TIMEOUT);
+            match storage::open_checkpoint(&dir, false) {
+                Ok(m) if m.container.argv == argv => {
+                    self.taken.insert(n);
+                    return (n, Restore::IfThere);
+                }
+                Ok(_) => log::info!("{}: container {n}'s checkpoint is of another command", t.name()),
+                Err(e) => log::info!("{}: container {n}'s checkpoint: {e}", t.name()),
+            }
+        }
+        let n = self.on_disk.iter().chain(&self.taken).max().map_or(0, |m| m + 1);
+        self.taken.insert(n);
+        (n, Restore::No)
+    }
+}
