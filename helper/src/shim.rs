@@ -13,7 +13,7 @@
 //! be there).
 
 use crate::error::Result;
-use crate::task::{block_signals, exec_unprotected, hand_over, own_env};
+use crate::task::{block_signals, exec_unprotected, find_program, hand_over, own_env};
 use ckpt_config::shim::SOCKET_ENV;
 use nix::sys::signal::SigSet;
 use std::os::unix::net::UnixStream;
@@ -24,10 +24,12 @@ fn is_shim_dir(dir: &str, name: &str, me: &Path) -> bool {
     std::fs::canonicalize(Path::new(dir).join(name)).is_ok_and(|p| p == me)
 }
 
-/// The environment the command would have had without the shim.
+/// The environment the command would have had without the shim: PATH
+/// without the shim's directory, no agent socket, and `_` (the shell's
+/// record of the program it ran) naming the real runtime.
 fn unshimmed_env(name: &str) -> Vec<(String, String)> {
     let me = std::env::current_exe().and_then(std::fs::canonicalize).ok();
-    own_env()
+    let mut env: Vec<(String, String)> = own_env()
         .into_iter()
         .filter(|(k, _)| k != SOCKET_ENV)
         .map(|(k, v)| match (&me, k.as_str()) {
@@ -37,7 +39,14 @@ fn unshimmed_env(name: &str) -> Vec<(String, String)> {
             }
             _ => (k, v),
         })
-        .collect()
+        .collect();
+    let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
+    if let Some(real) = find_program(name, path.as_deref()) {
+        for (_, v) in env.iter_mut().filter(|(k, _)| k == "_") {
+            *v = real.to_string_lossy().into_owned();
+        }
+    }
+    env
 }
 
 /// Runs `argv` (`apptainer …` as the user typed it): through the task's

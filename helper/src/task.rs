@@ -36,18 +36,21 @@ enum Event {
 }
 
 /// Where `program` is, as `execvp` would find it with `path` (the user's
-/// PATH), with symlinks resolved.
+/// PATH).
+pub(crate) fn find_program(program: &str, path: Option<&str>) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Some(std::path::PathBuf::from(program));
+    }
+    let path = path.unwrap_or("/usr/bin:/bin");
+    std::env::split_paths(path).map(|d| d.join(program)).find(|p| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// [`find_program`], with symlinks resolved.
 fn resolve_program(program: &str, path: Option<&str>) -> Option<String> {
-    let found = if program.contains('/') {
-        Some(std::path::PathBuf::from(program))
-    } else {
-        let path = path.unwrap_or("/usr/bin:/bin");
-        std::env::split_paths(path).map(|d| d.join(program)).find(|p| {
-            use std::os::unix::fs::PermissionsExt;
-            p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    };
-    found.and_then(|p| std::fs::canonicalize(p).ok()).map(|p| p.to_string_lossy().into_owned())
+    find_program(program, path).and_then(|p| std::fs::canonicalize(p).ok()).map(|p| p.to_string_lossy().into_owned())
 }
 
 /// Becomes the user's own command, as it would have run without

@@ -39,7 +39,12 @@ const PER_RUN: &[&str] = &[
     "SLURM_SRUN_COMM_PORT",
     "SLURM_STEP_LAUNCHER_PORT",
     "SLURM_TASK_PID",
+    "SLURM_JOB_NAME",
 ];
+
+/// Slurm's record of `#SBATCH --checkpoint-container`: only a job that
+/// asked for it with sbatch shows it.
+const SBATCH_OPTION: &str = "env:SLURM_SPANK__SLURM_SPANK_OPTION_checkpoint_container_checkpoint_container";
 
 /// The job script's settings before srun, all different from the node's
 /// defaults, so that a container that does not get them shows it.
@@ -170,16 +175,16 @@ fn srun_with_and_without_the_option_shows_the_container_the_same() {
     let c = cluster();
     let name = probe_dir(c);
     let (unprotected, protected) = srun_probe(c, &name, "", true);
-    assert_only_documented("srun", &unprotected, &protected, &[]);
+    assert_only_documented("srun", &unprotected, &protected, &[SBATCH_OPTION]);
     // Contained: an empty home of hers (root's Apptainer made it /root).
     let (unprotected, protected) = srun_probe(c, &name, "-c", false);
     assert!(protected.contains("HOME=/home/alice\n") && protected.contains("/home/alice tmpfs\n"), "{protected}");
-    assert_only_documented("srun with --contain", &unprotected, &protected, &[]);
+    assert_only_documented("srun with --contain", &unprotected, &protected, &[SBATCH_OPTION]);
     // A cleaned environment and a bind of her own (Apptainer names its
     // destination in APPTAINER_BIND, and drops USER_PATH with -e).
     let (unprotected, protected) = srun_probe(c, &name, &format!("-e --env PROBE_DIR={name} --bind /tmp:/mnt"), true);
     assert!(protected.contains("APPTAINER_BIND=/mnt,/probe\n") && !protected.contains("SLURM_JOB_ID"), "{protected}");
-    assert_only_documented("srun with -e and --bind", &unprotected, &protected, &["env:SLURM_CHECKPOINT_CONTAINER"]);
+    assert_only_documented("srun with -e and --bind", &unprotected, &protected, &["env:SLURM_CHECKPOINT_CONTAINER", SBATCH_OPTION]);
     cleanup(c, &name);
 }
 
@@ -214,7 +219,35 @@ fn a_batch_job_with_resource_options_shows_its_steps_the_same() {
     let c = cluster();
     let (unprotected, protected) = batch_probe(c, "-N1 -n1 --cpus-per-task=2 --mem-per-cpu=1000", "");
     assert!(protected.contains("SLURM_CPUS_PER_TASK=2"), "{protected}");
-    assert_only_documented("sbatch", &unprotected, &protected, &[]);
+    assert_only_documented("sbatch", &unprotected, &protected, &[SBATCH_OPTION]);
+}
+
+/// A container started right in the batch script (through the runtime
+/// shim first on the script's PATH) sees what it sees in a job without the
+/// option: the shim is out of its PATH, the agent's socket out of its
+/// environment.
+#[test]
+fn a_container_in_the_batch_script_sees_what_it_sees_without_the_option() {
+    let c = cluster();
+    let name = probe_dir(c);
+    let run = |option: &str, out: &str| {
+        let script = format!(
+            "#!/bin/bash\n#SBATCH -N1 -n1 -w node1 -t 5 -o /dev/null {option}\n\
+             cd ~/{name} && mkdir -p out && {SETTINGS}\n\
+             PROBE_DIR={name} apptainer -s exec {TEST_SIF} sh ./probe.sh > out/{out} 2> out/{out}.err\n"
+        );
+        let job = c.sbatch("alice", &[], &script);
+        assert_eq!(c.wait_job(job, Duration::from_secs(120)), "COMPLETED");
+        c.read_file("alice", &format!("/home/alice/{name}/out/{out}"))
+    };
+    let (unprotected, protected) = (run("", "unprotected.out"), run("--checkpoint-container", "protected.out"));
+    for out in [&unprotected, &protected] {
+        assert!(out.contains("\n0027\n") && soft_limit(out, "Max open files") == "777", "{out}");
+    }
+    assert!(protected.contains("== pid1\ncheckpoint-cont"), "the container was not protected:\n{protected}");
+    assert!(!protected.contains("shim") && !protected.contains("CHECKPOINT_CONTAINER_SOCKET"), "{protected}");
+    assert_only_documented("a batch script's container", &unprotected, &protected, &[]);
+    cleanup(c, &name);
 }
 
 /// With task/affinity (the dev cluster's default, as on production sites)
@@ -227,7 +260,7 @@ fn a_task_bound_to_a_cpu_has_its_container_bound_the_same() {
     for out in [&unprotected, &protected] {
         assert!(out.contains("Cpus_allowed_list:\t1\n"), "{out}");
     }
-    assert_only_documented("sbatch with a CPU binding", &unprotected, &protected, &[]);
+    assert_only_documented("sbatch with a CPU binding", &unprotected, &protected, &[SBATCH_OPTION]);
 }
 
 /// Limits, umask and CPUs of alice's workload processes on `node`, one

@@ -13,6 +13,7 @@ mod launch;
 mod node_local;
 mod periodic;
 mod restore;
+mod shim;
 mod storage;
 
 use cluster_tests::{gcc, unique, Cluster, Output};

@@ -1,0 +1,72 @@
+//! The runtime shim (docs/security.md, "Who may talk to root"): the agent
+//! of a task that is no container serves only the task's own processes,
+//! and root puts on users' PATH only a directory root alone can change.
+
+use cluster_tests::{cluster, BatchJob, Cluster, HELPER, TEST_SIF};
+
+fn shim_dir() -> String {
+    format!("{}/shim", HELPER.rsplit_once('/').unwrap().0)
+}
+
+/// A protected job of `user`'s whose batch script sleeps; its agent's
+/// socket.
+fn sleeping_job(c: &Cluster, user: &str) -> (u32, String) {
+    let job = c.sbatch(user, &["-w", "node1", "-o", "/dev/null"], "#!/bin/bash\n#SBATCH --checkpoint-container\nsleep 300\n");
+    c.wait_state(job, &["RUNNING"], std::time::Duration::from_secs(60));
+    let socket = format!("/run/checkpoint-container/{job}.4294967291.0.sock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !c.exec("node1", "root", &["test", "-S", &socket]).success() {
+        assert!(std::time::Instant::now() < deadline, "no agent socket {socket}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    (job, socket)
+}
+
+/// Another job of hers (or no job) pointing the shim at this job's agent:
+/// its parent chain does not reach the task, so the container runs
+/// unprotected, as she could run it herself, and is told so.
+#[test]
+fn a_process_outside_the_task_cannot_hand_its_container_to_the_tasks_agent() {
+    let c = cluster();
+    let (job, socket) = sleeping_job(c, "alice");
+    let out = c
+        .sh("node1", "alice", &format!("CHECKPOINT_CONTAINER_SOCKET={socket} {}/apptainer -s exec {TEST_SIF} echo ran-anyway", shim_dir()))
+        .ok();
+    assert!(out.stdout.contains("ran-anyway"), "{out:#?}");
+    assert!(out.stderr.contains(&format!("is not a process of task 0 of step {job}.batch: its container runs unprotected")), "{out:#?}");
+    c.exec("ctl", "root", &["scancel", &job.to_string()]).ok();
+}
+
+/// bob's job's agent socket is bob's alone: alice's shim cannot even
+/// connect, and her container runs unprotected, saying so.
+#[test]
+fn another_users_agent_is_out_of_reach() {
+    let c = cluster();
+    let (job, socket) = sleeping_job(c, "bob");
+    let out = c
+        .sh("node1", "alice", &format!("CHECKPOINT_CONTAINER_SOCKET={socket} {}/apptainer -s exec {TEST_SIF} echo ran-anyway", shim_dir()))
+        .ok();
+    assert!(out.stdout.contains("ran-anyway"), "{out:#?}");
+    assert!(out.stderr.contains("does not answer (Permission denied"), "{out:#?}");
+    assert!(out.stderr.contains("this container runs unprotected"), "{out:#?}");
+    c.exec("ctl", "root", &["scancel", &job.to_string()]).ok();
+}
+
+/// A shim directory others may write to would let them put programs on
+/// every protected user's PATH: the plugin leaves it off, says why in the
+/// node's log, and the script's container runs unprotected.
+#[test]
+fn a_shim_directory_others_can_write_is_not_put_on_users_path() {
+    let c = cluster();
+    let dir = shim_dir();
+    c.exec("node1", "root", &["chmod", "0777", &dir]).ok();
+    let job =
+        c.submit_job(&["-w", "node1"], None, |_| (format!("echo \"PATH=$PATH\"; apptainer -s exec {TEST_SIF} echo ran-unprotected"), 0, 0));
+    let state = c.wait_job(job.id, std::time::Duration::from_secs(120));
+    c.exec("node1", "root", &["chmod", "0755", &dir]).ok();
+    let out = job.output();
+    assert_eq!(state, "COMPLETED", "{out}");
+    assert!(out.contains("ran-unprotected") && !out.contains(&dir) && !out.contains("is protected"), "{out}");
+    assert!(c.daemon_log("node1").contains(&format!("runtime shim {dir} is unusable: writable by group or others")));
+    BatchJob::cleanup(&job, c);
+}
