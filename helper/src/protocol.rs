@@ -34,8 +34,9 @@ pub enum ToTask {
     Stopped,
     /// The agent refused or failed; the message has been shown to the user.
     Failed(String),
-    /// Root will not start this command for the user (the message, already
-    /// shown, says why): the task runs it itself, as the user, unprotected.
+    /// Root will not start this command for the user (the message, for the
+    /// task to print, says why): the task runs it itself, as the user,
+    /// unprotected.
     RunUnprotected(String),
 }
 

@@ -162,7 +162,12 @@ pub(crate) fn hand_over(stream: UnixStream, argv: Vec<String>, env: Vec<(String,
             Event::Message(Some(ToTask::Exited(code))) => return Ok(code),
             Event::Message(Some(ToTask::Stopped)) => return Ok(128 + libc::SIGTERM),
             Event::Message(Some(ToTask::Failed(_))) => return Ok(1),
-            Event::Message(Some(ToTask::RunUnprotected(_))) => return Err(exec_unprotected(&argv, Some(&env), set)),
+            Event::Message(Some(ToTask::RunUnprotected(why))) => {
+                // Said by the user's own process: root never writes to a
+                // descriptor of hers that might not be read.
+                eprintln!("checkpoint-container: {why}");
+                return Err(exec_unprotected(&argv, Some(&env), set));
+            }
             Event::Message(Some(ToTask::Go)) => {}
             Event::Message(None) => break,
         }

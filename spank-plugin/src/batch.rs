@@ -29,7 +29,7 @@ const NOTICE: Duration = Duration::from_secs(2);
 /// SIGKILLed the script's processes, srun too, and there is no output left
 /// to save; slurmstepd drains the node if its step outlives KillWait by
 /// UnkillableStepTimeout (60 s at least).
-const WAIT_LIMIT: Duration = Duration::from_secs(45);
+pub(crate) const WAIT_LIMIT: Duration = Duration::from_secs(45);
 /// How long the script's remaining processes get to deliver the steps'
 /// last output once the steps are over (srun needs milliseconds; a process
 /// the script left in the background only delays the end this long).
@@ -87,18 +87,18 @@ pub fn after_script(dir: &Path, job: u32, pgid: i32) {
 /// ended (it watches the task's pidfd, and looks every 100 ms).
 const AGENT_NOTICE: Duration = Duration::from_millis(500);
 
-/// After task `task` of step `job.step` (not the batch script) ended:
-/// waits while its agent is checkpointing or ending the containers the
-/// task's processes started, which slurmstepd would otherwise SIGKILL as
-/// soon as this returns. A task that is itself the container ends only
-/// once its agent is done: this returns at once then.
-pub fn after_task(dir: &Path, job: u32, step: u32, task: u32) {
+/// After task `task` of step `job.step` (not the batch script), a script
+/// whose agent serves the containers its processes start, ended: waits
+/// while that agent is checkpointing or ending them, which slurmstepd would
+/// otherwise SIGKILL as soon as this returns; until `deadline` at most,
+/// which all the step's tasks on this node share.
+pub fn after_task(dir: &Path, job: u32, step: u32, task: u32, deadline: Instant) {
     let started = Instant::now();
     let prefix = format!("{job}.{step}.{task}.");
     loop {
         let now = agents(dir, &prefix);
         let ending = now.contains(&Agent::Ending);
-        if now.is_empty() || (!ending && started.elapsed() > AGENT_NOTICE) || started.elapsed() > WAIT_LIMIT {
+        if now.is_empty() || (!ending && started.elapsed() > AGENT_NOTICE) || Instant::now() > deadline {
             break;
         }
         std::thread::sleep(POLL);

@@ -151,7 +151,12 @@ unsafe impl Plugin for CheckpointContainer {
         let dir = std::path::Path::new(ckpt_config::agent_files::DIR);
         match spank.job_stepid()? {
             ckpt_config::BATCH_STEP => batch::after_script(dir, spank.job_id()?, spank.task_pid()?),
-            step if self.requested => batch::after_task(dir, spank.job_id()?, step, spank.task_global_id()?),
+            // A task that is its container ends only once its agent is
+            // done; a script's task may leave containers being ended.
+            step if self.requested && self.stepd.watches(spank)? => {
+                let deadline = self.stepd.task_end_deadline();
+                batch::after_task(dir, spank.job_id()?, step, spank.task_global_id()?, deadline);
+            }
             _ => {}
         }
         Ok(())

@@ -48,6 +48,8 @@ pub struct StepState {
     /// The runtime shim's directory, once it proved to be root's alone:
     /// tasks that are no container get it first on their PATH.
     shim: Option<std::path::PathBuf>,
+    /// When the step's task ends stop waiting for their agents (task_exit).
+    task_end_deadline: Option<std::time::Instant>,
 }
 
 /// What a task of a protected step gets.
@@ -165,6 +167,18 @@ impl StepState {
         Ok(())
     }
 
+    /// Whether this task's agent serves the containers its processes start.
+    pub fn watches(&self, spank: &SpankHandle) -> Result<bool, Box<dyn Error>> {
+        Ok(self.settings.is_some() && self.protection(spank)? == Protection::Watch)
+    }
+
+    /// One deadline for all the step's task ends on this node: slurmstepd
+    /// calls them one after the other, and their waits together must stay
+    /// within [`crate::batch::WAIT_LIMIT`].
+    pub fn task_end_deadline(&mut self) -> std::time::Instant {
+        *self.task_end_deadline.get_or_insert_with(|| std::time::Instant::now() + crate::batch::WAIT_LIMIT)
+    }
+
     /// What this task gets, in task_init and task_post_fork alike.
     fn protection(&self, spank: &SpankHandle) -> Result<Protection, Box<dyn Error>> {
         if is_container_command(&spank.job_argv()?) {
@@ -178,7 +192,8 @@ impl StepState {
     /// the task's agent (it detaches at once).
     pub fn task_post_fork(&mut self, spank: &mut SpankHandle) -> Result<(), Box<dyn Error>> {
         let Some(settings) = &self.settings else { return Ok(()) };
-        if self.protection(spank)? == Protection::None {
+        let protection = self.protection(spank)?;
+        if protection == Protection::None {
             return Ok(());
         }
         let (job, step, task) = (spank.job_id()?, spank.job_stepid()?, spank.task_global_id()?);
@@ -196,6 +211,9 @@ impl StepState {
         cmd.args(["--step-tasks", &tasks.to_string(), "--step-nodes", &nodes.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);
         cmd.args(["--restart-count", restarts.trim(), "--task-pid", &spank.task_pid()?.to_string()]);
+        if protection == Protection::Watch {
+            cmd.arg("--watch");
+        }
         if let Some(minutes) = self.before_time_limit {
             cmd.args(["--before-time-limit", &minutes.to_string()]);
         }

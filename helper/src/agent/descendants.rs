@@ -25,7 +25,7 @@
 //!   checkpointed each at its own moment, not at one cut.
 
 use super::layout::job_dir;
-use super::messages::{tell_requeued_job, tell_user};
+use super::messages::tell_requeued_job;
 use super::session::{serve, Client, Container, Event, Restore, Started, Watched};
 use super::session_file::SessionFile;
 use super::slurmctld::{is_requeue, job_info};
@@ -39,11 +39,18 @@ use ckpt_config::Settings;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
+use std::time::Duration;
 
 /// How often the agent looks whether the task has ended while no
 /// container is handed over.
 const TASK_POLL_MS: i32 = 100;
+/// The most containers served at once for one task.
+const MAX_CLIENTS: usize = 64;
+/// How long a client may take to send its descriptors and command, and
+/// the agent to write to it.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) fn serve_descendants(
     settings: &Settings,
@@ -72,8 +79,10 @@ pub(super) fn serve_descendants(
         claims.lock().unwrap_or_else(|e| e.into_inner()).on_disk
     );
     let time_limit = Arc::new(Once::new());
+    let task_cgroup = std::fs::read(procfs::proc_path(task.pid, "cgroup")).context(|| "the task's cgroups".into())?;
+    let task_cgroup = Arc::new(task_cgroup);
     let mut running: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<Event>)> = Vec::new();
-    let mut handed = 0u32;
+    let handed = Arc::new(AtomicU32::new(0));
     loop {
         if task.wait_exit(0).unwrap_or(true) {
             break;
@@ -81,25 +90,38 @@ pub(super) fn serve_descendants(
         if !crate::sys::poll_one(&listener, libc::POLLIN, TASK_POLL_MS).unwrap_or(false) {
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else { continue };
-        let client = match admit(t, stream) {
-            Ok(c) => c,
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
             Err(e) => {
-                log::warn!("{}: {e}", t.name());
+                // Out of descriptors, say: the connection stays pending, so
+                // do not spin on it.
+                log::warn!("{}: cannot accept a client: {e}", t.name());
+                std::thread::sleep(Duration::from_millis(TASK_POLL_MS as u64));
                 continue;
             }
         };
-        handed += 1;
+        running.retain(|(thread, _)| !thread.is_finished());
+        if running.len() >= MAX_CLIENTS {
+            // Closed at once: its shim says the agent did not answer, and
+            // the container runs unprotected.
+            log::warn!("{}: refused a client: {MAX_CLIENTS} containers are being served", t.name());
+            continue;
+        }
         let (tx, rx) = mpsc::channel();
         let events = tx.clone();
         let (settings, settings_args, t) = (settings.clone(), settings_args.to_vec(), t.clone());
-        let (claims, time_limit, session) = (claims.clone(), time_limit.clone(), session.clone());
+        let (claims, time_limit, session, handed) = (claims.clone(), time_limit.clone(), session.clone(), handed.clone());
+        let (task_pid, task_cgroup) = (task.pid, task_cgroup.clone());
         let thread = std::thread::spawn(move || {
-            if let Err(e) = serve_one(&settings, &settings_args, &t, client, &claims, &time_limit, session, (tx, rx)) {
+            let client = match admit(&t, task_pid, &task_cgroup, stream) {
+                Ok(c) => c,
+                Err(e) => return log::warn!("{}: {e}", t.name()),
+            };
+            let served = serve_one(&settings, &settings_args, &t, client, &claims, &time_limit, session, &handed, (tx, rx));
+            if let Err(e) = served {
                 log::warn!("{}: {e}", t.name());
             }
         });
-        running.retain(|(thread, _)| !thread.is_finished());
         running.push((thread, events));
     }
     let _ = std::fs::remove_file(&t.socket);
@@ -109,7 +131,7 @@ pub(super) fn serve_descendants(
         let _ = events.send(Event::Message(Some(ToAgent::Terminate)));
     }
     drop(session);
-    if handed == 0 && t.step_id != ckpt_config::BATCH_STEP {
+    if handed.load(Ordering::SeqCst) == 0 && t.step_id != ckpt_config::BATCH_STEP {
         // Truthful about what asked for protection and had none. A batch
         // script that starts no container says nothing: its steps speak.
         let info = job_info(t);
@@ -130,9 +152,13 @@ pub(super) fn serve_descendants(
 }
 
 /// A client that may hand over a container: the job's user, the task or a
-/// process below it. Anyone else is told to run it unprotected, and why.
-fn admit(t: &Task, stream: UnixStream) -> std::result::Result<Client, String> {
+/// process below it, in the task's cgroups, while the task lives. Anyone
+/// else is told to run it unprotected, and why. Every read and write on
+/// the connection is bounded until it has said what to run.
+fn admit(t: &Task, task_pid: procfs::Pid, task_cgroup: &[u8], stream: UnixStream) -> std::result::Result<Client, String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
     let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).map_err(|e| e.to_string())?;
     if cred.uid() != t.uid {
         // The socket is the user's (0600): only root gets here otherwise.
@@ -143,15 +169,19 @@ fn admit(t: &Task, stream: UnixStream) -> std::result::Result<Client, String> {
     let process = PidFd::of_user(cred.pid(), t.uid).ok_or_else(|| format!("client pid {} is gone", cred.pid()))?;
     let fds = protocol::recv_task_fds(&stream).map_err(|e| e.to_string())?;
     let mut channel = Channel::new(stream.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    if !procfs::is_descendant(cred.pid(), t.task_pid) || process.signal(0).is_err() {
+    // The parent chain is read pid by pid: the task still living and the
+    // client in its cgroups (which only root moves processes between) make
+    // a reused pid along the way no way in from another job.
+    let ours = procfs::is_descendant(cred.pid(), task_pid)
+        && procfs::PidFd::open(task_pid).is_ok_and(|task| task.wait_exit(0).is_ok_and(|ended| !ended))
+        && std::fs::read(procfs::proc_path(cred.pid(), "cgroup")).is_ok_and(|c| c == task_cgroup)
+        && process.signal(0).is_ok();
+    if !ours {
         let msg = format!(
             "pid {} is not a process of {}: its container runs unprotected (the job's environment was carried elsewhere?)",
             cred.pid(),
             t.name()
         );
-        if let Ok(stderr) = fds.stdio[2].try_clone() {
-            tell_user(&mut File::from(stderr), &msg);
-        }
         let _ = channel.send(&ToTask::RunUnprotected(msg.clone()));
         return Err(msg);
     }
@@ -168,12 +198,16 @@ fn serve_one(
     claims: &Mutex<Claims>,
     time_limit: &Once,
     session: Option<Arc<SessionFile>>,
+    handed: &AtomicU32,
     events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
 ) -> Result<()> {
     let Some(ToAgent::Start { argv, cwd, env, runtime }) = client.channel.recv()? else {
         return crate::error::fail(format!("{}: a client did not say what to run", t.name()));
     };
-    let (n, restore) = claims.lock().unwrap_or_else(|e| e.into_inner()).claim(settings, t, &argv);
+    handed.fetch_add(1, Ordering::SeqCst);
+    // From here the container's own time: its messages come when they come.
+    client.stream.set_read_timeout(None).context(|| "socket".into())?;
+    let (n, restore) = Claims::claim(claims, settings, t, &argv);
     let t = Task { container: Some(n), ..t.clone() };
     let mut stderr = client.stderr()?;
     let container = Container { restore, session, time_limit };
@@ -215,21 +249,30 @@ impl Claims {
     /// The number of the container running `argv`, and whether it has a
     /// checkpoint to restore: the earliest one not yet taken whose command
     /// is the same; or a new number.
-    fn claim(&mut self, settings: &Settings, t: &Task, argv: &[String]) -> (u32, Restore) {
-        for &n in self.on_disk.difference(&self.taken) {
+    fn claim(claims: &Mutex<Claims>, settings: &Settings, t: &Task, argv: &[String]) -> (u32, Restore) {
+        let lock = || claims.lock().unwrap_or_else(|e| e.into_inner());
+        let candidates: Vec<u32> = {
+            let c = lock();
+            c.on_disk.difference(&c.taken).copied().collect()
+        };
+        for n in candidates {
             let Ok(dir) = super::layout::task_checkpoint_dir(settings, &Task { container: Some(n), ..t.clone() }) else { continue };
+            // Not under the lock: a checkpoint on its way from another
+            // node holds up this container only.
             storage::wait_for_move(&dir, MOVE_TIMEOUT);
             match storage::open_checkpoint(&dir, false) {
                 Ok(m) if m.container.argv == argv => {
-                    self.taken.insert(n);
-                    return (n, Restore::IfThere);
+                    if lock().taken.insert(n) {
+                        return (n, Restore::IfThere);
+                    }
                 }
                 Ok(_) => log::info!("{}: container {n}'s checkpoint is of another command", t.name()),
                 Err(e) => log::info!("{}: container {n}'s checkpoint: {e}", t.name()),
             }
         }
-        let n = self.on_disk.iter().chain(&self.taken).max().map_or(0, |m| m + 1);
-        self.taken.insert(n);
+        let mut c = lock();
+        let n = c.on_disk.iter().chain(&c.taken).max().map_or(0, |m| m + 1);
+        c.taken.insert(n);
         (n, Restore::No)
     }
 }

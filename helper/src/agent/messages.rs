@@ -28,7 +28,18 @@ pub(super) fn tell_requeued_job(user: &User, info: &std::collections::HashMap<St
     tell_user(stderr, msg);
 }
 
-/// A line in the job's stderr.
+/// A line in the job's stderr, if it can be written within a second: the
+/// descriptor is the user's (a FIFO nobody reads would hold root's agent
+/// for ever). A line up to PIPE_BUF long goes into a pipe whole once poll
+/// says it has room.
 pub(super) fn tell_user(stderr: &mut File, msg: &str) {
-    let _ = writeln!(stderr, "checkpoint-container: {msg}");
+    let mut line = format!("checkpoint-container: {msg}");
+    if line.len() >= 4000 {
+        let cut = (0..4000).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
+        line.truncate(cut);
+    }
+    line.push('\n');
+    if crate::sys::poll_one(stderr, libc::POLLOUT, 1000).unwrap_or(false) {
+        let _ = stderr.write_all(line.as_bytes());
+    }
 }

@@ -96,6 +96,11 @@ pub struct Task {
     /// site's settings bound it; periodic.rs)
     #[arg(long)]
     pub interval_request: Option<u64>,
+    /// The task is no container (a script): it hands over its stdio, then
+    /// the containers its processes start come through the runtime shim
+    /// (descendants.rs). The plugin decides; the task cannot ask otherwise.
+    #[arg(long)]
+    pub watch: bool,
     /// Which of the containers the task's processes started this is (the
     /// runtime shim's: descendants.rs); None: the task is the container.
     #[arg(skip)]

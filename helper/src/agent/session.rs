@@ -81,7 +81,7 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
     }
     let mut channel = Channel::new(stream.try_clone().context(|| "dup".into())?)?;
     match channel.recv()? {
-        Some(ToAgent::Start { argv, cwd, env, runtime }) => {
+        Some(ToAgent::Start { argv, cwd, env, runtime }) if !t.watch => {
             let _ = std::fs::remove_file(socket);
             let start = Started { argv, cwd, env, runtime };
             let client = Client { stream, channel, process: task, fds };
@@ -90,14 +90,15 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
             let container = Container { restore, session, time_limit: &Once::new() };
             serve(settings, settings_args, t, client, start, container, &mut stderr, mpsc::channel())
         }
-        Some(ToAgent::Watch { argv }) => {
+        Some(ToAgent::Watch { argv }) if t.watch => {
             channel.send(&ToTask::Go)?;
             let watched = Watched { listener, task, stdio: fds.stdio, argv };
             super::descendants::serve_descendants(settings, settings_args, t, watched, session)
         }
         _ => {
             let _ = std::fs::remove_file(socket);
-            fail(format!("{}: the task did not say what to run", t.name()))
+            let expected = if t.watch { "its command's containers to be served" } else { "a container to start" };
+            fail(format!("{}: the task did not ask for {expected}, as the plugin said it would", t.name()))
         }
     }
 }
@@ -208,7 +209,6 @@ pub(super) fn serve(
         Err(e) => {
             let msg = format!("{} runs unprotected: {e}", t.name());
             log::warn!("{msg}");
-            tell_user(stderr, &msg);
             channel.send(&ToTask::RunUnprotected(msg))?;
             return Ok(());
         }

@@ -13,9 +13,21 @@ pub(super) fn show_job(job: u32) -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)).unwrap_or_default()
 }
 
-/// The `key=value` fields of `scontrol show job` output.
+/// The `key=value` fields of `scontrol show job` output. Values the user
+/// wrote (the job's name, comment, command, paths) may hold spaces and
+/// `Key=` text of their own, so a key seen twice is not believed either
+/// way and left out: such a job is taken for one that is not being
+/// requeued (its own loss: it starts over).
 pub(super) fn job_fields(text: &str) -> std::collections::HashMap<String, String> {
-    text.split_whitespace().filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
+    let mut fields = std::collections::HashMap::new();
+    let mut doubtful = std::collections::HashSet::new();
+    for (k, v) in text.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+        if fields.insert(k.to_string(), v.to_string()).is_some() {
+            doubtful.insert(k.to_string());
+        }
+    }
+    fields.retain(|k, _| !doubtful.contains(k));
+    fields
 }
 
 /// Whether slurmctld says the job will not run again.
@@ -57,5 +69,18 @@ pub(super) fn requeue_info(t: &Task) -> std::collections::HashMap<String, String
             return info;
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::job_fields;
+
+    #[test]
+    fn a_key_the_user_repeats_in_her_text_is_not_believed() {
+        let f = job_fields("JobId=7 JobName=x Restarts=9 UserId=alice(2001) Requeue=1 Restarts=0 BatchFlag=1 Comment=a Restarts=5");
+        assert_eq!(f.get("Restarts"), None);
+        assert_eq!(f.get("Requeue").map(String::as_str), Some("1"));
+        assert_eq!(f.get("JobId").map(String::as_str), Some("7"));
     }
 }
