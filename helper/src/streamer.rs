@@ -596,6 +596,28 @@ mod tests {
         }
     }
 
+    /// Both ways of summing give the checksum of the bytes CRIU sent.
+    #[test]
+    fn checksums_after_the_drain_are_those_taken_while_writing() {
+        let dir = std::env::temp_dir().join(format!("streamer-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // More than a pipe holds and not a whole number of chunks.
+        let bytes: Vec<u8> = (0..3 * CHUNK as u64 + 4097).map(|i| (i * 7 % 251) as u8).collect();
+        let mut expected = Checksum::default();
+        expected.update(&bytes);
+        for summing in [Summing::WhileWriting, Summing::AfterDrain] {
+            let (read, mut write) = std::io::pipe().unwrap();
+            let sent = bytes.clone();
+            let writer = std::thread::spawn(move || write.write_all(&sent));
+            let name = format!("pages-{summing:?}.img");
+            let captured = capture_file(File::from(std::os::fd::OwnedFd::from(read)), &dir.join(&name), name, false, summing).unwrap();
+            writer.join().unwrap().unwrap();
+            let files = Drained(vec![captured]).checksums().unwrap();
+            assert_eq!((files[0].size, files[0].xxh3.as_str()), (bytes.len() as u64, expected.hex().as_str()), "{summing:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn reply_is_a_length_prefixed_bool() {
         let (mut a, mut b) = UnixStream::pair().unwrap();
