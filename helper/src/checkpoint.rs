@@ -266,7 +266,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
     let capture = Capture::start(listener, staging.images.clone(), settings.compression, summing);
     let image_path = req.image.clone();
     let image_digest = std::thread::spawn(move || storage::image_digest(&image_path));
-    // Else while CRIU starts.
+    // A tree that ends: the replaced checkpoint leaves the cache while CRIU starts.
     let replaced = req.target.clone();
     let uncached = (!req.leave_running).then(|| std::thread::spawn(move || storage::drop_cached_dir(&replaced)));
     let out = wait_with_timeout(child, DUMP_TIMEOUT);
