@@ -14,7 +14,7 @@
 #   ours-staged the same with staging_dir = STAGING (node-local tmpfs), when
 #               TARGET is not itself tmpfs.
 # Every image is alone on the target when it is written (no memory pressure
-# from another). Prints one line per measurement: SIZE_MIB OP KIND SECONDS,
+# from another). With PARTS=periodic (env): only plain and ours, dumps only. Prints one line per measurement: SIZE_MIB OP KIND SECONDS,
 # and SIZE_MIB size KIND BYTES for image sizes.
 set -euo pipefail
 SIZE_MIB=$1 REPS=$2 TARGET=$3 STAGING=${4:-/dev/shm/ckpt-staging}
@@ -101,6 +101,7 @@ restore() {
 mkdir -p "$TARGET"
 kinds=(ours ours-zstd)
 [[ $(stat -f -c %T "$TARGET") != tmpfs ]] && kinds+=(ours-staged) && mkdir -p "$STAGING"
+[[ ${PARTS:-all} == periodic ]] && kinds=(ours)
 install -d -o alice -g alice "$dir"
 trap 'stop_container; rm -rf "$dir" "${TARGET:?}"/bench-* "$STAGING"' EXIT
 start_container
@@ -130,6 +131,7 @@ for rep in $(seq 0 "$REPS"); do   # rep 0 warms memory and caches up
   ((rep == REPS)) && report size plain "$bytes"
   ((rep > 0)) && for o in "${out[@]}"; do report $o; done
 done
+[[ ${PARTS:-all} == periodic ]] && exit 0
 # Restores: one image at a time; the container goes, and comes back for the
 # next kind's image (the pids must be free).
 for kind in plain ours ours-zstd; do

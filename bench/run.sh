@@ -12,12 +12,16 @@
 #
 # BENCH_TARGET is where images go, on node1: /shared (default, a disk, as a
 # shared filesystem would be) or /dev/shm (memory: the fastest bound).
+# BENCH_PARTS=periodic measures only the periodic part and, beside it, the
+# --leave-running dumps of plain CRIU and of the CLI (no restore, no
+# end-to-end cycle).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DC="$HERE/../cluster/devcluster"
 SIZES=${BENCH_SIZES:-"1024 4096 8192"}
 REPS=${BENCH_REPS:-3}
 TARGET=${BENCH_TARGET:-/shared}
+PARTS=${BENCH_PARTS:-all}
 OUT="$HERE/results"
 mkdir -p "$OUT"
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
@@ -28,8 +32,9 @@ plugstack="$("$DC" paths | awk '$1 == "etc" { print $2 }')/plugstack.conf"
 trap '[[ -f $OUT/plugstack.conf.orig ]] && cp "$OUT/plugstack.conf.orig" "$plugstack"; rm -f "$OUT/plugstack.conf.orig"' EXIT
 for size in $SIZES; do
   echo "bench: $size MiB, $REPS repetitions after a warm-up, images in $TARGET on node1" >&2
-  "$DC" exec node1 -- bash -s "$size" "$REPS" "$TARGET/bench-images" < "$HERE/node-bench.sh" | tee -a "$raw"
+  "$DC" exec node1 -- env PARTS="$PARTS" bash -s "$size" "$REPS" "$TARGET/bench-images" < "$HERE/node-bench.sh" | tee -a "$raw"
   for kind in ours ours-staged; do
+    [[ $PARTS == periodic ]] && break
     echo "bench: $size MiB, preempt -> requeue -> restore in Slurm ($kind)" >&2
     if [[ $kind == ours-staged ]]; then
       # Every node's /etc/slurm is this directory; each node has its own /dev/shm.

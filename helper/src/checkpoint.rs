@@ -6,12 +6,12 @@ use crate::manifest::{self, JobIds, Manifest, Owner};
 use crate::procfs::{self, Pid};
 use crate::runtime::ContainerCommand;
 use crate::storage::{self, Staging, DUMP_LOG};
-use crate::streamer::Capture;
+use crate::streamer::{Capture, Summing};
 use ckpt_config::{ContainerNetwork, Settings};
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub struct CheckpointRequest {
     /// Root of the tree to dump: the user's program inside the container.
@@ -171,10 +171,22 @@ pub fn checkpoint(settings: &Settings, req: &CheckpointRequest) -> Result<Manife
 /// failure is `NotTaken`, naming the earlier checkpoint at the target: the
 /// dump writes only into its staging directory, so that one is untouched.
 pub fn dump(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, Staging)> {
-    dump_staged(settings, req).map_err(|cause| storage::not_taken(&req.target, cause))
+    dump_frozen(settings, req, || Ok(())).map(|(m, staging, _)| (m, staging))
 }
 
-fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest, Staging)> {
+/// `dump`, calling `freeze` (which stops the tree) once what does not depend
+/// on the tree's state is ready, and before anything that does: a tree kept
+/// running meanwhile is stopped no longer than its dump needs. Also says
+/// how long after `freeze` was called the tree was continued (or ended).
+pub fn dump_frozen(
+    settings: &Settings,
+    req: &CheckpointRequest,
+    freeze: impl FnOnce() -> Result<()>,
+) -> Result<(Manifest, Staging, Duration)> {
+    dump_staged(settings, req, freeze).map_err(|cause| storage::not_taken(&req.target, cause))
+}
+
+fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce() -> Result<()>) -> Result<(Manifest, Staging, Duration)> {
     let entered = Instant::now();
     let phase = |what: &str| log::debug!("{what} at {:.3} s", entered.elapsed().as_secs_f64());
     let version = criu::check(&settings.criu)?;
@@ -186,9 +198,31 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest
     let pid_ns = procfs::ns_inode(req.pid, "pid").context(|| format!("process {}", req.pid))?;
     let image = req.image.as_path();
     let image_stamp = storage::stamp(image)?;
-    let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
     let root_pid = procfs::ns_pid(req.pid).context(|| format!("process {}", req.pid))?;
     let network = container_network(req.pid)?;
+    let (cwd, env) = match &req.started_in {
+        Some(x) => x.clone(),
+        None => started_in(req.pid)?,
+    };
+    // Only to size the staging: the tree's memory now is close enough.
+    let expected_bytes = procfs::memory_bytes(&procfs::tree(req.pid).context(|| format!("process {}", req.pid))?);
+    let (staging, fallback) = Staging::create(&req.target, uid, gid, settings.staging_dir.as_deref(), expected_bytes)?;
+    if let Some(why) = fallback {
+        log::warn!("{why}");
+    }
+    let criu_dir = File::open(&staging.work).context(|| format!("cannot open {}", staging.work.display()))?;
+    let listener = Capture::bind(&staging.work, uid, gid)?;
+    // The checkpoint this one replaces is not needed in memory any more: its
+    // pages leave the cache before the new ones arrive. A tree left running
+    // is stopped only after (freeing them would take a core from CRIU).
+    if req.leave_running {
+        storage::drop_cached_dir(&req.target);
+    }
+    phase("ready");
+    let frozen_at = Instant::now();
+    freeze()?;
+    // From here what the tree has (processes, open files) is what CRIU dumps.
+    let pids = procfs::tree(req.pid).context(|| format!("process {}", req.pid))?;
     if network == ContainerNetwork::Node {
         refuse_tcp_connections(&pids)?;
     }
@@ -196,10 +230,6 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest
     let externals = external_files(req.pid, &pids)?;
     let node_local = crate::node_local::find(req.pid, &pids, uid, gid, settings.node_local_files_max)?;
     let node_local_pending_dirs = node_local.dirs.clone();
-    let (cwd, env) = match &req.started_in {
-        Some(x) => x.clone(),
-        None => started_in(req.pid)?,
-    };
     let stdio = (0..3)
         .map(|fd| match externals.iter().find(|(p, f, _)| *p == req.pid && *f == fd) {
             Some((_, _, key)) => key.clone(),
@@ -207,13 +237,6 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest
         })
         .collect();
 
-    let expected_bytes = procfs::memory_bytes(&pids);
-    let (staging, fallback) = Staging::create(&req.target, uid, gid, settings.staging_dir.as_deref(), expected_bytes)?;
-    if let Some(why) = fallback {
-        log::warn!("{why}");
-    }
-    let criu_dir = File::open(&staging.work).context(|| format!("cannot open {}", staging.work.display()))?;
-    let listener = Capture::bind(&staging.work, uid, gid)?;
     let mut options = criu::Options::dump(root_pid, DUMP_LOG);
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
     keys.dedup();
@@ -238,26 +261,27 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest
     let child = criu_cmd.spawn().context(|| "cannot run CRIU".into())?;
     // Threads only once CRIU is forked: the images, and meanwhile the
     // container image's digest (the manifest pins what restore must find).
-    let capture = Capture::start(listener, staging.images.clone(), settings.compression);
+    // A tree left running waits only for its bytes to be moved.
+    let summing = if req.leave_running { Summing::AfterDrain } else { Summing::WhileWriting };
+    let capture = Capture::start(listener, staging.images.clone(), settings.compression, summing);
     let image_path = req.image.clone();
     let image_digest = std::thread::spawn(move || storage::image_digest(&image_path));
-    // The checkpoint this one replaces is not needed in memory any more: its
-    // pages leave the cache while CRIU starts, before the new ones arrive.
+    // A tree that ends: the replaced checkpoint leaves the cache while CRIU starts.
     let replaced = req.target.clone();
-    let uncached = std::thread::spawn(move || storage::drop_cached_dir(&replaced));
+    let uncached = (!req.leave_running).then(|| std::thread::spawn(move || storage::drop_cached_dir(&replaced)));
     let out = wait_with_timeout(child, DUMP_TIMEOUT);
     phase("CRIU done");
-    let streamed = capture.finish();
+    let drained = capture.finish();
     phase("images written");
     // Node-local files are copied while the tree is stopped (or gone):
     // their content is then the one its memory refers to.
-    let saved = match (&out, &streamed) {
+    let saved = match (&out, &drained) {
         (Ok(o), Ok(_)) if o.status.success() && !node_local.is_empty() => {
             Some(node_local.save(&staging.images, settings.node_local_files_max))
         }
         _ => None,
     };
-    let dumped = matches!((&out, &streamed), (Ok(o), Ok(_)) if o.status.success());
+    let dumped = matches!((&out, &drained), (Ok(o), Ok(_)) if o.status.success());
     // Ended as CRIU ends a dumped tree by default, or continued (also after
     // a failed dump, which CRIU itself undoes).
     let then = if dumped && !req.leave_running { nix::sys::signal::Signal::SIGKILL } else { nix::sys::signal::Signal::SIGCONT };
@@ -265,6 +289,9 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest
     // each process only while it is still the user's in the container.
     procfs::signal_tree(req.pid, uid, pid_ns, then as i32);
     let dump_seconds = started.elapsed().as_secs_f64();
+    let frozen = frozen_at.elapsed();
+    let streamed = drained.and_then(|d| d.checksums());
+    phase("images summed");
     let out = out?;
     if !out.status.success() || streamed.is_err() {
         let log = std::fs::read_to_string(staging.work.join(DUMP_LOG)).unwrap_or_default();
@@ -291,7 +318,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest
         return fail(format!("container image {} changed while the checkpoint was taken", req.image_name));
     }
     phase("image digest done");
-    let _ = uncached.join();
+    let _ = uncached.map(|t| t.join());
     staging.seal(&files)?;
     let manifest = Manifest {
         format: manifest::FORMAT,
@@ -318,5 +345,5 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest) -> Result<(Manifest
     };
     staging.write_manifest(&manifest)?;
     phase("sealed");
-    Ok((manifest, staging))
+    Ok((manifest, staging, frozen))
 }

@@ -194,9 +194,27 @@ fn per_file<T: Send + 'static>(
     }
 }
 
+/// When the images' checksums are taken.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Summing {
+    /// As the bytes arrive, by a thread just behind the writer: the images
+    /// are complete soonest (a dump whose tree ends).
+    WhileWriting,
+    /// Once every image is written: until then only the bytes are moved, so
+    /// a tree left running is stopped no longer than the copy takes (on a
+    /// machine with few cores the checksum thread competes with CRIU).
+    AfterDrain,
+}
+
 /// Receives the images of one dump into `images` (a directory only root can
-/// reach), checksumming them as they are written.
-pub struct Capture(Server<Vec<ImageFile>>);
+/// reach), checksumming them as they are written or once all are.
+pub struct Capture(Server<Vec<Captured>>);
+
+/// An image written whole; `unsummed`: its checksum is still to be taken.
+pub struct Captured {
+    image: ImageFile,
+    unsummed: Option<File>,
+}
 
 impl Capture {
     /// Listens in `criu_dir` (what CRIU gets as `-D`); call before starting
@@ -205,20 +223,45 @@ impl Capture {
         bind(criu_dir, CAPTURE_SOCKET, uid, gid)
     }
 
-    pub fn start(listener: UnixListener, images: PathBuf, compression: Compression) -> Capture {
+    pub fn start(listener: UnixListener, images: PathBuf, compression: Compression, summing: Summing) -> Capture {
         Capture(Server::start(listener, move |sock| {
             per_file(sock, |sock, name| {
                 let pipe = receive_pipe(sock)?;
                 let path = images.join(&name);
                 let zstd = compression == Compression::Zstd && name.starts_with("pages-");
-                Ok(Some(Box::new(move || capture_file(pipe, &path, name, zstd))))
+                Ok(Some(Box::new(move || capture_file(pipe, &path, name, zstd, summing))))
             })
         }))
     }
 
-    /// Every image written, sorted by name.
-    pub fn finish(self) -> Result<Vec<ImageFile>> {
-        let mut files = self.0.finish()?;
+    /// Every image written (CRIU's pipes are empty: none holds a page of
+    /// the tree any more).
+    pub fn finish(self) -> Result<Drained> {
+        self.0.finish().map(Drained)
+    }
+}
+
+/// The images of a dump, all written.
+pub struct Drained(Vec<Captured>);
+
+impl Drained {
+    /// Every image with its checksum, sorted by name.
+    pub fn checksums(self) -> Result<Vec<ImageFile>> {
+        let mut files = std::thread::scope(|scope| {
+            let summing: Vec<_> = self
+                .0
+                .into_iter()
+                .map(|c| {
+                    scope.spawn(move || -> Result<ImageFile> {
+                        let Some(file) = c.unsummed else { return Ok(c.image) };
+                        let xxh3 = sum_written(&file, c.image.size)
+                            .map_err(|e| EngineError::Failed(format!("cannot read image {} back: {e}", c.image.name)))?;
+                        Ok(ImageFile { xxh3, ..c.image })
+                    })
+                })
+                .collect();
+            summing.into_iter().map(|t| t.join().unwrap_or_else(|_| fail("image checksum thread panicked"))).collect::<Result<Vec<_>>>()
+        })?;
         files.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(files)
     }
@@ -246,10 +289,11 @@ impl<W: Write> Write for SummingWriter<'_, W> {
     }
 }
 
-fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result<ImageFile> {
+fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool, summing: Summing) -> Result<Captured> {
     let err = |e: io::Error| EngineError::Failed(format!("cannot write image {}: {e}", path.display()));
     let file =
         File::options().write(true).read(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).map_err(err)?;
+    // Compressed, the checksum is of what zstd writes: taken as it writes.
     let (size, xxh3) = if zstd {
         let sink = SummingWriter {
             inner: io::BufWriter::with_capacity(CHUNK, &file),
@@ -263,12 +307,59 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result
         io::copy(&mut pipe, &mut encoder).map_err(err)?;
         let mut sink = encoder.finish().map_err(err)?;
         sink.flush().map_err(err)?;
-        (sink.bytes, sink.hasher.hex())
+        (sink.bytes, Some(sink.hasher.hex()))
+    } else if summing == Summing::WhileWriting {
+        splice_summing(&pipe, &file).map(|(size, sum)| (size, Some(sum))).map_err(err)?
     } else {
-        splice_summing(&pipe, &file).map_err(err)?
+        (splice_all(&pipe, &file, |_| {}).map_err(err)?, None)
     };
     log::debug!("image streamer: {name} written");
-    Ok(ImageFile { name, size, xxh3, zstd })
+    let unsummed = if xxh3.is_none() { Some(file) } else { None };
+    Ok(Captured { image: ImageFile { name, size, xxh3: xxh3.unwrap_or_default(), zstd }, unsummed })
+}
+
+/// Moves the pipe's bytes into the file with splice (one copy, in the
+/// kernel) until the pipe is closed, telling `written` each new size.
+fn splice_all(pipe: &File, file: &File, mut written: impl FnMut(u64)) -> io::Result<u64> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let mut offset: u64 = 0;
+    loop {
+        let mut off = offset as i64;
+        match splice(pipe, None, file, Some(&mut off), CHUNK, SpliceFFlags::SPLICE_F_MOVE) {
+            Ok(0) => return Ok(offset),
+            Ok(n) => offset += n as u64,
+            Err(e) => return Err(io::Error::from(e)),
+        }
+        written(offset);
+    }
+}
+
+/// Checksums the file's first `size` bytes, read back from the page cache,
+/// starting their writeback to storage as it goes.
+fn sum_written(file: &File, size: u64) -> io::Result<String> {
+    let mut sum = Checksum::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut writeback = Writeback::new(file);
+    let mut done = 0;
+    while done < size {
+        let upto = size.min(done + Writeback::STEP);
+        sum_range(file, &mut sum, &mut buf, done, upto)?;
+        done = upto;
+        writeback.progress(done);
+    }
+    Ok(sum.hex())
+}
+
+/// Adds bytes `from..upto` of the file to `sum`.
+fn sum_range(file: &File, sum: &mut Checksum, buf: &mut [u8], from: u64, upto: u64) -> io::Result<()> {
+    let mut done = from;
+    while done < upto {
+        let n = buf.len().min((upto - done) as usize);
+        file.read_exact_at(&mut buf[..n], done)?;
+        sum.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Moves the pipe's bytes into the file with splice (one copy, in the
@@ -276,7 +367,6 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool) -> Result
 /// reading it back from the page cache just behind, and starts its
 /// writeback to storage.
 fn splice_summing(pipe: &File, file: &File) -> io::Result<(u64, String)> {
-    use nix::fcntl::{splice, SpliceFFlags};
     let (written, to_sum) = std::sync::mpsc::channel::<u64>();
     std::thread::scope(|scope| {
         let summer = scope.spawn(move || -> io::Result<String> {
@@ -285,30 +375,18 @@ fn splice_summing(pipe: &File, file: &File) -> io::Result<(u64, String)> {
             let mut done = 0u64;
             let mut writeback = Writeback::new(file);
             while let Ok(upto) = to_sum.recv() {
-                while done < upto {
-                    let n = CHUNK.min((upto - done) as usize);
-                    file.read_exact_at(&mut buf[..n], done)?;
-                    sum.update(&buf[..n]);
-                    done += n as u64;
-                }
+                sum_range(file, &mut sum, &mut buf, done, upto)?;
+                done = upto;
                 writeback.progress(done);
             }
             Ok(sum.hex())
         });
-        let mut offset: u64 = 0;
-        let spliced = loop {
-            let mut off = offset as i64;
-            match splice(pipe, None, file, Some(&mut off), CHUNK, SpliceFFlags::SPLICE_F_MOVE) {
-                Ok(0) => break Ok(()),
-                Ok(n) => offset += n as u64,
-                Err(e) => break Err(io::Error::from(e)),
-            }
+        let spliced = splice_all(pipe, file, |offset| {
             let _ = written.send(offset);
-        };
+        });
         drop(written);
         let sum = summer.join().unwrap_or_else(|_| Err(io::Error::other("checksum thread panicked")));
-        spliced?;
-        Ok((offset, sum?))
+        Ok((spliced?, sum?))
     })
 }
 
@@ -516,6 +594,28 @@ mod tests {
             a.write_all(&msg).unwrap();
             assert!(read_request(&mut b).is_err(), "{bad:?}");
         }
+    }
+
+    /// Both ways of summing give the checksum of the bytes CRIU sent.
+    #[test]
+    fn checksums_after_the_drain_are_those_taken_while_writing() {
+        let dir = std::env::temp_dir().join(format!("streamer-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // More than a pipe holds and not a whole number of chunks.
+        let bytes: Vec<u8> = (0..3 * CHUNK as u64 + 4097).map(|i| (i * 7 % 251) as u8).collect();
+        let mut expected = Checksum::default();
+        expected.update(&bytes);
+        for summing in [Summing::WhileWriting, Summing::AfterDrain] {
+            let (read, mut write) = std::io::pipe().unwrap();
+            let sent = bytes.clone();
+            let writer = std::thread::spawn(move || write.write_all(&sent));
+            let name = format!("pages-{summing:?}.img");
+            let captured = capture_file(File::from(std::os::fd::OwnedFd::from(read)), &dir.join(&name), name, false, summing).unwrap();
+            writer.join().unwrap().unwrap();
+            let files = Drained(vec![captured]).checksums().unwrap();
+            assert_eq!((files[0].size, files[0].xxh3.as_str()), (bytes.len() as u64, expected.hex().as_str()), "{summing:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::requeue::{checkpoint_request, go_on, StartedAs};
 use super::session::Event;
 use super::spawn::Running;
 use super::*;
-use crate::checkpoint::dump;
+use crate::checkpoint::dump_frozen;
 use crate::step;
 use ckpt_config::Settings;
 use std::fs::File;
@@ -91,20 +91,27 @@ fn checkpoint(settings: &Settings, t: &Task, running: &mut Running, started: &St
         return Ok(None);
     }
     let request = checkpoint_request(t, running, started, ckpt, true)?;
-    let stopped_at = Instant::now();
-    let dumped = step::stop_tree(request.pid, t.uid, step::STOP_BARRIER_TIMEOUT)
-        .map_err(|e| format!("could not be stopped: {e}"))
-        .and_then(|_| dump(settings, &request).map_err(|e| e.to_string()));
+    // Stopped once the dump is ready to start: the job pays every interval
+    // only for what happens between the stop and the SIGCONT.
+    let mut stopped = None;
+    let dumped = dump_frozen(settings, &request, || {
+        stopped = Some(Instant::now());
+        step::stop_tree(request.pid, t.uid, step::STOP_BARRIER_TIMEOUT)
+            .map(drop)
+            .map_err(|e| crate::error::EngineError::Failed(format!("could not be stopped: {e}")))
+    });
     // Whatever happened: dump continues the tree too, not a failed stop.
-    go_on(t, running);
-    let frozen = stopped_at.elapsed().as_secs_f64();
-    let (m, sealed) = dumped?;
-    let committed_at = Instant::now();
+    if stopped.is_some() {
+        go_on(t, running);
+    }
+    let (m, sealed, frozen) = dumped.map_err(|e| e.to_string())?;
     sealed.commit().map_err(|e| format!("could not be put in place: {e}"))?;
+    let in_place = stopped.map_or(Duration::ZERO, |at| at.elapsed()).saturating_sub(frozen);
     list_checkpoint(settings, t, &m, "complete");
     Ok(Some(format!(
-        "periodic checkpoint ({:.1} MiB, tree stopped {frozen:.2} s, in place {:.2} s later)",
+        "periodic checkpoint ({:.1} MiB, tree stopped {:.2} s, in place {:.2} s later)",
         m.stats.images_bytes as f64 / 1048576.0,
-        committed_at.elapsed().as_secs_f64()
+        frozen.as_secs_f64(),
+        in_place.as_secs_f64()
     )))
 }
