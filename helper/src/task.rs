@@ -130,12 +130,22 @@ pub fn watch(socket: &Path, argv: Vec<String>) -> crate::error::EngineError {
 /// its exit code) or the agent tells it to run the command itself.
 /// `signals` are blocked already.
 pub(crate) fn hand_over(stream: UnixStream, argv: Vec<String>, env: Vec<(String, String)>, set: SigSet) -> Result<i32> {
-    protocol::send_task_fds(&stream, &slurm_fds())?;
     let mut channel = Channel::new(stream.try_clone().map_err(|e| crate::error::EngineError::Failed(e.to_string()))?)?;
     let cwd = std::env::current_dir().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/".into());
     let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
     let runtime = resolve_program(&argv[0], path);
-    channel.send(&ToAgent::Start { argv: argv.clone(), cwd, env: env.clone(), runtime })?;
+    let sent = protocol::send_task_fds(&stream, &slurm_fds())
+        .and_then(|()| channel.send(&ToAgent::Start { argv: argv.clone(), cwd, env: env.clone(), runtime }));
+    if let Err(e) = sent {
+        // The agent closed the connection before it read what to run (it
+        // serves too many, say; it has said why): nothing was started.
+        if let Ok(Some(ToTask::RunUnprotected(why))) = channel.recv::<ToTask>() {
+            eprintln!("checkpoint-container: {why}");
+        } else {
+            eprintln!("checkpoint-container: warning: {e}: this container runs unprotected");
+        }
+        return Err(exec_unprotected(&argv, Some(&env), set));
+    }
 
     let (tx, rx) = mpsc::channel();
     let signals = tx.clone();

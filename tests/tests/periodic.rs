@@ -33,10 +33,24 @@ fn checkpoint_created(manifest: &Path) -> Option<u64> {
 
 #[test]
 fn a_job_whose_node_dies_is_requeued_and_restores_its_last_periodic_checkpoint_on_the_other_node() {
+    node_dies_mid_job("srun {W} --out /data/out.txt", "step0.task0");
+}
+
+/// The same with the container started right in the batch script (the
+/// runtime shim's): the requeued script finds its checkpoint again.
+#[test]
+fn a_batch_scripts_container_restores_its_last_periodic_checkpoint_after_its_node_died() {
+    node_dies_mid_job("{W} --out /data/out.txt", "step4294967291.task0.c0");
+}
+
+/// Runs `line` with periodic checkpoints (into `checkpoint`, below the
+/// job's directory) on node1, kills node1 mid-interval, and checks that the
+/// requeued run restores the last one on node2 and ends right.
+fn node_dies_mid_job(line: &str, checkpoint: &str) {
     let c = cluster();
     let _site = PlugstackOverride::new(c, site_allows_short_intervals);
-    let job = c.submit_workload_job(&["-w", "node1"], &[ASK, "srun {W} --out /data/out.txt"], 64, 300);
-    let manifest = c.shared.join(format!("checkpoints/{}/step0.task0/manifest.toml", job.id));
+    let job = c.submit_workload_job(&["-w", "node1"], &[ASK, line], 64, 300);
+    let manifest = c.shared.join(format!("checkpoints/{}/{checkpoint}/manifest.toml", job.id));
     // Two periodic checkpoints, the second replacing the first.
     let deadline = Instant::now() + MINUTE;
     let first = loop {
@@ -50,7 +64,8 @@ fn a_job_whose_node_dies_is_requeued_and_restores_its_last_periodic_checkpoint_o
         assert!(Instant::now() < deadline, "no second periodic checkpoint; job output:\n{}", job.output());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let verified = c.exec("node2", "root", &[HELPER, "inspect", "--verify", &job.checkpoint_of(0, 0)]).ok().stdout;
+    let path = format!("/shared/checkpoints/{}/{checkpoint}", job.id);
+    let verified = c.exec("node2", "root", &[HELPER, "inspect", "--verify", &path]).ok().stdout;
     assert!(verified.contains(&format!("job_id = {}", job.id)), "{verified}");
     // Mid-interval, so the work since the last checkpoint is lost with the node.
     std::thread::sleep(Duration::from_millis(INTERVAL * 1000 / 2));
@@ -66,7 +81,7 @@ fn a_job_whose_node_dies_is_requeued_and_restores_its_last_periodic_checkpoint_o
 
     let out = job.output();
     assert!(out.contains("run restart=1 on node2"), "{out}");
-    assert!(out.contains("are checkpointed every 4 s and if the job is preempted or requeued"), "{out}");
+    assert!(out.contains("checkpointed every 4 s and if the job is preempted or requeued"), "{out}");
     assert_eq!(out.matches("checkpoint-container: restored process").count(), 1, "{out}");
     // Every step up to the crash, then again from the last checkpoint, on to
     // the uninterrupted run's end.

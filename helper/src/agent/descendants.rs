@@ -83,6 +83,7 @@ pub(super) fn serve_descendants(
     let task_cgroup = Arc::new(task_cgroup);
     let mut running: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<Event>)> = Vec::new();
     let handed = Arc::new(AtomicU32::new(0));
+    let mut waiting: Vec<Arc<Mutex<Option<UnixStream>>>> = Vec::new();
     loop {
         if task.wait_exit(0).unwrap_or(true) {
             break;
@@ -101,10 +102,16 @@ pub(super) fn serve_descendants(
             }
         };
         running.retain(|(thread, _)| !thread.is_finished());
+        waiting.retain(|w| w.lock().is_ok_and(|s| s.is_some()));
         if running.len() >= MAX_CLIENTS {
-            // Closed at once: its shim says the agent did not answer, and
-            // the container runs unprotected.
-            log::warn!("{}: refused a client: {MAX_CLIENTS} containers are being served", t.name());
+            // Its shim runs the container unprotected, and says why (a
+            // fresh socket's buffer takes the line without waiting).
+            let msg = format!("{} serves {MAX_CLIENTS} containers already: this one runs unprotected", t.name());
+            log::warn!("{msg}");
+            let _ = stream.set_nonblocking(true);
+            if let Ok(mut channel) = Channel::new(stream) {
+                let _ = channel.send(&ToTask::RunUnprotected(msg));
+            }
             continue;
         }
         let (tx, rx) = mpsc::channel();
@@ -112,12 +119,16 @@ pub(super) fn serve_descendants(
         let (settings, settings_args, t) = (settings.clone(), settings_args.to_vec(), t.clone());
         let (claims, time_limit, session, handed) = (claims.clone(), time_limit.clone(), session.clone(), handed.clone());
         let (task_pid, task_cgroup) = (task.pid, task_cgroup.clone());
+        // Until it has said what to run, shut down when the task ends: a
+        // client that trickles its bytes holds nothing past the task.
+        let pending = Arc::new(Mutex::new(stream.try_clone().ok()));
+        waiting.push(pending.clone());
         let thread = std::thread::spawn(move || {
             let client = match admit(&t, task_pid, &task_cgroup, stream) {
                 Ok(c) => c,
                 Err(e) => return log::warn!("{}: {e}", t.name()),
             };
-            let served = serve_one(&settings, &settings_args, &t, client, &claims, &time_limit, session, &handed, (tx, rx));
+            let served = serve_one(&settings, &settings_args, &t, client, &claims, &time_limit, session, &handed, &pending, (tx, rx));
             if let Err(e) = served {
                 log::warn!("{}: {e}", t.name());
             }
@@ -125,6 +136,11 @@ pub(super) fn serve_descendants(
         running.push((thread, events));
     }
     let _ = std::fs::remove_file(&t.socket);
+    for pending in waiting {
+        if let Some(stream) = pending.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
     // The task is gone: its containers end with it, checkpointed if this
     // is a requeue (each asks slurmctld, as for a task's SIGTERM).
     for (_, events) in &running {
@@ -199,17 +215,30 @@ fn serve_one(
     time_limit: &Once,
     session: Option<Arc<SessionFile>>,
     handed: &AtomicU32,
+    pending: &Mutex<Option<UnixStream>>,
     events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
 ) -> Result<()> {
     let Some(ToAgent::Start { argv, cwd, env, runtime }) = client.channel.recv()? else {
         return crate::error::fail(format!("{}: a client did not say what to run", t.name()));
     };
+    // Said: from here the container is served, and ended with the task.
+    pending.lock().unwrap_or_else(|e| e.into_inner()).take();
     handed.fetch_add(1, Ordering::SeqCst);
     // From here the container's own time: its messages come when they come.
     client.stream.set_read_timeout(None).context(|| "socket".into())?;
     let (n, restore) = Claims::claim(claims, settings, t, &argv);
-    let t = Task { container: Some(n), ..t.clone() };
+    let mut t = Task { container: Some(n), ..t.clone() };
     let mut stderr = client.stderr()?;
+    // A script sets the interval it asks for where it runs the container
+    // (`export CHECKPOINT_CONTAINER_INTERVAL=…`), after its task started:
+    // taken from the container's environment, a number only, as the plugin
+    // takes a step's.
+    match env.iter().find(|(k, _)| k == ckpt_config::INTERVAL_ENV).map(|(_, v)| ckpt_config::interval_request(v)) {
+        Some(Ok(seconds)) => t.interval_request = Some(seconds),
+        Some(Err(why)) => super::messages::tell_user(&mut stderr, &format!("warning: {why}; the site's interval applies")),
+        None => {}
+    }
+    let t = t;
     let container = Container { restore, session, time_limit };
     serve(settings, settings_args, &t, client, Started { argv, cwd, env, runtime }, container, &mut stderr, events)
 }

@@ -28,18 +28,17 @@ pub(super) fn tell_requeued_job(user: &User, info: &std::collections::HashMap<St
     tell_user(stderr, msg);
 }
 
-/// A line in the job's stderr, if it can be written within a second: the
-/// descriptor is the user's (a FIFO nobody reads would hold root's agent
-/// for ever). A line up to PIPE_BUF long goes into a pipe whole once poll
-/// says it has room.
+/// A line in the job's stderr. The descriptor is the user's: a pipe, pty
+/// or FUSE file nobody reads would hold whoever writes to it, so a thread
+/// of its own does, and the agent waits for it a second at most (a thread
+/// left blocked ends with the agent).
 pub(super) fn tell_user(stderr: &mut File, msg: &str) {
-    let mut line = format!("checkpoint-container: {msg}");
-    if line.len() >= 4000 {
-        let cut = (0..4000).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
-        line.truncate(cut);
-    }
-    line.push('\n');
-    if crate::sys::poll_one(stderr, libc::POLLOUT, 1000).unwrap_or(false) {
-        let _ = stderr.write_all(line.as_bytes());
-    }
+    let line = format!("checkpoint-container: {msg}\n");
+    let Ok(mut out) = stderr.try_clone() else { return };
+    let (done, wrote) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = out.write_all(line.as_bytes());
+        let _ = done.send(());
+    });
+    let _ = wrote.recv_timeout(TELL_TIMEOUT.min(std::time::Duration::from_secs(1)));
 }

@@ -61,6 +61,13 @@ impl Timer {
 
     /// Takes the periodic checkpoint, then starts the next interval.
     pub(super) fn tick(&self, settings: &Settings, t: &Task, running: &mut Running, started: &StartedAs, ckpt: &Path, stderr: &mut File) {
+        // A suspended job's processes are frozen (proctrack/cgroup): CRIU
+        // could not seize them, and nothing changed since the last one.
+        if super::slurmctld::job_info(t).get("JobState").is_some_and(|s| s == "SUSPENDED") {
+            log::info!("{}: suspended, no periodic checkpoint this time", t.name());
+            let _ = self.done.send(());
+            return;
+        }
         match checkpoint(settings, t, running, started, ckpt) {
             Ok(Some(line)) => log::info!("{}: {line}", t.name()),
             Ok(None) => {}

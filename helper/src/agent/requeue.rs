@@ -201,7 +201,7 @@ pub(super) fn step_checkpoints_agree(settings: &Settings, t: &Task) -> std::resu
     let job = job_dir(settings, t.job_id).map_err(|e| e.to_string())?;
     let mut cut = None;
     for task in 0..t.step_tasks {
-        let dir = job.join(format!("step{}.task{task}", t.step_id));
+        let dir = job.join(checkpoint_name(t.step_id, task, None));
         let _ = storage::wait_for_move(&dir, MOVE_TIMEOUT);
         let m = storage::open_checkpoint(&dir, false).map_err(|_| format!("finds no complete checkpoint of task {task}"))?;
         if m.job.step_tasks != Some(t.step_tasks) {

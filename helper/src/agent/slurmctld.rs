@@ -13,15 +13,20 @@ pub(super) fn show_job(job: u32) -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)).unwrap_or_default()
 }
 
-/// The `key=value` fields of `scontrol show job` output. Values the user
-/// wrote (the job's name, comment, command, paths) may hold spaces and
+/// The `key=value` fields of job `job` in `scontrol -o show job` output:
+/// its own line only (an array's or a heterogeneous job's id prints one
+/// line per job of it), or nothing if it has not exactly one. Values the
+/// user wrote (the job's name, comment, command, paths) may hold spaces and
 /// `Key=` text of their own, so a key seen twice is not believed either
 /// way and left out: such a job is taken for one that is not being
 /// requeued (its own loss: it starts over).
-pub(super) fn job_fields(text: &str) -> std::collections::HashMap<String, String> {
+pub(super) fn job_fields(text: &str, job: u32) -> std::collections::HashMap<String, String> {
+    let own = format!("JobId={job}");
+    let mut lines = text.lines().filter(|l| l.split_whitespace().next() == Some(own.as_str()));
+    let (Some(line), None) = (lines.next(), lines.next()) else { return Default::default() };
     let mut fields = std::collections::HashMap::new();
     let mut doubtful = std::collections::HashSet::new();
-    for (k, v) in text.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+    for (k, v) in line.split_whitespace().filter_map(|kv| kv.split_once('=')) {
         if fields.insert(k.to_string(), v.to_string()).is_some() {
             doubtful.insert(k.to_string());
         }
@@ -36,14 +41,14 @@ pub(super) fn job_is_over(job: u32) -> bool {
     if text.contains("Invalid job id") {
         return true;
     }
-    let fields = job_fields(&text);
+    let fields = job_fields(&text, job);
     let state = fields.get("JobState").map(String::as_str).unwrap_or("");
     matches!(state, "COMPLETED" | "CANCELLED" | "FAILED" | "TIMEOUT" | "OUT_OF_MEMORY" | "DEADLINE" | "BOOT_FAIL" | "NODE_FAIL")
 }
 
 /// `scontrol show job` fields of the task's job.
 pub(super) fn job_info(t: &Task) -> std::collections::HashMap<String, String> {
-    job_fields(&show_job(t.job_id))
+    job_fields(&show_job(t.job_id), t.job_id)
 }
 
 /// Whether the job is being requeued. `scontrol requeue` counts the restart
@@ -78,9 +83,18 @@ mod tests {
 
     #[test]
     fn a_key_the_user_repeats_in_her_text_is_not_believed() {
-        let f = job_fields("JobId=7 JobName=x Restarts=9 UserId=alice(2001) Requeue=1 Restarts=0 BatchFlag=1 Comment=a Restarts=5");
+        let f = job_fields("JobId=7 JobName=x Restarts=9 UserId=alice(2001) Requeue=1 Restarts=0 BatchFlag=1 Comment=a Restarts=5", 7);
         assert_eq!(f.get("Restarts"), None);
         assert_eq!(f.get("Requeue").map(String::as_str), Some("1"));
         assert_eq!(f.get("JobId").map(String::as_str), Some("7"));
+    }
+
+    #[test]
+    fn only_the_jobs_own_line_counts() {
+        let text = "JobId=7 ArrayJobId=5 Restarts=2\nJobId=5 ArrayJobId=5 Restarts=0\n";
+        assert_eq!(job_fields(text, 5).get("Restarts").map(String::as_str), Some("0"));
+        assert_eq!(job_fields(text, 7).get("Restarts").map(String::as_str), Some("2"));
+        assert!(job_fields(text, 70).is_empty());
+        assert!(job_fields("JobId=5 Restarts=1\nJobId=5 Restarts=0\n", 5).is_empty());
     }
 }

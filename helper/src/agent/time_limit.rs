@@ -202,7 +202,7 @@ mod tests {
                            BatchFlag=1 RunTime=00:00:20 TimeLimit=00:02:00 TimeMin=N/A";
 
     fn with(changes: &[(&str, &str)]) -> HashMap<String, String> {
-        let mut info = job_fields(RUNNING);
+        let mut info = job_fields(RUNNING, 7);
         for (k, v) in changes {
             info.insert(k.to_string(), v.to_string());
         }
