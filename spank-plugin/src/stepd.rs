@@ -272,20 +272,10 @@ fn check_node(settings: &Settings) -> Result<String, String> {
 }
 
 /// The users' PATH gets the shim's directory first, so only a directory
-/// root alone can change is acceptable: owned by root, writable by nobody
-/// else (its links lead to the helper, itself checked).
+/// root alone can change is acceptable (its links lead to the helper,
+/// itself checked).
 fn trusted_shim(dir: &Path) -> Result<std::path::PathBuf, String> {
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("runtime shim {} is unusable: {e}", dir.display()))?;
-    let why = if !meta.file_type().is_dir() {
-        Some("not a directory")
-    } else if meta.uid() != 0 {
-        Some("not owned by root")
-    } else if meta.mode() & 0o022 != 0 {
-        Some("writable by group or others")
-    } else {
-        None
-    };
-    match why {
+    match not_roots_alone(dir, Kind::Directory) {
         Some(why) => Err(format!(
             "runtime shim {} is unusable: {why}; containers started by batch and wrapper scripts are not protected",
             dir.display()
@@ -294,23 +284,34 @@ fn trusted_shim(dir: &Path) -> Result<std::path::PathBuf, String> {
     }
 }
 
-/// Root runs the helper, so only a file root alone can change is acceptable:
-/// a regular file owned by root, writable by nobody else, and executable.
+/// Root runs the helper, so only a file root alone can change is
+/// acceptable, and it must be executable.
 fn trusted_root_executable(path: &Path) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("helper {} is unusable: {e}", path.display()))?;
-    let why = if !meta.file_type().is_file() {
-        Some("not a regular file")
-    } else if meta.uid() != 0 {
-        Some("not owned by root")
-    } else if meta.mode() & 0o022 != 0 {
-        Some("writable by group or others")
-    } else if meta.mode() & 0o100 == 0 {
-        Some("not executable")
-    } else {
-        None
-    };
-    match why {
+    match not_roots_alone(path, Kind::Executable) {
         Some(why) => Err(format!("helper {} is unusable: {why}", path.display())),
         None => Ok(()),
     }
+}
+
+enum Kind {
+    Directory,
+    Executable,
+}
+
+/// Why `path` is not a `kind` that root alone can change: owned by root,
+/// writable by nobody else, and itself (lstat: no symlink); None if it is.
+fn not_roots_alone(path: &Path, kind: Kind) -> Option<String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Some(e.to_string()),
+    };
+    let why = match kind {
+        Kind::Directory if !meta.file_type().is_dir() => "not a directory",
+        Kind::Executable if !meta.file_type().is_file() => "not a regular file",
+        _ if meta.uid() != 0 => "not owned by root",
+        _ if meta.mode() & 0o022 != 0 => "writable by group or others",
+        Kind::Executable if meta.mode() & 0o100 == 0 => "not executable",
+        _ => return None,
+    };
+    Some(why.to_string())
 }

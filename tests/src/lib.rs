@@ -621,6 +621,14 @@ impl BatchJob {
         assert_eq!(lines[steps], self.expected_done(), "{file}");
     }
 
+    /// Finished for good: nothing of the job is left in the checkpoint
+    /// area, as `node` sees it.
+    #[track_caller]
+    pub fn assert_no_checkpoints_left(&self, cluster: &Cluster, node: &str) {
+        let left = cluster.exec(node, "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
+        assert!(!left.split_whitespace().any(|d| d == self.id.to_string()), "checkpoints left: {left}");
+    }
+
     pub fn cleanup(&self, cluster: &Cluster) {
         cluster.exec("ctl", "root", &["scancel", &self.id.to_string()]);
         let _ = std::fs::remove_dir_all(&self.host_dir);

@@ -96,9 +96,7 @@ fn node_dies_mid_job(line: &str, checkpoint: &str) {
     // One interval, and the second the checkpoint itself may take.
     assert!(redone <= (INTERVAL + 1) * STEPS_PER_SECOND, "{redone} steps redone, more than one interval");
     assert_eq!(job.lines("out.txt").last().unwrap(), &job.expected_done());
-    // Finished for good: nothing of the job is left in the checkpoint area.
-    let left = c.exec("node2", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
-    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
+    job.assert_no_checkpoints_left(c, "node2");
     job.cleanup(c);
 }
 

@@ -26,9 +26,7 @@ fn assert_restored_and_cleaned(c: &Cluster, job: &BatchJob, restarts: u32) {
     let out = job.output();
     assert_eq!(out.matches("checkpoint-container: checkpointed task 0 of step").count(), restarts as usize, "{out}");
     assert_eq!(out.matches("checkpoint-container: restored process").count(), restarts as usize, "{out}");
-    // Finished for good: nothing of the job is left in the checkpoint area.
-    let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
-    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
+    job.assert_no_checkpoints_left(c, "node1");
 }
 
 /// Waits for the job to complete after a run that started over: the counter
@@ -148,8 +146,7 @@ fn scancel_takes_no_checkpoint_and_leaves_nothing() {
     c.exec("node1", "alice", &["scancel", &job.id.to_string()]).ok();
     assert_eq!(c.wait_job(job.id, MINUTE), "CANCELLED");
     std::thread::sleep(Duration::from_secs(2));
-    let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
-    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
+    job.assert_no_checkpoints_left(c, "node1");
     assert!(!job.output().contains("checkpointed task"), "{}", job.output());
     let ps = c.exec("node2", "root", &["pgrep", "-u", "alice", "-f", "ckpt-workload"]);
     assert!(!ps.success(), "the container outlived scancel: {}", ps.stdout);

@@ -36,8 +36,7 @@ fn a_container_in_the_batch_script_is_restored_after_a_requeue() {
     assert_eq!(out.matches(&format!("checkpointed container 0 of task 0 of {batch}")).count(), 1, "{out}");
     assert_eq!(out.matches("restored process").count(), 1, "{out}");
     assert!(!out.contains("starts fresh") && !out.contains("unprotected"), "{out}");
-    let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
-    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
+    job.assert_no_checkpoints_left(c, "node1");
     job.cleanup(c);
 }
 

@@ -20,8 +20,7 @@ fn requeued(c: &cluster_tests::Cluster, job: &BatchJob, file: &str) -> usize {
 }
 
 fn no_checkpoint_left(c: &cluster_tests::Cluster, job: &BatchJob) {
-    let left = c.exec("node1", "root", &["ls", "-A", "/shared/checkpoints"]).ok().stdout;
-    assert!(!left.split_whitespace().any(|d| d == job.id.to_string()), "checkpoints left: {left}");
+    job.assert_no_checkpoints_left(c, "node1");
 }
 
 /// Lets the job start again at once whenever it is requeued, until it

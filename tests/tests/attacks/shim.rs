@@ -22,6 +22,16 @@ fn sleeping_job(c: &Cluster, user: &str) -> (u32, String) {
     (job, socket)
 }
 
+/// Runs, as alice on node1 outside any job, the shim pointed at `socket`;
+/// the container must run all the same (unprotected). Returns its output.
+fn shim_pointed_at(c: &Cluster, socket: &str) -> cluster_tests::Output {
+    let out = c
+        .sh("node1", "alice", &format!("CHECKPOINT_CONTAINER_SOCKET={socket} {}/apptainer -s exec {TEST_SIF} echo ran-anyway", shim_dir()))
+        .ok();
+    assert!(out.stdout.contains("ran-anyway"), "{out:#?}");
+    out
+}
+
 /// Another job of hers (or no job) pointing the shim at this job's agent:
 /// its parent chain does not reach the task, so the container runs
 /// unprotected, as she could run it herself, and is told so.
@@ -29,10 +39,7 @@ fn sleeping_job(c: &Cluster, user: &str) -> (u32, String) {
 fn a_process_outside_the_task_cannot_hand_its_container_to_the_tasks_agent() {
     let c = cluster();
     let (job, socket) = sleeping_job(c, "alice");
-    let out = c
-        .sh("node1", "alice", &format!("CHECKPOINT_CONTAINER_SOCKET={socket} {}/apptainer -s exec {TEST_SIF} echo ran-anyway", shim_dir()))
-        .ok();
-    assert!(out.stdout.contains("ran-anyway"), "{out:#?}");
+    let out = shim_pointed_at(c, &socket);
     assert!(out.stderr.contains(&format!("is not a process of task 0 of step {job}.batch: its container runs unprotected")), "{out:#?}");
     c.exec("ctl", "root", &["scancel", &job.to_string()]).ok();
 }
@@ -43,10 +50,7 @@ fn a_process_outside_the_task_cannot_hand_its_container_to_the_tasks_agent() {
 fn another_users_agent_is_out_of_reach() {
     let c = cluster();
     let (job, socket) = sleeping_job(c, "bob");
-    let out = c
-        .sh("node1", "alice", &format!("CHECKPOINT_CONTAINER_SOCKET={socket} {}/apptainer -s exec {TEST_SIF} echo ran-anyway", shim_dir()))
-        .ok();
-    assert!(out.stdout.contains("ran-anyway"), "{out:#?}");
+    let out = shim_pointed_at(c, &socket);
     assert!(out.stderr.contains("does not answer (Permission denied"), "{out:#?}");
     assert!(out.stderr.contains("this container runs unprotected"), "{out:#?}");
     c.exec("ctl", "root", &["scancel", &job.to_string()]).ok();
