@@ -111,9 +111,22 @@ impl Cluster {
             if ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"].contains(&state.as_str()) {
                 return state;
             }
-            assert!(Instant::now() < deadline, "job {job} still {state} after {timeout:?}");
+            assert!(Instant::now() < deadline, "job {job} still {state} after {timeout:?}\n{}", self.diagnosis(job));
             std::thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    /// What a test that timed out on `job` shows: the job as slurmctld
+    /// sees it, the agents' last log lines and alice's and bob's processes
+    /// on each node.
+    pub fn diagnosis(&self, job: u32) -> String {
+        let mut out = self.exec("ctl", "root", &["scontrol", "-o", "show", "job", &job.to_string()]).stdout;
+        for node in ["node1", "node2"] {
+            let log = self.exec(node, "root", &["tail", "-n", "25", "/var/log/slurm/checkpoint-container.log"]).stdout;
+            let ps = self.exec(node, "root", &["ps", "-o", "pid,ppid,stat,user,etime,args", "-u", "alice,bob"]).stdout;
+            out.push_str(&format!("--- {node}: agent log\n{log}--- {node}: processes\n{ps}"));
+        }
+        out
     }
 
     /// The Slurm daemon log of a node (slurmctld's for "ctl").
