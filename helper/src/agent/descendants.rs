@@ -81,6 +81,7 @@ pub(super) fn serve_descendants(
     let time_limit = Arc::new(Once::new());
     let task_cgroup = std::fs::read(procfs::proc_path(task.pid, "cgroup")).context(|| "the task's cgroups".into())?;
     let task_cgroup = Arc::new(task_cgroup);
+    let task = Arc::new(task);
     let mut running: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<Event>)> = Vec::new();
     let handed = Arc::new(AtomicU32::new(0));
     let mut waiting: Vec<Arc<Mutex<Option<UnixStream>>>> = Vec::new();
@@ -118,13 +119,13 @@ pub(super) fn serve_descendants(
         let events = tx.clone();
         let (settings, settings_args, t) = (settings.clone(), settings_args.to_vec(), t.clone());
         let (claims, time_limit, session, handed) = (claims.clone(), time_limit.clone(), session.clone(), handed.clone());
-        let (task_pid, task_cgroup) = (task.pid, task_cgroup.clone());
+        let (task, task_cgroup) = (task.clone(), task_cgroup.clone());
         // Until it has said what to run, shut down when the task ends: a
         // client that trickles its bytes holds nothing past the task.
         let pending = Arc::new(Mutex::new(stream.try_clone().ok()));
         waiting.push(pending.clone());
         let thread = std::thread::spawn(move || {
-            let client = match admit(&t, task_pid, &task_cgroup, stream) {
+            let client = match admit(&t, &task, &task_cgroup, stream) {
                 Ok(c) => c,
                 Err(e) => return log::warn!("{}: {e}", t.name()),
             };
@@ -171,7 +172,7 @@ pub(super) fn serve_descendants(
 /// process below it, in the task's cgroups, while the task lives. Anyone
 /// else is told to run it unprotected, and why. Every read and write on
 /// the connection is bounded until it has said what to run.
-fn admit(t: &Task, task_pid: procfs::Pid, task_cgroup: &[u8], stream: UnixStream) -> std::result::Result<Client, String> {
+fn admit(t: &Task, task: &PidFd, task_cgroup: &[u8], stream: UnixStream) -> std::result::Result<Client, String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
@@ -188,8 +189,8 @@ fn admit(t: &Task, task_pid: procfs::Pid, task_cgroup: &[u8], stream: UnixStream
     // The parent chain is read pid by pid: the task still living and the
     // client in its cgroups (which only root moves processes between) make
     // a reused pid along the way no way in from another job.
-    let ours = procfs::is_descendant(cred.pid(), task_pid)
-        && procfs::PidFd::open(task_pid).is_ok_and(|task| task.wait_exit(0).is_ok_and(|ended| !ended))
+    let ours = procfs::is_descendant(cred.pid(), task.pid)
+        && task.wait_exit(0).is_ok_and(|ended| !ended)
         && std::fs::read(procfs::proc_path(cred.pid(), "cgroup")).is_ok_and(|c| c == task_cgroup)
         && process.signal(0).is_ok();
     if !ours {

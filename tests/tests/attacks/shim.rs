@@ -74,3 +74,31 @@ fn a_shim_directory_others_can_write_is_not_put_on_users_path() {
     assert!(c.daemon_log("node1").contains(&format!("runtime shim {dir} is unusable: writable by group or others")));
     BatchJob::cleanup(&job, c);
 }
+
+/// A script that leaves a process ignoring SIGTERM in its process group
+/// keeps the batch step's end waiting for its output, but only for the
+/// output's grace once the checkpoint is done, well before slurmd's
+/// SIGKILL (KillWait, 30 s here) would end the wait: the requeue goes
+/// through, the container is checkpointed and restored, and the node is
+/// not drained.
+#[test]
+fn a_process_that_ignores_sigterm_cannot_hold_the_batch_steps_end_past_its_bound() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], &["( trap '' TERM; exec sleep 1000 ) &", "{W} --out /data/out.txt"], 64, 80);
+    job.wait_lines("out.txt", 10);
+    c.exec("ctl", "root", &["scontrol", "requeue", &job.id.to_string()]).ok();
+    c.wait_state(job.id, &["PENDING"], std::time::Duration::from_secs(120));
+    let node = c.exec("ctl", "root", &["scontrol", "-o", "show", "node", "node1"]).ok().stdout;
+    assert!(!node.contains("DRAIN"), "{node}");
+    let waited: Vec<f64> = c
+        .daemon_log("node1")
+        .lines()
+        .filter(|l| l.contains(&format!("job {}: the batch script's end waited", job.id)))
+        .filter_map(|l| l.split("waited ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(!waited.is_empty() && waited.iter().all(|&s| s < 20.0), "{waited:?}");
+    c.release(job.id, None);
+    assert_eq!(c.wait_job(job.id, std::time::Duration::from_secs(120)), "COMPLETED", "{}", job.output());
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}
