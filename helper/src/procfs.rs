@@ -92,6 +92,15 @@ pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
     false
 }
 
+/// Whether a process is stopped (by a signal; not traced): state `T` in
+/// /proc/PID/stat.
+pub fn is_stopped(pid: Pid) -> bool {
+    fs::read_to_string(proc_path(pid, "stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T")))
+        .unwrap_or(false)
+}
+
 pub fn exists(pid: Pid) -> bool {
     proc_path(pid, "stat").exists()
 }

@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io::{BufRead, Read};
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::time::Duration;
 
 /// Restores the task's checkpoint through `checkpoint-container restore`
 /// (so the restored tree has a parent of its own in the task's cgroups;
@@ -70,7 +71,18 @@ pub(super) fn try_restore(
     let _ = std::io::BufReader::new(File::from(status_r).take(4096)).read_line(&mut line);
     if let Some(rest) = line.trim().strip_prefix("restored ") {
         let (pid, said) = rest.split_once(' ').unwrap_or((rest, ""));
-        let pid = pid.parse::<Pid>().ok().filter(|&p| p > 0);
+        // The restore names the program by its node pid once it found it;
+        // else it is the process below with the dumped pid in its own
+        // namespace (never the placeholder, also the user's and contained).
+        let pid = pid.parse::<Pid>().ok().filter(|&p| p > 0).or_else(|| {
+            (0..100).find_map(|_| {
+                let found = procfs::find_ns_pid(child.id() as Pid, m.process.root_pid);
+                if found.is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                found
+            })
+        });
         // CRIU leaves the restored program its own CPU affinity; this
         // run's task is bound where this run's allocation is.
         match TaskView::read(task).and_then(|v| v.bind_restored(child.id() as Pid, t.uid)) {
@@ -196,6 +208,28 @@ pub(super) fn go_on(t: &Task, running: &mut Running) {
     }
 }
 
+/// How long a restored tree is watched for a stop that comes after it was
+/// let go.
+const RESTORED_STOP_WATCH: Duration = Duration::from_secs(2);
+
+/// Lets a restored tree go on. It was dumped stopped, and CRIU stops such
+/// a task again as it lets go of it, which can come after the pid file
+/// and the end of its tracing, so after this SIGCONT (measured: a restored
+/// AutoDock Vina left stopped, its job hanging): the root is continued
+/// again whenever it shows stopped within [`RESTORED_STOP_WATCH`].
+pub(super) fn go_on_restored(t: &Task, running: &mut Running) {
+    let Some(root) = running.payload(t.uid).map(|p| p.pid) else { return };
+    let started = std::time::Instant::now();
+    step::continue_tree(root, t.uid);
+    while started.elapsed() < RESTORED_STOP_WATCH {
+        std::thread::sleep(Duration::from_millis(20));
+        if procfs::is_stopped(root) {
+            log::info!("{}: the restored program was stopped again; continued", t.name());
+            step::continue_tree(root, t.uid);
+        }
+    }
+}
+
 /// Whether every task of the step has a complete checkpoint of one cut.
 pub(super) fn step_checkpoints_agree(settings: &Settings, t: &Task) -> std::result::Result<(), String> {
     let job = job_dir(settings, t.job_id).map_err(|e| e.to_string())?;
@@ -247,7 +281,7 @@ pub(super) fn restore_step(
     match barrier.meet(mine, step::RESTORE_BARRIER_TIMEOUT) {
         Ok(()) => {
             let mut running = restored.expect("a step goes on only when every task was restored");
-            go_on(t, &mut running);
+            go_on_restored(t, &mut running);
             Ok(Some(running))
         }
         Err(why) => {

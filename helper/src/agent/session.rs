@@ -5,7 +5,7 @@
 use super::layout::{forget_checkpoint, list_checkpoint, task_checkpoint_dir};
 use super::messages::{tell_requeued_job, tell_user};
 use super::periodic::Timer;
-use super::requeue::{checkpoint_for_requeue, go_on, restore_step, stop_step, try_restore, StartedAs};
+use super::requeue::{checkpoint_for_requeue, go_on_restored, restore_step, stop_step, try_restore, StartedAs};
 use super::session_file::SessionFile;
 use super::slurmctld::{is_requeue, requeue_info};
 use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
@@ -217,7 +217,7 @@ pub(super) fn serve(
         Restore::No => None,
         Restore::IfThere if t.step().is_coupled() => restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?,
         Restore::IfThere => try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?.map(|mut r| {
-            go_on(t, &mut r);
+            go_on_restored(t, &mut r);
             r
         }),
     };
