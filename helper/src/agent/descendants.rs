@@ -239,7 +239,6 @@ fn serve_one(
         Some(Err(why)) => super::messages::tell_user(&mut stderr, &format!("warning: {why}; the site's interval applies")),
         None => {}
     }
-    let t = t;
     let container = Container { restore, session, time_limit };
     serve(settings, settings_args, &t, client, Started { argv, cwd, env, runtime }, container, &mut stderr, events)
 }

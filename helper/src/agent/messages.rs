@@ -28,6 +28,9 @@ pub(super) fn tell_requeued_job(user: &User, info: &std::collections::HashMap<St
     tell_user(stderr, msg);
 }
 
+/// How long the agent waits for a line to be written to the job's stderr.
+const LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A line in the job's stderr. The descriptor is the user's: a pipe, pty
 /// or FUSE file nobody reads would hold whoever writes to it, so a thread
 /// of its own does, and the agent waits for it a second at most (a thread
@@ -40,5 +43,5 @@ pub(super) fn tell_user(stderr: &mut File, msg: &str) {
         let _ = out.write_all(line.as_bytes());
         let _ = done.send(());
     });
-    let _ = wrote.recv_timeout(TELL_TIMEOUT.min(std::time::Duration::from_secs(1)));
+    let _ = wrote.recv_timeout(LINE_TIMEOUT);
 }
