@@ -426,9 +426,9 @@ pub fn parse_seconds(key: &str, value: &str) -> Result<u64, ConfigError> {
 }
 
 /// What a job asked for in `INTERVAL_ENV`: a number of seconds, nothing
-/// else (the value is the user's).
+/// else (the value is the user's). The error is the warning the user gets.
 pub fn interval_request(value: &str) -> Result<u64, String> {
-    parse_seconds(INTERVAL_ENV, value.trim()).map_err(|e| e.to_string())
+    parse_seconds(INTERVAL_ENV, value.trim()).map_err(|e| format!("{e}; the site's interval applies"))
 }
 
 /// The plugstack.conf key (and helper flag) naming the TOML file: not a

@@ -89,6 +89,17 @@ pub struct TaskFds {
 /// At most this many descriptors beyond stdio.
 const MAX_EXTRA_FDS: usize = 4;
 
+/// The pid of the process at the other end of `stream` (`SO_PEERCRED`, as
+/// it connected), when it runs as `uid`; the kernel's word, not the peer's.
+pub fn peer_of_user(stream: &UnixStream, uid: u32) -> std::result::Result<libc::pid_t, String> {
+    let cred =
+        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
+    if cred.uid() != uid {
+        return Err(format!("refused a client with uid {} pid {}", cred.uid(), cred.pid()));
+    }
+    Ok(cred.pid())
+}
+
 /// Sends fds 0, 1, 2 and `extra` of this process; the payload names the
 /// numbers of the extra ones.
 pub fn send_task_fds(stream: &UnixStream, extra: &[RawFd]) -> Result<()> {

@@ -48,33 +48,53 @@ fn group_alive(pgid: i32) -> bool {
     })
 }
 
+/// How a wait for agents ended.
+#[derive(PartialEq)]
+enum Waited {
+    /// None was there.
+    NoAgents,
+    /// Each ended.
+    AgentsDone,
+    /// `go_on` said stop, none said it is ending within the notice, or
+    /// the deadline passed.
+    Cut,
+}
+
+/// Waits while agents whose session files start with `prefix` serve their
+/// tasks, as long as one of them says it is ending (or `notice` has not yet
+/// passed), `go_on` holds and `deadline` has not passed.
+fn while_agents_end(dir: &Path, prefix: &str, notice: Duration, deadline: Instant, go_on: impl Fn() -> bool) -> Waited {
+    let started = Instant::now();
+    let mut waited = Waited::NoAgents;
+    loop {
+        let now = agents(dir, prefix);
+        if now.is_empty() {
+            return waited;
+        }
+        waited = Waited::AgentsDone;
+        let ending = now.contains(&Agent::Ending);
+        if (!ending && started.elapsed() > notice) || !go_on() || Instant::now() > deadline {
+            return Waited::Cut;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// After the batch script of `job` (process group `pgid`) ended: waits
 /// while a protected step of the job on this node is ending and the
 /// script's processes (its `srun`s) live to deliver its output, then for
 /// them to deliver it. Returns at once for a job with no protected task
-/// here; after [`NOTICE`] when none of its steps is being ended.
+/// here; after [`NOTICE`] when none of its steps is being ended (a script
+/// that ended on its own leaves its steps to Slurm); at once when no
+/// process of the script is left to deliver output.
 pub fn after_script(dir: &Path, job: u32, pgid: i32) {
     let started = Instant::now();
-    let mut saw_agents = false;
-    loop {
-        let now = agents(dir, &format!("{job}."));
-        if now.is_empty() {
-            break;
-        }
-        saw_agents = true;
-        let ending = now.contains(&Agent::Ending);
-        // A script that ended on its own leaves its steps to Slurm; with no
-        // srun left, there is no output to wait for.
-        if (!ending && started.elapsed() > NOTICE) || !group_alive(pgid) || started.elapsed() > WAIT_LIMIT {
-            return;
-        }
-        std::thread::sleep(POLL);
-    }
-    if !saw_agents {
+    let deadline = started + WAIT_LIMIT;
+    if while_agents_end(dir, &format!("{job}."), NOTICE, deadline, || group_alive(pgid)) != Waited::AgentsDone {
         return;
     }
     let steps_over = Instant::now();
-    while group_alive(pgid) && steps_over.elapsed() < OUTPUT_GRACE && started.elapsed() < WAIT_LIMIT {
+    while group_alive(pgid) && steps_over.elapsed() < OUTPUT_GRACE && Instant::now() < deadline {
         std::thread::sleep(POLL);
     }
     log_info(&format!(
@@ -94,15 +114,7 @@ const AGENT_NOTICE: Duration = Duration::from_millis(500);
 /// which all the step's tasks on this node share.
 pub fn after_task(dir: &Path, job: u32, step: u32, task: u32, deadline: Instant) {
     let started = Instant::now();
-    let prefix = format!("{job}.{step}.{task}.");
-    loop {
-        let now = agents(dir, &prefix);
-        let ending = now.contains(&Agent::Ending);
-        if now.is_empty() || (!ending && started.elapsed() > AGENT_NOTICE) || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(POLL);
-    }
+    while_agents_end(dir, &format!("{job}.{step}.{task}."), AGENT_NOTICE, deadline, || true);
     if started.elapsed() > AGENT_NOTICE {
         log_info(&format!(
             "task {task} of step {job}.{step}: its end waited {:.2} s for its containers' checkpoints",

@@ -158,7 +158,7 @@ impl StepState {
         }
         if spank.task_global_id()? == 0 {
             if let Some(Err(why)) = interval_request(spank) {
-                eprintln!("{LOG_PREFIX}: warning: {why}; the site's interval applies");
+                eprintln!("{LOG_PREFIX}: warning: {why}");
             }
         }
         // The task becomes our wrapper, which hands the container command to

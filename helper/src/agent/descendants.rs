@@ -176,27 +176,24 @@ fn admit(t: &Task, task: &PidFd, task_cgroup: &[u8], stream: UnixStream) -> std:
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
-    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).map_err(|e| e.to_string())?;
-    if cred.uid() != t.uid {
-        // The socket is the user's (0600): only root gets here otherwise.
-        return Err(format!("refused a client with uid {}", cred.uid()));
-    }
+    // The socket is the user's (0600): only root gets past it otherwise.
+    let pid = protocol::peer_of_user(&stream, t.uid)?;
     // Held first, then checked: a pid that ended and was reused before the
     // pidfd was opened fails the checks as another process.
-    let process = PidFd::of_user(cred.pid(), t.uid).ok_or_else(|| format!("client pid {} is gone", cred.pid()))?;
+    let process = PidFd::of_user(pid, t.uid).ok_or_else(|| format!("client pid {pid} is gone"))?;
     let fds = protocol::recv_task_fds(&stream).map_err(|e| e.to_string())?;
     let mut channel = Channel::new(stream.try_clone().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     // The parent chain is read pid by pid: the task still living and the
     // client in its cgroups (which only root moves processes between) make
     // a reused pid along the way no way in from another job.
-    let ours = procfs::is_descendant(cred.pid(), task.pid)
+    let ours = procfs::is_descendant(pid, task.pid)
         && task.wait_exit(0).is_ok_and(|ended| !ended)
-        && std::fs::read(procfs::proc_path(cred.pid(), "cgroup")).is_ok_and(|c| c == task_cgroup)
+        && std::fs::read(procfs::proc_path(pid, "cgroup")).is_ok_and(|c| c == task_cgroup)
         && process.signal(0).is_ok();
     if !ours {
         let msg = format!(
             "pid {} is not a process of {}: its container runs unprotected (the job's environment was carried elsewhere?)",
-            cred.pid(),
+            pid,
             t.name()
         );
         let _ = channel.send(&ToTask::RunUnprotected(msg.clone()));
@@ -236,7 +233,7 @@ fn serve_one(
     // takes a step's.
     match env.iter().find(|(k, _)| k == ckpt_config::INTERVAL_ENV).map(|(_, v)| ckpt_config::interval_request(v)) {
         Some(Ok(seconds)) => t.interval_request = Some(seconds),
-        Some(Err(why)) => super::messages::tell_user(&mut stderr, &format!("warning: {why}; the site's interval applies")),
+        Some(Err(why)) => super::messages::tell_user(&mut stderr, &format!("warning: {why}")),
         None => {}
     }
     let container = Container { restore, session, time_limit };

@@ -60,16 +60,13 @@ pub fn run(settings: &Settings, settings_args: &[String], t: &Task) -> Result<()
         }
     };
     stream.set_nonblocking(false).context(|| "socket".into())?;
-    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).context(|| "peer credentials".into())?;
-    if cred.uid() != t.uid || cred.pid() != t.task_pid {
+    let peer = protocol::peer_of_user(&stream, t.uid).and_then(|pid| match pid == t.task_pid {
+        true => Ok(pid),
+        false => Err(format!("refused pid {pid} of uid {}", t.uid)),
+    });
+    if let Err(why) = peer {
         let _ = std::fs::remove_file(socket);
-        return fail(format!(
-            "{}: refused a client with uid {} pid {} (expected the task, pid {})",
-            t.name(),
-            cred.uid(),
-            cred.pid(),
-            t.task_pid
-        ));
+        return fail(format!("{}: {why} (expected the task, pid {})", t.name(), t.task_pid));
     }
     // Held from here: the task's cgroups are read from /proc/<pid> later
     // (a restore may first wait minutes), and that pid must still be it.
