@@ -238,6 +238,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
         .collect();
 
     let mut options = criu::Options::dump(root_pid, DUMP_LOG);
+    options.ghost_limit(settings.node_local_files_max);
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
     keys.dedup();
     for key in keys {

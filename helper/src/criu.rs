@@ -210,6 +210,14 @@ impl Options {
         self.own.extend(["--inherit-fd".into(), format!("fd[{fd}]:{key}")]);
     }
 
+    /// Dump: files the tree holds open or mapped after deleting them (MPI
+    /// libraries' shared-memory segments in /dev/shm are) are carried in
+    /// the checkpoint up to this many bytes each; CRIU's own default is
+    /// 1 MiB.
+    pub fn ghost_limit(&mut self, bytes: u64) {
+        self.own.extend(["--ghost-limit".into(), bytes.to_string()]);
+    }
+
     /// Dump: the tree stays stopped afterwards.
     pub fn leave_stopped(&mut self) {
         self.own.push("--leave-stopped".into());

@@ -821,10 +821,13 @@ int main(int argc, char **argv) {
     snprintf(side, sizeof side, "%s.fd", path);
     int held = open(side, O_RDWR | O_CREAT | O_TRUNC, 0600);
     if (out < 0 || fd < 0 || held < 0 || ftruncate(fd, size)) { perror("open"); return 2; }
-    if (argc > 6 && open(argv[6], O_RDONLY) < 0) { perror(argv[6]); return 2; }
+    /* "--unlink": both files are deleted once open, as MPI libraries do with their segments. */
+    int unlinked = argc > 6 && strcmp(argv[6], "--unlink") == 0;
+    if (argc > 6 && !unlinked && open(argv[6], O_RDONLY) < 0) { perror(argv[6]); return 2; }
     struct state *s = mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (s == MAP_FAILED) { perror("mmap"); return 2; }
     close(fd);
+    if (unlinked && (unlink(path) || unlink(side))) { perror("unlink"); return 2; }
     s->counter = 0; s->acc = 1;
     uint64_t mine = 0, acc = 1, seen;
     pwrite(held, &mine, sizeof mine, 0);
@@ -861,7 +864,8 @@ impl Cluster {
         self.submit_shm_job_holding(sbatch_args, steps, size, mem_mib, "")
     }
 
-    /// The same, also holding `extra` open (read-only) if not empty.
+    /// The same, also holding `extra` open (read-only) if not empty; with
+    /// `--unlink`, the files are deleted once open.
     pub fn submit_shm_job_holding(&self, sbatch_args: &[&str], steps: u32, size: u64, mem_mib: u32, extra: &str) -> ShmJob {
         let name = format!("job-{}", unique());
         let dir = format!("/shared/{name}");

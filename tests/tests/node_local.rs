@@ -35,6 +35,22 @@ fn a_program_mapping_a_dev_shm_file_continues_on_the_other_node() {
     job.cleanup(c);
 }
 
+/// MPI libraries delete their /dev/shm segments once mapped (UCX, under
+/// MPICH): CRIU carries deleted files itself, up to the site's
+/// `node_local_files_max` each (its own default, 1 MiB, failed NWChem).
+#[test]
+fn a_program_mapping_a_deleted_dev_shm_file_continues_on_the_other_node() {
+    let c = cluster();
+    let job = c.submit_shm_job_holding(&["-w", "node1"], 60, 4 << 20, 16, "--unlink");
+    requeue_after(c, &job, 10);
+    c.release(job.job.id, Some("node2"));
+    assert_eq!(c.wait_job(job.job.id, 2 * MINUTE), "COMPLETED", "{}", job.job.output());
+    let out = job.job.output();
+    assert!(out.contains("run restart=1 on node2") && out.contains("checkpoint-container: restored process"), "{out}");
+    job.assert_continued();
+    job.cleanup(c);
+}
+
 #[test]
 fn on_the_same_node_the_checkpoints_copy_replaces_a_stale_one() {
     let c = cluster();
