@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The application image of the dev cluster: real HPC programs from Debian sid
-# (LAMMPS, GROMACS, Open MPI, AutoDock Vina) in a SIF, for tests/tests/apps.rs
+# (LAMMPS, GROMACS, Open MPI, AutoDock Vina; NWChem built with MPICH) in a SIF, for tests/tests/apps.rs
 # and the demo.
 # Sourced by cluster/devcluster, which calls ensure_apps_sif once the cluster
 # is up (`devcluster apps`): Apptainer builds the SIF inside the ctl host
@@ -13,7 +13,7 @@
 # link.
 
 APPS_SIF_NAME=apps.sif
-APPS_PACKAGES=(lammps gromacs openmpi-bin autodock-vina)
+APPS_PACKAGES=(lammps gromacs openmpi-bin autodock-vina mpich nwchem-mpich)
 
 apps_key() {
   { rootfs_key; printf '%s\n' "${APPS_PACKAGES[@]}"; declare -f prepare_apps_tree; } | sha256sum | cut -c1-16
@@ -41,6 +41,32 @@ prepare_apps_tree() {
   gunzip /opt/apps/vina/protein.pdbqt.gz
   for f in protein.pdbqt ligand.pdbqt conf.txt; do [ -s "/opt/apps/vina/$f" ]; done
   rm -f lammps-examples_*.deb autodock-vina_*.deb
+  # NWChem (MPICH, PMI-2: what `srun --mpi=pmi2 -n N` can launch here):
+  # a water dimer's B3LYP/6-31G* geometry optimisation, ~12 s on 2 ranks.
+  mkdir -p /opt/apps/nwchem
+  cat > /opt/apps/nwchem/dimer.nw <<'NW'
+start dimer
+title "water dimer B3LYP/6-31G* optimisation"
+geometry units angstrom noautosym
+ O   -1.551007  -0.114520   0.000000
+ H   -1.934259   0.762503   0.000000
+ H   -0.599677   0.040712   0.000000
+ O    1.350625   0.111469   0.000000
+ H    1.680398  -0.373741  -0.758561
+ H    1.680398  -0.373741   0.758561
+end
+basis
+ * library 6-31G*
+end
+dft
+ xc b3lyp
+ iterations 100
+end
+driver
+ maxiter 30
+end
+task dft optimize
+NW
   apt-get clean
   rm -rf /var/lib/apt/lists/*
 }

@@ -34,6 +34,8 @@ pub struct CheckpointRequest {
     /// How Apptainer was started (cwd, environment); read from the
     /// container's runtime parent when not given.
     pub started_in: Option<(String, Vec<(String, String)>)>,
+    /// The container's end of Slurm's PMI-2 relay, when it has one.
+    pub slurm_pmi: Option<crate::pmi::Flowing>,
 }
 
 /// Working directory and environment of the process that started
@@ -106,6 +108,41 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
         }
     }
     Ok(out)
+}
+
+/// The tree's end of Slurm's PMI relay, if a process of the (frozen) tree
+/// holds it: CRIU dumps it as external, and the restore gives the next
+/// run's relay in its place. A PMI exchange under way cannot be carried
+/// over (the restored program would wait for an answer that never comes).
+fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Option<manifest::SlurmPmi>> {
+    let Some(relay) = &req.slurm_pmi else { return Ok(None) };
+    let target = format!("socket:[{}]", relay.inode);
+    let held = pids
+        .iter()
+        .any(|&pid| procfs::fds(pid).unwrap_or_default().into_iter().any(|fd| procfs::fd_target(pid, fd).is_ok_and(|t| t == target)));
+    if !held {
+        return Ok(None);
+    }
+    let not_now = |why: String| EngineError::Failed(format!("the program {why}: its restore would wait for Slurm forever"));
+    relay.quiet().map_err(not_now)?;
+    let said = relay.said_init().map_err(not_now)?;
+    Ok(Some(manifest::SlurmPmi { inode: relay.inode, init_version: said.map(|v| [v.version, v.subversion]) }))
+}
+
+/// SysV shared memory lives in the node's IPC namespace, which CRIU could
+/// dump only with `CAP_SYS_ADMIN`: refused in one line that says so, where
+/// CRIU would say `doesn't live in IPC ns`.
+fn refuse_sysv_shm(pids: &[Pid]) -> Result<()> {
+    for &pid in pids {
+        let maps = std::fs::read_to_string(procfs::proc_path(pid, "maps")).context(|| format!("memory map of process {pid}"))?;
+        if maps.lines().any(|l| l.split_whitespace().nth(5).is_some_and(|path| path.starts_with("/SYSV"))) {
+            return fail(format!(
+                "process {pid} has SysV shared memory attached (shmget), which lives in the node's IPC namespace and cannot be \
+                 checkpointed (for UCX, MPICH's transport, keep sysv out of UCX_TLS)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the container has a network namespace of its own (made by its
@@ -227,7 +264,9 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
         refuse_tcp_connections(&pids)?;
     }
     let comm = procfs::comm(req.pid).context(|| format!("process {}", req.pid))?;
+    refuse_sysv_shm(&pids)?;
     let externals = external_files(req.pid, &pids)?;
+    let slurm_pmi = slurm_pmi(req, &pids)?;
     let node_local = crate::node_local::find(req.pid, &pids, uid, gid, settings.node_local_files_max)?;
     let node_local_pending_dirs = node_local.dirs.clone();
     let stdio = (0..3)
@@ -239,6 +278,9 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
 
     let mut options = criu::Options::dump(root_pid, DUMP_LOG);
     options.ghost_limit(settings.node_local_files_max);
+    if let Some(p) = &slurm_pmi {
+        options.external(&format!("unix[{}]", p.inode));
+    }
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
     keys.dedup();
     for key in keys {
@@ -252,8 +294,17 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
     // every process left in the namespace, CRIU too if it is still
     // finishing (seen as "CRIU could not dump: signal 9" under load).
     options.leave_stopped();
-    let invocation =
-        Invocation { criu: &settings.criu, ns_of: req.pid, uid, gid, groups: vec![gid], caps: CRIU_CAPS, images_dir: &criu_dir, options };
+    let invocation = Invocation {
+        criu: &settings.criu,
+        ns_of: req.pid,
+        uid,
+        gid,
+        groups: vec![gid],
+        caps: CRIU_CAPS,
+        images_dir: &criu_dir,
+        inherited: vec![],
+        options,
+    };
     phase("CRIU starts");
     let started = Instant::now();
     let mut criu_cmd = invocation.command()?;
@@ -338,7 +389,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
             image_stamp,
             network,
         },
-        process: manifest::Process { root_pid, comm, pids: ids, stdio },
+        process: manifest::Process { root_pid, comm, pids: ids, stdio, slurm_pmi },
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
         files,
         node_local,

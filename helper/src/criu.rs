@@ -146,6 +146,8 @@ pub const CRIU_CAPS: &[caps::Capability] = &[caps::Capability::CAP_CHECKPOINT_RE
 pub const IMAGES_FD: i32 = 100;
 const EMPTY_FD: i32 = 101;
 const KDAT_FD: i32 = 102;
+/// Where a restore's CRIU holds the socket that stands for Slurm's PMI one.
+pub const PMI_FD: i32 = 103;
 
 /// One CRIU run inside a container's namespaces, as the container's user.
 ///
@@ -169,6 +171,8 @@ pub struct Invocation<'a> {
     pub groups: Vec<u32>,
     pub caps: &'a [caps::Capability],
     pub images_dir: &'a std::fs::File,
+    /// Further files CRIU holds, at their numbers (`--inherit-fd`'s).
+    pub inherited: Vec<(std::fs::File, i32)>,
     pub options: Options,
 }
 
@@ -355,11 +359,14 @@ impl Spawn {
                 // --shell-job the restored tree joins CRIU's session, which
                 // must not be one the namespace cannot see (getsid 0).
                 sys::setsid()?;
-                // Moved out of the way first: a source may sit on another
-                // one's target number.
-                for (from, to) in &fds {
-                    let moved = sys::dup_cloexec_above(from.as_raw_fd(), 1000)?;
-                    sys::dup2(moved, *to)?;
+                // All moved out of the way first: a source may sit on
+                // another one's target number.
+                let mut moved = [-1; 8];
+                for (i, (from, _)) in fds.iter().enumerate().take(moved.len()) {
+                    moved[i] = sys::dup_cloexec_above(from.as_raw_fd(), 1000)?;
+                }
+                for (i, (_, to)) in fds.iter().enumerate().take(moved.len()) {
+                    sys::dup2(moved[i], *to)?;
                 }
                 sys::setgroups(&groups)?;
                 sys::keep_caps()?;
@@ -462,7 +469,10 @@ impl Invocation<'_> {
         argv.extend(self.options.args(joined.net.is_some()));
         let envp = vec![format!("PATH={}", fd_path(EMPTY_FD)), format!("XDG_RUNTIME_DIR={}", fd_path(KDAT_FD))];
         let images = self.images_dir.try_clone().map_err(|e| not_runnable(format!("dup: {e}")))?;
-        let fds = vec![(images, IMAGES_FD), (empty, EMPTY_FD), (kdat_dir, KDAT_FD)];
+        let mut fds = vec![(images, IMAGES_FD), (empty, EMPTY_FD), (kdat_dir, KDAT_FD)];
+        for (file, n) in &self.inherited {
+            fds.push((file.try_clone().map_err(|e| not_runnable(format!("dup: {e}")))?, *n));
+        }
         let cmd = Spawn {
             binary,
             mnt: Some(joined.mnt),

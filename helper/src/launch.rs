@@ -448,6 +448,16 @@ fn valid_env_name(name: &str) -> bool {
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// What a protected container's environment has unless the job gives the
+/// container its own value: MPI runtimes' choices CRIU can checkpoint
+/// (docs/transparency.md lists each, with why).
+pub const CHECKPOINTABLE_DEFAULTS: &[(&str, &str)] = &[
+    // UCX (MPICH's transport) keeps shared-memory FIFOs in SysV segments,
+    // which live in the node's IPC namespace, which CRIU could dump only
+    // with CAP_SYS_ADMIN; without them it uses /dev/shm files, which travel.
+    ("UCX_TLS", "^sysv"),
+];
+
 /// Root's environment for Apptainer: built, not inherited. The job's
 /// variables become `APPTAINERENV_*` (Apptainer puts them into the
 /// container; nothing running as root interprets them: not the loader,
@@ -480,6 +490,12 @@ pub fn root_env(user_env: &[(String, String)], cleanenv: bool, config_dir: &Path
     let path = user_env.iter().find(|(k, _)| k == "PATH");
     if let (Some((_, path)), false) = (path, cleanenv || explicit.contains(&"USER_PATH")) {
         out.push(("APPTAINERENV_USER_PATH".into(), format!("{path}{APPTAINER_PATH_SUFFIX}")));
+    }
+    for (name, value) in CHECKPOINTABLE_DEFAULTS {
+        let passed = !cleanenv && user_env.iter().any(|(k, _)| k == name);
+        if !passed && !explicit.contains(name) {
+            out.push((format!("APPTAINERENV_{name}"), value.to_string()));
+        }
     }
     out
 }
@@ -693,7 +709,21 @@ mod tests {
             assert_eq!(get(k), None, "{k}");
         }
         let clean = root_env(&env, true, Path::new("/c"));
-        assert!(clean.iter().all(|(k, _)| !k.starts_with("APPTAINERENV_") || k == "APPTAINERENV_FOO"), "{clean:?}");
+        let defaults: Vec<String> = CHECKPOINTABLE_DEFAULTS.iter().map(|(k, _)| format!("APPTAINERENV_{k}")).collect();
+        assert!(clean.iter().all(|(k, _)| !k.starts_with("APPTAINERENV_") || k == "APPTAINERENV_FOO" || defaults.contains(k)), "{clean:?}");
+    }
+
+    #[test]
+    fn checkpointable_defaults_yield_to_the_jobs_own_values() {
+        let owned = |v: &[(&str, &str)]| v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let get =
+            |out: &[(String, String)]| out.iter().filter(|(k, _)| k == "APPTAINERENV_UCX_TLS").map(|(_, v)| v.clone()).collect::<Vec<_>>();
+        let c = Path::new("/c");
+        assert_eq!(get(&root_env(&[], false, c)), ["^sysv"]);
+        assert_eq!(get(&root_env(&owned(&[("UCX_TLS", "sm,self")]), false, c)), ["sm,self"]);
+        assert_eq!(get(&root_env(&owned(&[("APPTAINERENV_UCX_TLS", "tcp")]), true, c)), ["tcp"]);
+        // A cleaned environment does not pass hers: the container gets ours.
+        assert_eq!(get(&root_env(&owned(&[("UCX_TLS", "sm,self")]), true, c)), ["^sysv"]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod listing;
 pub mod manifest;
 pub mod namespaces;
 pub mod node_local;
+pub mod pmi;
 pub mod policy;
 pub mod procfs;
 pub mod protocol;

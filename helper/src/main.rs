@@ -72,6 +72,13 @@ enum Command {
         /// Write "restored" to this fd once the program runs again
         #[arg(long, value_name = "FD")]
         status_fd: Option<i32>,
+        /// The socket the restored program gets in place of the Slurm
+        /// PMI-2 socket it had (the agent's relay)
+        #[arg(long, value_name = "FD")]
+        pmi_fd: Option<i32>,
+        /// The network namespace to restore in (where that socket was made)
+        #[arg(long, value_name = "FD")]
+        net_ns_fd: Option<i32>,
     },
     /// Remove the checkpoints of jobs that will not run again (agents also
     /// do this whenever a task starts); prints the job ids removed
@@ -281,6 +288,7 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
                 expected_uid: uid,
                 leave_running,
                 started_in: None,
+                slurm_pmi: None,
             };
             let m = checkpoint(&settings, &req)?;
             eprintln!(
@@ -293,7 +301,7 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             );
             Ok(0)
         }
-        Command::Restore { images, uid, job_id, status_fd } => {
+        Command::Restore { images, uid, job_id, status_fd, pmi_fd, net_ns_fd } => {
             // The container is re-created through staged mounts that must
             // not reach the node (single-threaded still, as unshare needs).
             launch::private_mount_namespace()?;
@@ -303,7 +311,15 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             if let Some(f) = &status {
                 nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
             }
-            let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id };
+            // Like the status fd, for this process alone: CRIU gets its
+            // copy of the relay's end by number, the container nothing.
+            let cloexec = |f: std::fs::File| -> std::io::Result<std::fs::File> {
+                nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+                Ok(f)
+            };
+            let slurm_pmi = pmi_fd.map(sys::take_inherited_fd).transpose()?.map(std::fs::File::from).map(cloexec).transpose()?;
+            let net_ns = net_ns_fd.map(sys::take_inherited_fd).transpose()?.map(std::fs::File::from).map(cloexec).transpose()?;
+            let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id, slurm_pmi, net_ns };
             let done = restore(&settings, &req, |m, secs, pid| {
                 let line = format!("restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());
                 match status {

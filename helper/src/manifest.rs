@@ -107,6 +107,19 @@ pub struct Process {
     pub pids: Vec<i32>,
     /// What fds 0, 1 and 2 of the root process pointed to.
     pub stdio: Vec<String>,
+    /// Slurm's PMI-2 socket as the tree held it (pmi.rs), when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_pmi: Option<SlurmPmi>,
+}
+
+/// The tree's end of the PMI relay (`socket:[inode]`) and the PMI version
+/// the program's init chose, if it had said it (pmi.rs).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmPmi {
+    pub inode: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_version: Option<[u32; 2]>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -180,7 +193,7 @@ mod tests {
                 image_stamp: "1:3:4:5".into(),
                 network: ckpt_config::ContainerNetwork::Isolated,
             },
-            process: Process { root_pid: 42, comm: "sim".into(), pids: vec![42, 43], stdio: vec!["/dev/null".into()] },
+            process: Process { root_pid: 42, comm: "sim".into(), pids: vec![42, 43], stdio: vec!["/dev/null".into()], slurm_pmi: None },
             stats: Stats { dump_seconds: 0.5, images_bytes: 10 },
             files: vec![
                 ImageFile { name: "core-42.img".into(), size: 10, xxh3: "cd".into(), zstd: false },

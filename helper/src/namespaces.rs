@@ -48,23 +48,50 @@ pub fn init_argv(helper: &str, network: ContainerNetwork, last_pid: Option<Pid>,
     argv
 }
 
-/// Spawns `cmd` as PID 1 of a new PID namespace, in a new network namespace
-/// too when `network` is isolated. Done from a thread of its own: unshare
-/// there changes only that thread's namespaces (its children's PID
-/// namespace, its network namespace), never the caller's.
-pub fn spawn_init(cmd: &mut Command, network: ContainerNetwork) -> io::Result<Child> {
-    let mut flags = libc::CLONE_NEWPID;
-    if network == ContainerNetwork::Isolated {
-        flags |= libc::CLONE_NEWNET;
-    }
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::from_bits_retain(flags))?;
-            cmd.spawn()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
+/// A new network namespace for a container, held by fd: made before the
+/// container starts, so that a socket it is given can be made in it
+/// (pmi.rs), where CRIU, which runs in it, finds it.
+pub fn new_net_ns() -> io::Result<File> {
+    in_thread(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        File::open("/proc/thread-self/ns/net")
     })
+}
+
+/// Runs `f` in network namespace `ns`.
+pub fn in_net_ns<T: Send>(ns: &File, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    use std::os::fd::AsRawFd;
+    let fd = ns.as_raw_fd();
+    in_thread(move || {
+        crate::sys::setns(fd, libc::CLONE_NEWNET)?;
+        f()
+    })
+}
+
+/// Runs `f` in a thread of its own: unshare and setns of a network or PID
+/// namespace change only the calling thread's (its children's, for PID),
+/// never the caller's.
+fn in_thread<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| s.spawn(f).join().unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked"))))
+}
+
+/// Spawns `cmd` as PID 1 of a new PID namespace, in network namespace `net`
+/// ([`new_net_ns`]; None: the node's).
+pub fn spawn_init(cmd: &mut Command, net: Option<&File>) -> io::Result<Child> {
+    use std::os::fd::AsRawFd;
+    let net = net.map(|f| f.as_raw_fd());
+    in_thread(|| {
+        if let Some(fd) = net {
+            crate::sys::setns(fd, libc::CLONE_NEWNET)?;
+        }
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)?;
+        cmd.spawn()
+    })
+}
+
+/// A network namespace of its own for a container when `network` says so.
+pub fn net_ns_for(network: ContainerNetwork) -> io::Result<Option<File>> {
+    (network == ContainerNetwork::Isolated).then(new_net_ns).transpose()
 }
 
 /// Spawns `cmd` in the PID namespace `pid_ns` (an open /proc/PID/ns/pid),

@@ -124,7 +124,7 @@ fn human(bytes: u64) -> String {
 
 fn too_big(root: Pid, total: u64, limit: u64, biggest: (&str, u64)) -> EngineError {
     EngineError::Failed(format!(
-        "node-local files of process {root} take {}, more than node_local_files_max ({}); the biggest is {} ({})",
+        "node-local and deleted files of process {root} take {}, more than node_local_files_max ({}); the biggest is {} ({})",
         human(total),
         human(limit),
         biggest.0,
@@ -152,6 +152,9 @@ pub fn find(root: Pid, pids: &[Pid], uid: u32, gid: u32, limit: u64) -> Result<P
     let mounts = tmpfs_mount_points(&mountinfo);
     let mut seen = HashSet::new();
     let mut files = Vec::new();
+    // Deleted files (path, size), once each.
+    let mut ghosts: Vec<(String, u64)> = Vec::new();
+    let mut ghosts_seen = HashSet::new();
     let (mut dirs, mut sockets) = (Vec::new(), HashSet::new());
     for &pid in pids {
         for kind in ["map_files", "fd"] {
@@ -178,6 +181,14 @@ pub fn find(root: Pid, pids: &[Pid], uid: u32, gid: u32, limit: u64) -> Result<P
                         }
                         dirs.extend(these);
                     }
+                    continue;
+                }
+                // A deleted file it still maps or holds, on any filesystem:
+                // CRIU copies its content into the checkpoint (a ghost
+                // file), which counts against the same limit.
+                if meta.is_file() && meta.nlink() == 0 && ghosts_seen.insert((meta.dev(), meta.ino())) {
+                    let path = std::fs::read_link(entry.path()).map(|l| l.display().to_string()).unwrap_or_default();
+                    ghosts.push((path, meta.len()));
                     continue;
                 }
                 let Some(&whole) = tmpfs.get(&meta.dev()) else { continue };
@@ -218,9 +229,10 @@ node-local files can travel with a checkpoint",
     // Shallowest first, once each.
     dirs.sort_by_key(|d| (d.matches('/').count(), d.clone()));
     dirs.dedup();
-    let total: u64 = files.iter().map(|f| f.size).sum();
+    let all = || files.iter().map(|f| (f.path.as_str(), f.size)).chain(ghosts.iter().map(|(p, n)| (p.as_str(), *n)));
+    let total: u64 = all().map(|(_, n)| n).sum();
     if total > limit {
-        let biggest = files.iter().max_by_key(|f| f.size).map(|f| (f.path.as_str(), f.size)).unwrap_or(("?", 0));
+        let biggest = all().max_by_key(|&(_, n)| n).unwrap_or(("?", 0));
         return Err(too_big(root, total, limit, biggest));
     }
     let mnt = if files.is_empty() && dirs.is_empty() {
@@ -737,7 +749,7 @@ mod tests {
         let e = too_big(42, 5 << 20, 1 << 20, ("/dev/shm/big", 4 << 20));
         assert_eq!(
             e.to_string(),
-            "node-local files of process 42 take 5.0 MiB, more than node_local_files_max (1.0 MiB); the biggest is /dev/shm/big (4.0 MiB)"
+            "node-local and deleted files of process 42 take 5.0 MiB, more than node_local_files_max (1.0 MiB); the biggest is /dev/shm/big (4.0 MiB)"
         );
     }
 }

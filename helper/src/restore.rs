@@ -23,6 +23,12 @@ pub struct RestoreRequest {
     /// Refuse images whose manifest names another user or job.
     pub expected_uid: Option<u32>,
     pub expected_job: Option<u32>,
+    /// What the restored program gets in place of the Slurm PMI socket it
+    /// had, if it had one (pmi.rs).
+    pub slurm_pmi: Option<File>,
+    /// The network namespace to restore in (the one `slurm_pmi` was made
+    /// in); None: a new one, if the container had its own.
+    pub net_ns: Option<File>,
 }
 
 /// CRIU's log and the restored root's pid, in the work directory.
@@ -114,7 +120,7 @@ impl Placeholder {
     /// Re-creates the checkpointed container from the manifest's request,
     /// through the same policy as a fresh start (the manifest is root's,
     /// but everything in it came from the user), running the placeholder.
-    fn start(settings: &Settings, m: &Manifest) -> Result<Placeholder> {
+    fn start(settings: &Settings, m: &Manifest, net_ns: Option<&File>) -> Result<Placeholder> {
         let user = User::lookup(m.owner.uid, m.owner.gid)?;
         let request = launch::Request { argv: &m.container.argv, cwd: &m.container.cwd, env: &m.container.env };
         let launch = launch::prepare(settings, &user, &request, Some(PLACEHOLDER))?;
@@ -138,7 +144,15 @@ impl Placeholder {
             .env_clear()
             .envs(launch.env.iter().cloned())
             .current_dir("/");
-        let mut child = namespaces::spawn_init(&mut cmd, m.container.network).context(|| format!("cannot start {}", launch.argv[0]))?;
+        let made;
+        let net_ns = match net_ns {
+            Some(ns) => Some(ns),
+            None => {
+                made = namespaces::net_ns_for(m.container.network).context(|| "network namespace".into())?;
+                made.as_ref()
+            }
+        };
+        let mut child = namespaces::spawn_init(&mut cmd, net_ns).context(|| format!("cannot start {}", launch.argv[0]))?;
         let me = std::process::id() as Pid;
         let own_mnt = procfs::ns_inode(me, "mnt").context(|| "own namespaces".into())?;
         let own_user = procfs::ns_inode(me, "user").context(|| "own namespaces".into())?;
@@ -279,7 +293,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     let work = work_dir.path.clone();
     let work_file = File::open(&work).context(|| format!("cannot open {}", work.display()))?;
     let listener = Serve::bind(&work, m.owner.uid, m.owner.gid)?;
-    let placeholder = Placeholder::start(settings, &m)?;
+    let placeholder = Placeholder::start(settings, &m, req.net_ns.as_ref())?;
     phase("placeholder runs");
     // CRIU reopens them by path: node-local files first (node_local.rs).
     let ready = pids_free(&placeholder, &m).and_then(|()| crate::node_local::recreate(&m, &req.images, &placeholder.payload));
@@ -289,6 +303,15 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
     }
 
     let mut options = criu::Options::restore(RESTORE_LOG, RESTORE_PID);
+    let mut inherited = Vec::new();
+    if let Some(p) = &m.process.slurm_pmi {
+        let Some(ours) = req.slurm_pmi.as_ref().and_then(|f| f.try_clone().ok()) else {
+            placeholder.kill();
+            return fail("the checkpointed program held Slurm's PMI socket, and this run's task has none (is it still `srun --mpi=pmi2`?)");
+        };
+        options.inherit_fd(criu::PMI_FD, &format!("socket:[{}]", p.inode));
+        inherited.push((ours, criu::PMI_FD));
+    }
     let (stdio, relay_ends) = match restored_stdio(&m, &mut options) {
         Ok(x) => x,
         Err(e) => {
@@ -304,6 +327,7 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         groups: crate::core_images::restored_groups(&req.images, &m)?,
         caps: CRIU_CAPS,
         images_dir: &work_file,
+        inherited,
         options,
     };
     // The namespace CRIU joins is opened by pid: it must still be the

@@ -42,6 +42,17 @@ pub fn setsid() -> io::Result<()> {
     check(unsafe { libc::setsid() }).map(drop)
 }
 
+/// Bytes a socket has received and not yet read (`SIOCINQ`), and bytes it
+/// has sent that its peer has not yet read (`SIOCOUTQ`).
+pub fn socket_queues(fd: RawFd) -> io::Result<(usize, usize)> {
+    let (mut inq, mut outq): (libc::c_int, libc::c_int) = (0, 0);
+    // SAFETY: ioctl(FIONREAD/TIOCOUTQ, = SIOCINQ/SIOCOUTQ) write one c_int
+    // into the pointed-to local.
+    check(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut inq) })?;
+    check(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) })?;
+    Ok((inq as usize, outq as usize))
+}
+
 /// A close-on-exec copy of `fd` at the lowest free number >= `min`.
 pub fn dup_cloexec_above(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) on integers.

@@ -211,6 +211,7 @@ impl StepState {
         cmd.args(["--step-tasks", &tasks.to_string(), "--step-nodes", &nodes.to_string()]);
         cmd.args(["--uid", &spank.job_uid()?.to_string(), "--gid", &spank.job_gid()?.to_string()]);
         cmd.args(["--restart-count", restarts.trim(), "--task-pid", &spank.task_pid()?.to_string()]);
+        cmd.args(["--stepd-pid", &std::process::id().to_string()]);
         if protection == Protection::Watch {
             cmd.arg("--watch");
         }

@@ -1,6 +1,7 @@
 //! Real HPC applications, checkpointed when Slurm requeues or preempts their
 //! job and restored on the requeued run: Debian sid's LAMMPS and GROMACS,
-//! linked with Open MPI, and AutoDock Vina, in the application SIF (`cluster/apps.sh`). The
+//! linked with Open MPI, NWChem linked with MPICH under `srun --mpi=pmi2`,
+//! and AutoDock Vina, in the application SIF (`cluster/apps.sh`). The
 //! measure is the program's state: the run goes on from the saved step and
 //! prints what an uninterrupted run of the same input prints, every step
 //! exactly once, in the same output files.
@@ -355,4 +356,57 @@ fn autodock_vina_requeued_restores_on_the_other_node_with_the_same_poses() {
     assert_eq!(job.lines("out.pdbqt"), reference.lines("out.pdbqt"), "out.pdbqt differs from an uninterrupted run");
     job.cleanup(c);
     reference.cleanup(c);
+}
+
+/// NWChem, built with MPICH: the MPI that Slurm can launch here (Debian's
+/// Slurm has only the `pmi2` plugin; Open MPI needs `pmix`).
+const NWCHEM: &str = "nwchem.mpich dimer.nw";
+
+fn nwchem_energies(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| l.contains("Total DFT energy =")).collect()
+}
+
+fn nwchem_job(c: &Cluster, sbatch_args: &[&str], srun_args: &str) -> BatchJob {
+    let sif = c.apps_sif();
+    // Copied out by a protected container: unprotected, Apptainer would
+    // first unpack the whole SIF (no squashfuse on the nodes).
+    let setup = format!("srun --checkpoint-container -w node1 apptainer -s exec {sif} cp /opt/apps/nwchem/dimer.nw .");
+    c.submit_job(sbatch_args, Some(&setup), |dir| (format!("cd {dir}\nsrun {srun_args} apptainer -s exec {sif} {NWCHEM}"), 0, 0))
+}
+
+/// A one-rank `srun --mpi=pmi2` step of an MPICH program: its PMI socket to
+/// slurmstepd is carried across the checkpoint (helper/src/pmi.rs), so the
+/// restored NWChem's MPI_Finalize (a PMI barrier) talks to the slurmstepd of
+/// the run it was restored in. Requeued in the middle of its optimisation
+/// and restored on node2, it converges with the energies of an uninterrupted
+/// run, every one printed once.
+#[test]
+fn nwchem_under_srun_pmi2_requeued_restores_on_the_other_node_with_the_uninterrupted_energies() {
+    let c = cluster();
+    let job = nwchem_job(c, &["-w", "node1"], "--mpi=pmi2 -n 1");
+    let reference = nwchem_job(c, &["-w", "node1"], "--mpi=pmi2 -n 1");
+    requeue_when(c, &job, || nwchem_energies(&job.output()).len() >= 6);
+    c.release(job.id, Some("node2"));
+    assert_restored_once(c, &job, "node2");
+    assert_eq!(c.wait_job(reference.id, 3 * MINUTE), "COMPLETED", "{}", reference.output());
+    let (out, expected) = (job.output(), reference.output());
+    assert!(expected.contains("Optimization converged") && out.contains("Optimization converged"), "{out}");
+    assert!(nwchem_energies(&expected).len() > 10, "{expected}");
+    assert_eq!(nwchem_energies(&out), nwchem_energies(&expected), "energies differ from an uninterrupted run");
+    job.cleanup(c);
+    reference.cleanup(c);
+}
+
+/// A job that gives UCX its SysV transport back (`UCX_TLS`, its own value
+/// wins over the protected container's default) gets one line saying why
+/// its checkpoint is not taken, and starts over.
+#[test]
+fn nwchem_with_ucx_sysv_is_not_checkpointed_and_says_why() {
+    let c = cluster();
+    let job = nwchem_job(c, &["-w", "node1", "--export=ALL,UCX_TLS=all"], "--mpi=pmi2 -n 1");
+    requeue_when(c, &job, || !nwchem_energies(&job.output()).is_empty());
+    let out = job.output();
+    let line = out.lines().find(|l| l.contains("checkpoint of task 0 of step")).unwrap_or_default();
+    assert!(line.contains("has SysV shared memory attached (shmget)") && line.ends_with("it will run again from the start"), "{out}");
+    job.cleanup(c);
 }

@@ -76,12 +76,26 @@ fn node_local_files_over_the_site_limit_fail_the_checkpoint_in_one_line() {
     let out = job.job.output();
     let line = out.lines().find(|l| l.contains("checkpoint of task 0 of step")).unwrap_or_default();
     // One line: the total, the limit and the biggest file, then what happens.
-    assert!(line.contains(" failed: node-local files of process ") && line.contains(" take 1.0 MiB, more than "), "{out}");
+    assert!(line.contains(" failed: node-local and deleted files of process ") && line.contains(" take 1.0 MiB, more than "), "{out}");
     let tail = format!("node_local_files_max (64.0 KiB); the biggest is {} (1.0 MiB); it will run again from the start", job.shm);
     assert!(line.ends_with(&tail), "{line}");
     c.release(job.job.id, Some("node1"));
     assert_eq!(c.wait_job(job.job.id, 2 * MINUTE), "COMPLETED", "{}", job.job.output());
     job.assert_started_over();
+    job.cleanup(c);
+}
+
+/// Deleted files count too: CRIU would copy them into the checkpoint.
+#[test]
+fn deleted_files_over_the_site_limit_fail_the_checkpoint_in_one_line() {
+    let c = cluster();
+    let _limit = PlugstackOverride::new(c, |line| format!("{line} node_local_files_max=64KiB"));
+    let job = c.submit_shm_job_holding(&["-w", "node1"], 40, 1 << 20, 16, "--unlink");
+    requeue_after(c, &job, 5);
+    let out = job.job.output();
+    let line = out.lines().find(|l| l.contains("checkpoint of task 0 of step")).unwrap_or_default();
+    let tail = format!("the biggest is {} (deleted) (1.0 MiB); it will run again from the start", job.shm);
+    assert!(line.contains(" take 1.0 MiB, more than node_local_files_max (64.0 KiB)") && line.ends_with(&tail), "{out}");
     job.cleanup(c);
 }
 

@@ -362,3 +362,20 @@ fn the_restored_program_is_confined_to_the_new_jobs_cgroups() {
     assert!(cpus.trim().parse::<u32>().is_ok(), "one CPU: {cpus}");
     job.cleanup(c);
 }
+
+/// Under `--mpi=pmi2` (a site's `MpiDefault=pmi2` gives every step this) a
+/// program that never talks to Slurm's PMI still holds its socket: the
+/// relay's end is carried over, and the restored program gets the new
+/// run's, with nothing said for it.
+#[test]
+fn a_one_task_pmi2_step_of_a_program_that_never_talks_pmi_restores_on_the_other_node() {
+    let c = cluster();
+    let job = c.submit_workload_job(&["-w", "node1"], &["srun --mpi=pmi2 {W} --out /data/out.txt"], 64, 80);
+    requeue_after(c, &job, "out.txt", 10);
+    let manifest = c.exec("node1", "root", &[HELPER, "inspect", "--verify", &job.checkpoint_of(0, 0)]).ok().stdout;
+    assert!(manifest.contains("[process.slurm_pmi]") && !manifest.contains("init_version"), "{manifest}");
+    c.release(job.id, Some("node2"));
+    assert_restored_and_cleaned(c, &job, 1);
+    job.assert_continued("out.txt");
+    job.cleanup(c);
+}

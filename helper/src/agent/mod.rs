@@ -87,6 +87,10 @@ pub struct Task {
     /// The task process the plugin saw forked: the only client accepted
     #[arg(long)]
     pub task_pid: Pid,
+    /// The step's slurmstepd (the plugin's process): the only peer of a PMI
+    /// socket the agent relays (pmi.rs)
+    #[arg(long)]
+    pub stepd_pid: Option<u32>,
     /// Minutes before its time limit the job asked to be checkpointed and
     /// requeued (its --checkpoint-before-time-limit; none: the site's
     /// checkpoint_before_time_limit)

@@ -3,7 +3,7 @@
 
 use super::layout::list_checkpoint;
 use super::messages::tell_user;
-use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
+use super::spawn::{spawn_for_task, task_cgroups, Running, Start, RESTORE_NET_NS_FD, RESTORE_PMI_FD, RESTORE_STATUS_FD};
 use super::*;
 use crate::checkpoint::{dump, CheckpointRequest};
 use crate::error::{Context, EngineError, Result};
@@ -27,6 +27,7 @@ use std::time::Duration;
 /// it re-creates the container from the manifest through the same policy
 /// as a fresh start). Returns None, after telling the user why, when there
 /// is nothing usable.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn try_restore(
     settings_args: &[String],
     t: &Task,
@@ -34,6 +35,7 @@ pub(super) fn try_restore(
     dir: &Path,
     argv: &[String],
     stdio: &[OwnedFd; 3],
+    slurm_pmi: Option<&OwnedFd>,
     stderr: &mut File,
 ) -> Result<Option<Running>> {
     if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
@@ -54,15 +56,56 @@ pub(super) fn try_restore(
         tell_user(stderr, &format!("{} starts fresh: its command differs from the checkpointed one", t.name()));
         return Ok(None);
     }
+    // The restored program talks to this run's slurmstepd through a new
+    // relay, which lets it through only once it is restored.
+    let relay = match (&m.process.slurm_pmi, slurm_pmi) {
+        (None, _) => None,
+        (Some(_), None) => {
+            let why = "its program held Slurm's PMI socket, and this run gives the task none (not `srun --mpi=pmi2` this time?)";
+            tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
+            return Ok(None);
+        }
+        (Some(_), Some(fd)) if crate::pmi::check_slurm_socket(fd, t.stepd_pid).is_err() => {
+            tell_user(stderr, &format!("{} starts fresh: PMI_FD names no socket of this step's slurmstepd", t.name()));
+            return Ok(None);
+        }
+        (Some(p), Some(fd)) => {
+            // Made in the namespace the restore then makes the container in.
+            let net_ns = crate::namespaces::net_ns_for(m.container.network).context(|| "network namespace".into())?;
+            Some((
+                crate::pmi::Relay::new(
+                    fd,
+                    p.init_version.map(|[version, subversion]| crate::pmi::Version { version, subversion }),
+                    net_ns.as_ref(),
+                )
+                .context(|| "PMI relay".into())?,
+                net_ns,
+            ))
+        }
+    };
     let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context(|| "pipe".into())?;
     let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
     let mut restore_argv = vec![helper];
     restore_argv.extend_from_slice(settings_args);
     restore_argv.extend(["restore", "--images"].map(String::from));
     restore_argv.push(dir.to_string_lossy().into_owned());
-    restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string(), "--status-fd".into(), "3".into()]);
+    restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string()]);
+    restore_argv.extend(["--status-fd".into(), RESTORE_STATUS_FD.to_string()]);
+    if let Some((_, net_ns)) = &relay {
+        restore_argv.extend(["--pmi-fd".into(), RESTORE_PMI_FD.to_string()]);
+        if net_ns.is_some() {
+            restore_argv.extend(["--net-ns-fd".into(), RESTORE_NET_NS_FD.to_string()]);
+        }
+    }
     let cgroups = task_cgroups(t, task)?;
-    let how = Start::Restore { status_fd: status_w };
+    let slurm_pmi = match &relay {
+        Some((r, net_ns)) => {
+            let net = net_ns.as_ref().map(|n| n.try_clone().map(OwnedFd::from)).transpose().context(|| "dup".into())?;
+            Some((r.container_end.try_clone().context(|| "dup".into())?, net))
+        }
+        None => None,
+    };
+    let how = Start::Restore { status_fd: status_w, slurm_pmi };
     let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], &how)?;
     drop(how);
     // "restored PID LINE": the program's pid on the node, and the line for
@@ -91,6 +134,15 @@ pub(super) fn try_restore(
         }
         let mut running = Running::new(child, pid, t.uid)?;
         running.restored = Some(said.to_string()).filter(|s| !s.is_empty());
+        if let Some((relay, _)) = relay {
+            match relay.go(true) {
+                Ok(flowing) => running.slurm_pmi = Some(flowing),
+                Err(e) => tell_user(
+                    stderr,
+                    &format!("warning: {}: Slurm's PMI does not take it back ({e}): its next MPI call to Slurm fails", t.name()),
+                ),
+            }
+        }
         return Ok(Some(running));
     }
     // The restore command has told the user why; start fresh.
@@ -138,6 +190,7 @@ pub(super) fn checkpoint_request(
         expected_uid: Some(t.uid),
         leave_running,
         started_in: Some((started.cwd.to_string(), started.env.to_vec())),
+        slurm_pmi: running.slurm_pmi.clone(),
     })
 }
 
@@ -269,7 +322,7 @@ pub(super) fn restore_step(
     let checked = step_checkpoints_agree(settings, t);
     let mut restored = None;
     let mine = match checked {
-        Ok(()) => match try_restore(settings_args, t, task, ckpt, argv, stdio, stderr)? {
+        Ok(()) => match try_restore(settings_args, t, task, ckpt, argv, stdio, None, stderr)? {
             Some(r) => {
                 restored = Some(r);
                 Ok(())

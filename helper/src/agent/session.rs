@@ -166,6 +166,8 @@ pub(super) fn serve(
 ) -> Result<()> {
     let Client { stream, mut channel, process: task, fds } = client;
     let protocol::TaskFds { stdio, extra: slurm_fds } = fds;
+    // What Slurm gives beyond stdio is its PMI-2 socket (task.rs sends only that).
+    let slurm_pmi = slurm_fds.first();
     let Started { argv, cwd, env, runtime } = start;
     if argv.is_empty() {
         return fail(format!("{}: the task sent an empty command", t.name()));
@@ -192,6 +194,11 @@ pub(super) fn serve(
              to protect an MPI program, start it with mpirun inside one container (srun -n1 … apptainer exec IMAGE mpirun -np N …)",
             t.step_tasks
         )),
+        // Root relays the PMI socket (pmi.rs): it must be slurmstepd's,
+        // whose child this agent is.
+        _ if slurm_pmi.is_some_and(|(_, fd)| crate::pmi::check_slurm_socket(fd, t.stepd_pid).is_err()) => {
+            fail("PMI_FD names no socket of this step's slurmstepd")
+        }
         Some(r) if launch::is_site_runtime(settings, r) => {
             task_checkpoint_dir(settings, t).and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?)))
         }
@@ -213,10 +220,12 @@ pub(super) fn serve(
     let restored = match restore {
         Restore::No => None,
         Restore::IfThere if t.step().is_coupled() => restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?,
-        Restore::IfThere => try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?.map(|mut r| {
-            go_on_restored(t, &mut r);
-            r
-        }),
+        Restore::IfThere => {
+            try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, slurm_pmi.map(|(_, fd)| fd), stderr)?.map(|mut r| {
+                go_on_restored(t, &mut r);
+                r
+            })
+        }
     };
     let mut running = match restored {
         Some(r) => {
@@ -227,9 +236,22 @@ pub(super) fn serve(
             let cgroups = task_cgroups(t, &task)?;
             // The task's groups (the view sets them), not the node's lookup.
             let view = TaskView::read(&task).context(|| format!("{}: the task's settings", t.name()))?;
-            let how = Start::Container { network: settings.container_network, view, slurm_fds: &slurm_fds };
+            let net_ns = crate::namespaces::net_ns_for(settings.container_network).context(|| "network namespace".into())?;
+            // Slurm's PMI socket reaches the container through a relay.
+            let relay =
+                slurm_pmi.map(|(n, fd)| Ok::<_, std::io::Error>((*n, crate::pmi::Relay::new(fd, None, net_ns.as_ref())?))).transpose();
+            let relay = relay.context(|| "PMI relay".into())?;
+            let given: Vec<(std::os::fd::RawFd, std::os::fd::OwnedFd)> = match &relay {
+                Some((n, r)) => vec![(*n, r.container_end.try_clone().context(|| "dup".into())?)],
+                None => vec![],
+            };
+            let how = Start::Container { network: settings.container_network, net_ns: net_ns.as_ref(), view, slurm_fds: &given };
             let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &how)?;
-            Running::new(child, None, t.uid)?
+            drop(how);
+            drop(given);
+            let mut running = Running::new(child, None, t.uid)?;
+            running.slurm_pmi = relay.map(|(_, r)| r.go(false)).transpose().context(|| "PMI relay".into())?;
+            running
         }
     };
 

@@ -32,12 +32,24 @@ pub(super) struct Running {
     pub(super) payload: Option<procfs::PidFd>,
     /// What the restore that started it said, for the user.
     pub(super) restored: Option<String>,
+    /// Its end of Slurm's PMI-2 relay, when the task has that socket.
+    pub(super) slurm_pmi: Option<crate::pmi::Flowing>,
+}
+
+impl Drop for Running {
+    /// The container is over for this agent: its PMI relay too, even if the
+    /// container's end of it lives on elsewhere.
+    fn drop(&mut self) {
+        if let Some(p) = &self.slurm_pmi {
+            p.stop();
+        }
+    }
 }
 
 impl Running {
     pub(super) fn new(child: Child, payload: Option<Pid>, uid: u32) -> Result<Running> {
         let child_fd = procfs::PidFd::open(child.id() as Pid).context(|| "pidfd of the container".into())?;
-        let mut r = Running { child, child_fd, payload: None, restored: None };
+        let mut r = Running { child, child_fd, payload: None, restored: None, slurm_pmi: None };
         r.payload = payload.and_then(|p| checked_payload(p, uid));
         Ok(r)
     }
@@ -69,16 +81,24 @@ pub(super) fn checked_payload(pid: Pid, uid: u32) -> Option<procfs::PidFd> {
     procfs::ns_inode(pid, "mnt").is_ok_and(|n| n != own).then_some(fd)
 }
 
+/// Where the restore command gets its status pipe, the PMI relay's end
+/// and the network namespace that end was made in.
+pub(super) const RESTORE_STATUS_FD: RawFd = 3;
+pub(super) const RESTORE_PMI_FD: RawFd = 4;
+pub(super) const RESTORE_NET_NS_FD: RawFd = 5;
+
 /// How the agent starts a program for the task.
 // One value per start, on the stack: its size does not matter.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Start<'a> {
-    /// The restore command, which makes the container's namespaces itself.
-    Restore { status_fd: OwnedFd },
+    /// The restore command, which makes the container's namespaces itself;
+    /// its status fd at 3, the PMI relay's end at 4 (pmi.rs) and the
+    /// network namespace that end was made in at 5.
+    Restore { status_fd: OwnedFd, slurm_pmi: Option<(OwnedFd, Option<OwnedFd>)> },
     /// A container: under our init, in namespaces of its own, with the
     /// task's groups, limits, umask and CPU affinity (`view`), and the
     /// descriptors Slurm gave the task beyond stdio (at their numbers).
-    Container { network: ContainerNetwork, view: TaskView, slurm_fds: &'a [(RawFd, OwnedFd)] },
+    Container { network: ContainerNetwork, net_ns: Option<&'a std::fs::File>, view: TaskView, slurm_fds: &'a [(RawFd, OwnedFd)] },
 }
 
 /// Spawns `argv` as root for the task, in its cgroups, with its stdio, in
@@ -102,7 +122,14 @@ pub(super) fn spawn_for_task(
     // it takes from the task (the restore itself is root's and keeps root's
     // settings).
     let (extra, view): (Vec<(RawFd, RawFd)>, _) = match how {
-        Start::Restore { status_fd } => (vec![(3, status_fd.as_raw_fd())], None),
+        Start::Restore { status_fd, slurm_pmi } => {
+            let mut fds = vec![(RESTORE_STATUS_FD, status_fd.as_raw_fd())];
+            if let Some((pmi, net)) = slurm_pmi {
+                fds.push((RESTORE_PMI_FD, pmi.as_raw_fd()));
+                fds.extend(net.iter().map(|n| (RESTORE_NET_NS_FD, n.as_raw_fd())));
+            }
+            (fds, None)
+        }
         Start::Container { view, slurm_fds, .. } => (slurm_fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(), Some(view.clone())),
     };
     let mut cmd = Command::new(&argv[0]);
@@ -128,7 +155,7 @@ pub(super) fn spawn_for_task(
         });
     }
     match how {
-        Start::Container { network, .. } => namespaces::spawn_init(&mut cmd, *network),
+        Start::Container { net_ns, .. } => namespaces::spawn_init(&mut cmd, *net_ns),
         Start::Restore { .. } => cmd.spawn(),
     }
     .context(|| format!("cannot start {}", argv[0]))

@@ -102,3 +102,22 @@ fn a_process_that_ignores_sigterm_cannot_hold_the_batch_steps_end_past_its_bound
     job.assert_continued("out.txt");
     job.cleanup(c);
 }
+
+/// Root relays the PMI socket a container is given (helper/src/pmi.rs), so
+/// it must be the step's slurmstepd's: a script that names a descriptor of
+/// its own in `PMI_FD` (here a file it appends to; a socket to a daemon
+/// that trusts its senders' credentials would be the attack) gets its
+/// container run unprotected, with the reason, and root writes nothing
+/// into it.
+#[test]
+fn a_pmi_fd_that_is_not_slurmstepds_socket_is_not_relayed() {
+    let c = cluster();
+    let job =
+        c.submit_job(&["-w", "node1"], None, |dir| (format!("PMI_FD=7 apptainer -s exec {TEST_SIF} echo ran 7>>{dir}/mine.txt"), 0, 0));
+    let state = c.wait_job(job.id, std::time::Duration::from_secs(120));
+    let out = job.output();
+    assert_eq!(state, "COMPLETED", "{out}");
+    assert!(out.contains("runs unprotected: PMI_FD names no socket of this step's slurmstepd") && out.contains("ran"), "{out}");
+    assert_eq!(std::fs::metadata(job.host_dir.join("mine.txt")).map(|m| m.len()).ok(), Some(0), "{out}");
+    BatchJob::cleanup(&job, c);
+}
