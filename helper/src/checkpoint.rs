@@ -114,7 +114,9 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
 /// holds it: CRIU dumps it as external, and the restore gives the next
 /// run's relay in its place. A PMI exchange under way cannot be carried
 /// over (the restored program would wait for an answer that never comes).
-fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Option<manifest::SlurmPmi>> {
+/// Also what had crossed the relay then, to tell once CRIU is done that
+/// nothing crossed meanwhile.
+fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Option<(manifest::SlurmPmi, (u64, u64))>> {
     let Some(relay) = &req.slurm_pmi else { return Ok(None) };
     let target = format!("socket:[{}]", relay.inode);
     let held = pids
@@ -124,9 +126,9 @@ fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Option<manifest::S
         return Ok(None);
     }
     let not_now = |why: String| EngineError::Failed(format!("the program {why}: its restore would wait for Slurm forever"));
-    relay.quiet().map_err(not_now)?;
+    let crossed = relay.quiet().map_err(not_now)?;
     let said = relay.said_init().map_err(not_now)?;
-    Ok(Some(manifest::SlurmPmi { inode: relay.inode, init_version: said.map(|v| [v.version, v.subversion]) }))
+    Ok(Some((manifest::SlurmPmi { inode: relay.inode, init_version: said.map(|v| [v.version, v.subversion]) }, crossed)))
 }
 
 /// SysV shared memory lives in the node's IPC namespace, which CRIU could
@@ -278,7 +280,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
 
     let mut options = criu::Options::dump(root_pid, DUMP_LOG);
     options.ghost_limit(settings.node_local_files_max);
-    if let Some(p) = &slurm_pmi {
+    if let Some((p, _)) = &slurm_pmi {
         options.external(&format!("unix[{}]", p.inode));
     }
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
@@ -315,7 +317,8 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
     // container image's digest (the manifest pins what restore must find).
     // A tree left running waits only for its bytes to be moved.
     let summing = if req.leave_running { Summing::AfterDrain } else { Summing::WhileWriting };
-    let capture = Capture::start(listener, staging.images.clone(), settings.compression, summing);
+    let ghost_budget = settings.node_local_files_max.saturating_sub(node_local.bytes());
+    let capture = Capture::start(listener, staging.images.clone(), settings.compression, summing, ghost_budget);
     let image_path = req.image.clone();
     let image_digest = std::thread::spawn(move || storage::image_digest(&image_path));
     // A tree that ends: the replaced checkpoint leaves the cache while CRIU starts.
@@ -323,6 +326,8 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
     let uncached = (!req.leave_running).then(|| std::thread::spawn(move || storage::drop_cached_dir(&replaced)));
     let out = wait_with_timeout(child, DUMP_TIMEOUT);
     phase("CRIU done");
+    // What crossed the PMI relay meanwhile would be in neither run.
+    let pmi_moved = slurm_pmi.as_ref().and_then(|(_, crossed)| req.slurm_pmi.as_ref()?.still(*crossed).err());
     let drained = capture.finish();
     phase("images written");
     // Node-local files are copied while the tree is stopped (or gone):
@@ -333,7 +338,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
         }
         _ => None,
     };
-    let dumped = matches!((&out, &drained), (Ok(o), Ok(_)) if o.status.success());
+    let dumped = pmi_moved.is_none() && matches!((&out, &drained), (Ok(o), Ok(_)) if o.status.success());
     // Ended as CRIU ends a dumped tree by default, or continued (also after
     // a failed dump, which CRIU itself undoes).
     let then = if dumped && !req.leave_running { nix::sys::signal::Signal::SIGKILL } else { nix::sys::signal::Signal::SIGCONT };
@@ -356,6 +361,9 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
         // What happens to the container is the caller's to say; `dump`
         // names the earlier checkpoint, if there is one.
         return Err(EngineError::Criu(format!("CRIU could not dump process {}: {why}", req.pid)));
+    }
+    if let Some(why) = pmi_moved {
+        return Err(EngineError::Failed(format!("the program {why}")));
     }
     let mut files = streamed?;
     // The pids restore must keep free: those CRIU dumped. A listing of the
@@ -389,7 +397,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
             image_stamp,
             network,
         },
-        process: manifest::Process { root_pid, comm, pids: ids, stdio, slurm_pmi },
+        process: manifest::Process { root_pid, comm, pids: ids, stdio, slurm_pmi: slurm_pmi.map(|(p, _)| p) },
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
         files,
         node_local,

@@ -188,7 +188,11 @@ pub fn find(root: Pid, pids: &[Pid], uid: u32, gid: u32, limit: u64) -> Result<P
                 // file), which counts against the same limit.
                 if meta.is_file() && meta.nlink() == 0 && ghosts_seen.insert((meta.dev(), meta.ino())) {
                     let path = std::fs::read_link(entry.path()).map(|l| l.display().to_string()).unwrap_or_default();
-                    ghosts.push((path, meta.len()));
+                    // Shared anonymous memory and SysV segments show as
+                    // deleted files too; CRIU dumps them as memory.
+                    if !path.starts_with("/dev/zero") && !path.starts_with("/SYSV") {
+                        ghosts.push((path, meta.len()));
+                    }
                     continue;
                 }
                 let Some(&whole) = tmpfs.get(&meta.dev()) else { continue };
@@ -249,6 +253,11 @@ node-local files can travel with a checkpoint",
 impl Pending {
     pub fn is_empty(&self) -> bool {
         self.files.is_empty() && self.dirs.is_empty()
+    }
+
+    /// Bytes of the node-local files found (what `save` copies).
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
     }
 
     /// Copies each file, as the user, into `dir` (root-only): call once

@@ -66,14 +66,19 @@ struct Talk {
     /// The program's first bytes, up to the end of its first line.
     first: Vec<u8>,
     begun: bool,
-    /// A request went to slurmstepd and its whole answer has not been
-    /// passed on yet (a fence's answer waits for every rank).
-    awaiting: bool,
-    /// slurmstepd's bytes since the program's last request, while they are
-    /// not yet whole answers.
+    /// The program's bytes not yet whole requests, and slurmstepd's not
+    /// yet whole answers.
+    request: Vec<u8>,
     answer: Vec<u8>,
+    /// Whole requests and whole answers passed so far: a program may send
+    /// the next request before the last answer.
+    requests: u64,
+    answers: u64,
     /// Bytes read from one side and not yet written to the other.
     in_transit: usize,
+    /// Bytes passed each way, for telling whether anything crossed while
+    /// a checkpoint was taken.
+    crossed: (u64, u64),
 }
 
 impl Talk {
@@ -88,49 +93,65 @@ impl Talk {
             self.first.extend_from_slice(&bytes[..line.min(room)]);
         }
         self.begun = true;
-        self.awaiting = true;
-        self.answer.clear();
+        self.crossed.0 += bytes.len() as u64;
+        let frames = self.frames();
+        self.requests += whole_messages(&mut self.request, bytes, frames);
     }
 
     fn answered(&mut self, bytes: &[u8]) {
-        self.answer.extend_from_slice(bytes);
-        let frames = self.said().is_some_and(|v| v.version == 2);
-        self.awaiting = !whole_answers(&self.answer, frames);
-        if !self.awaiting {
-            self.answer.clear();
-        }
+        self.crossed.1 += bytes.len() as u64;
+        let frames = self.frames();
+        self.answers += whole_messages(&mut self.answer, bytes, frames);
+    }
+
+    /// PMI-2 frames its messages, after the init line; PMI-1.1 has lines.
+    fn frames(&self) -> bool {
+        self.said().is_some_and(|v| v.version == 2)
+    }
+
+    /// A request without its whole answer, or part of a message.
+    fn under_way(&self) -> bool {
+        self.requests != self.answers || !self.request.is_empty() || !self.answer.is_empty() || self.in_transit > 0
     }
 }
 
-/// Whether `bytes` are whole answers: lines (PMI-1.1, and the answer to any
-/// init), or with `frames` PMI-2's (a 6-character length, then as many
-/// bytes). What cannot be read as either is never whole: the checkpoint is
-/// refused rather than risk a restored program waiting forever.
-fn whole_answers(bytes: &[u8], frames: bool) -> bool {
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        if !frames || rest.starts_with(b"cmd=") {
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => rest = &rest[i + 1..],
-                None => return false,
-            }
+/// Adds `bytes` to the message `partial` holds the start of, and returns
+/// how many whole messages they completed (`partial` keeps the rest):
+/// lines (PMI-1.1, and any init and its answer), or with `frames` PMI-2's
+/// (a 6-character length, then as many bytes). What cannot be read as
+/// either stays partial for good: the checkpoint is then refused rather
+/// than risk a restored program waiting forever.
+fn whole_messages(partial: &mut Vec<u8>, bytes: &[u8], frames: bool) -> u64 {
+    partial.extend_from_slice(bytes);
+    let mut whole = 0;
+    loop {
+        let end = if !frames || partial.starts_with(b"cmd=") {
+            partial.iter().position(|&b| b == b'\n').map(|i| i + 1)
         } else {
-            let Some(len) = rest.get(..6).and_then(|h| std::str::from_utf8(h).ok()?.trim().parse::<usize>().ok()) else {
-                return false;
-            };
-            match rest.get(6 + len..) {
-                Some(after) => rest = after,
-                None => return false,
+            partial
+                .get(..6)
+                .and_then(|h| std::str::from_utf8(h).ok()?.trim().parse::<usize>().ok())
+                .map(|len| 6 + len)
+                .filter(|&end| end <= partial.len())
+        };
+        match end {
+            Some(end) if end > 0 => {
+                partial.drain(..end);
+                whole += 1;
             }
+            _ => return whole,
         }
     }
-    true
 }
 
 struct Shared {
     ours: UnixStream,
     slurm: UnixStream,
     talk: Mutex<Talk>,
+    /// Readable (at its end) once the relay is to stop: closing the
+    /// writing end wakes every thread waiting on it.
+    stop_r: OwnedFd,
+    stop_w: Mutex<Option<OwnedFd>>,
 }
 
 impl Shared {
@@ -164,7 +185,12 @@ pub fn check_slurm_socket(fd: &OwnedFd, stepd: Option<u32>) -> Result<(), String
     use nix::sys::socket::{getsockopt, sockopt, SockType};
     let stream = getsockopt(fd, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
     let peer = getsockopt(fd, sockopt::PeerCredentials).ok().filter(|c| c.uid() == 0 && Some(c.pid() as u32) == stepd);
-    if !stream || peer.is_none() {
+    // A socketpair's peer has no address; a connection to one of
+    // slurmstepd's listening sockets has that socket's (and its
+    // credentials, taken at listen()).
+    let unnamed = nix::sys::socket::getpeername::<nix::sys::socket::UnixAddr>(fd.as_raw_fd())
+        .is_ok_and(|a| a.path().is_none() && a.as_abstract().is_none());
+    if !stream || peer.is_none() || !unnamed {
         return Err("PMI_FD names no socket of this step's slurmstepd".into());
     }
     Ok(())
@@ -182,7 +208,9 @@ impl Relay {
             None => UnixStream::pair()?,
         };
         let talk = Talk { first: said.map(|v| v.line().into_bytes()).unwrap_or_default(), begun: said.is_some(), ..Default::default() };
-        let shared = Shared { ours, slurm: UnixStream::from(slurm.try_clone()?), talk: Mutex::new(talk) };
+        let (stop_r, stop_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let slurm = UnixStream::from(slurm.try_clone()?);
+        let shared = Shared { ours, slurm, talk: Mutex::new(talk), stop_r, stop_w: Mutex::new(Some(stop_w)) };
         Ok(Relay { container_end: theirs.into(), shared: Arc::new(shared) })
     }
 
@@ -221,33 +249,49 @@ impl Flowing {
     }
 
     /// With the program stopped: whether nothing is under way between it
-    /// and slurmstepd, so that a restored one can go on with a new relay;
-    /// else what is under way.
-    pub fn quiet(&self) -> Result<(), String> {
+    /// and slurmstepd, so that a restored one can go on with a new relay
+    /// (else what is under way), and what has crossed so far, for
+    /// [`Flowing::still`] once the dump is done.
+    pub fn quiet(&self) -> Result<(u64, u64), String> {
         let talk = self.shared.talk();
         let queues = |s: &UnixStream| crate::sys::socket_queues(s.as_raw_fd()).map_err(|e| format!("PMI relay: {e}"));
         let (unread_by_us, unread_by_it) = queues(&self.shared.ours)?;
         let (unread_from_slurm, _) = queues(&self.shared.slurm)?;
-        if talk.awaiting || talk.in_transit > 0 || unread_by_us > 0 || unread_by_it > 0 || unread_from_slurm > 0 {
+        if talk.under_way() || unread_by_us > 0 || unread_by_it > 0 || unread_from_slurm > 0 {
             return Err("was in the middle of an exchange with Slurm's PMI (MPI_Init, a fence, MPI_Finalize)".into());
         }
-        Ok(())
+        Ok(talk.crossed)
     }
 
-    /// Ends the relay (the container is gone): its threads return.
+    /// Whether nothing crossed since [`Flowing::quiet`] said `crossed`: a
+    /// process the stop did not reach (one continued from outside, or one
+    /// outside the container holding its end) may have talked meanwhile.
+    pub fn still(&self, crossed: (u64, u64)) -> Result<(), String> {
+        match self.shared.talk().crossed == crossed {
+            true => Ok(()),
+            false => Err("talked to Slurm's PMI while it was being checkpointed".into()),
+        }
+    }
+
+    /// Ends the relay (the container is gone): its threads return, closing
+    /// root's copies of both sockets; slurmstepd's is closed, never shut
+    /// down, so the task's own copy keeps it as it was.
     pub fn stop(&self) {
-        let _ = self.shared.ours.shutdown(std::net::Shutdown::Both);
+        self.shared.stop_w.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
-/// Copies from `from` to `to` until `from` ends, or `watch` hangs up
-/// (the container's end, watched while waiting on slurmstepd's, which may
-/// stay silent for the rest of the step). Each read is noted in the talk
-/// under its lock, with the bytes counted in transit until written.
+/// Copies from `from` to `to` until `from` ends, the relay is stopped, or
+/// `watch` hangs up (the container's end, watched while waiting on
+/// slurmstepd's, which may stay silent for the rest of the step). Each read
+/// is noted in the talk under its lock, with the bytes counted in transit
+/// until written. Nothing here waits but in poll with the stop pipe, so no
+/// peer that stops reading holds a thread (and root's copy of slurmstepd's
+/// socket) past the stop.
 fn relay(shared: &Shared, from: &UnixStream, to: &UnixStream, watch: Option<&UnixStream>, note: fn(&mut Talk, &[u8])) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let mut fds = vec![PollFd::new(from.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(shared.stop_r.as_fd(), PollFlags::POLLIN), PollFd::new(from.as_fd(), PollFlags::POLLIN)];
         if let Some(w) = watch {
             fds.push(PollFd::new(w.as_fd(), PollFlags::empty()));
         }
@@ -256,8 +300,9 @@ fn relay(shared: &Shared, from: &UnixStream, to: &UnixStream, watch: Option<&Uni
             Err(_) => return,
             Ok(_) => {}
         }
-        let hung_up = |f: &PollFd| f.revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL));
-        if fds.get(1).is_some_and(hung_up) {
+        let woke = |f: &PollFd, flags: PollFlags| f.revents().is_some_and(|r| r.intersects(flags));
+        let gone = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
+        if woke(&fds[0], gone) || fds.get(2).is_some_and(|f| woke(f, gone)) {
             return;
         }
         let n = {
@@ -273,23 +318,34 @@ fn relay(shared: &Shared, from: &UnixStream, to: &UnixStream, watch: Option<&Uni
                 Err(_) => return,
             }
         };
-        let written = write_all(to, &buf[..n]);
+        let written = write_all(shared, to, &buf[..n]);
         shared.talk().in_transit -= n;
-        if written.is_err() {
+        if !written {
             return;
         }
     }
 }
 
-fn write_all(to: &UnixStream, mut bytes: &[u8]) -> io::Result<()> {
+/// Writes all of `bytes` to `to`, waiting for room in poll with the stop
+/// pipe; false once stopped, or when `to` fails.
+fn write_all(shared: &Shared, to: &UnixStream, mut bytes: &[u8]) -> bool {
     while !bytes.is_empty() {
-        match send(to.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+        match send(to.as_raw_fd(), bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
             Ok(n) => bytes = &bytes[n..],
             Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
+            Err(nix::errno::Errno::EAGAIN) => {
+                let mut fds = [PollFd::new(shared.stop_r.as_fd(), PollFlags::POLLIN), PollFd::new(to.as_fd(), PollFlags::POLLOUT)];
+                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => return false,
+                    Ok(_) if fds[0].revents().is_some_and(|r| !r.is_empty()) => return false,
+                    Ok(_) => {}
+                }
+            }
+            Err(_) => return false,
         }
     }
-    Ok(())
+    true
 }
 
 /// Says the program's init to slurmstepd on behalf of the restored program
@@ -393,7 +449,7 @@ mod tests {
         let mut back = [0u8; 15];
         container.read_exact(&mut back).unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(flowing.quiet(), Ok(()));
+        assert!(flowing.quiet().is_ok());
         drop(container);
         std::thread::sleep(Duration::from_millis(50));
         drop(flowing);
@@ -426,7 +482,7 @@ mod tests {
         let relay = Relay::new(&slurm.into(), Some(Version { version: 2, subversion: 0 }), None).unwrap();
         let mut container = UnixStream::from(relay.container_end.try_clone().unwrap());
         let flowing = relay.go(false).unwrap();
-        container.write_all(b"17    cmd=kvs-fence;").unwrap();
+        container.write_all(b"14    cmd=kvs-fence;").unwrap();
         let mut got = [0u8; 20];
         far.read_exact(&mut got).unwrap();
         assert!(flowing.quiet().is_err(), "no answer yet");
@@ -441,16 +497,34 @@ mod tests {
         assert!(flowing.quiet().is_err(), "answered, not yet read by the program");
         let mut body = [0u8; 28];
         container.read_exact(&mut body).unwrap();
-        assert_eq!(flowing.quiet(), Ok(()));
+        let crossed = flowing.quiet().unwrap();
+        assert_eq!(flowing.still(crossed), Ok(()));
+        // The next request before the answer to one sent with it.
+        container.write_all(b"12    cmd=kvs-get;12    cmd=kvs-get;").unwrap();
+        far.read_exact(&mut [0u8; 36]).unwrap();
+        far.write_all(b"21    cmd=kvs-get-response;").unwrap();
+        container.read_exact(&mut [0u8; 27]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(flowing.quiet().is_err(), "one request of two answered");
+        assert!(flowing.still(crossed).is_err(), "bytes crossed since");
     }
 
     #[test]
-    fn whole_answers_are_lines_or_frames() {
-        assert!(whole_answers(b"cmd=response_to_init rc=0\n", true));
-        assert!(!whole_answers(b"cmd=barrier_out", false));
-        assert!(whole_answers(b"11    cmd=x;rc=0;5     cmd=y", true));
-        assert!(!whole_answers(b"11    cmd=x;rc=0;5     cmd", true));
-        assert!(!whole_answers(b"junk!!", true));
+    fn whole_messages_are_lines_or_frames() {
+        let count = |bytes: &[u8], frames| {
+            let mut partial = Vec::new();
+            (whole_messages(&mut partial, bytes, frames), partial)
+        };
+        assert_eq!(count(b"cmd=response_to_init rc=0\n", true), (1, vec![]));
+        assert_eq!(count(b"cmd=barrier_out", false), (0, b"cmd=barrier_out".to_vec()));
+        assert_eq!(count(b"11    cmd=x;rc=0;5     cmd=y", true), (2, vec![]));
+        assert_eq!(count(b"11    cmd=x;rc=0;5     cmd", true), (1, b"5     cmd".to_vec()));
+        assert_eq!(count(b"junk!!", true).0, 0);
+        // Split anywhere, counted once whole.
+        let mut partial = Vec::new();
+        assert_eq!(whole_messages(&mut partial, b"11   ", true), 0);
+        assert_eq!(whole_messages(&mut partial, b" cmd=x;rc=0;", true), 1);
+        assert!(partial.is_empty());
     }
 
     #[test]
@@ -466,6 +540,13 @@ mod tests {
         // A socketpair's peer is its maker: here this test, as root.
         let (mine, _peer) = UnixStream::pair().unwrap();
         let mine: OwnedFd = mine.into();
+        let dir = std::env::temp_dir().join(format!("pmi-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let listener = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+        let connected: OwnedFd = UnixStream::connect(&dir).unwrap().into();
+        let _ = std::fs::remove_file(&dir);
+        drop(listener);
+        assert!(check_slurm_socket(&connected, Some(std::process::id())).is_err(), "a connection to a listening socket of its");
         assert!(check_slurm_socket(&mine, Some(std::process::id() + 1)).is_err(), "another process's pair");
         if nix::unistd::geteuid().is_root() {
             assert_eq!(check_slurm_socket(&mine, Some(std::process::id())), Ok(()));

@@ -120,7 +120,8 @@ pub fn recv_task_fds(stream: &UnixStream) -> Result<TaskFds> {
         crate::sys::recv_with_fds::<{ 3 + MAX_EXTRA_FDS }>(stream, &mut payload).context(|| "cannot receive the task's stdio".into())?;
     let text = std::str::from_utf8(&payload[..len]).ok().and_then(|t| t.strip_prefix('S'));
     let numbers: Option<Vec<RawFd>> =
-        text.and_then(|t| t.split(',').filter(|n| !n.is_empty()).map(|n| n.parse::<RawFd>().ok().filter(|&n| n > 2)).collect());
+        // Below the numbers the agent moves descriptors to (spawn.rs).
+        text.and_then(|t| t.split(',').filter(|n| !n.is_empty()).map(|n| n.parse::<RawFd>().ok().filter(|&n| n > 2 && n < 100)).collect());
     match numbers {
         Some(numbers) if received.len() == 3 + numbers.len() => {
             let extra_fds = received.split_off(3);

@@ -26,7 +26,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -223,13 +223,20 @@ impl Capture {
         bind(criu_dir, CAPTURE_SOCKET, uid, gid)
     }
 
-    pub fn start(listener: UnixListener, images: PathBuf, compression: Compression, summing: Summing) -> Capture {
+    /// `ghost_budget`: the most bytes CRIU's copies of deleted files
+    /// (`ghost-file-*`) may take together; past it the dump fails. What
+    /// the tree showed before the dump was counted already (node_local.rs);
+    /// this also bounds what it did not show (a deleted file passed in a
+    /// socket's queue, one deleted after the look).
+    pub fn start(listener: UnixListener, images: PathBuf, compression: Compression, summing: Summing, ghost_budget: u64) -> Capture {
+        let ghosts = Arc::new(AtomicU64::new(0));
         Capture(Server::start(listener, move |sock| {
             per_file(sock, |sock, name| {
                 let pipe = receive_pipe(sock)?;
                 let path = images.join(&name);
                 let zstd = compression == Compression::Zstd && name.starts_with("pages-");
-                Ok(Some(Box::new(move || capture_file(pipe, &path, name, zstd, summing))))
+                let budget = name.starts_with("ghost-file-").then(|| (ghosts.clone(), ghost_budget));
+                Ok(Some(Box::new(move || capture_file(pipe, &path, name, zstd, summing, budget))))
             })
         }))
     }
@@ -289,10 +296,32 @@ impl<W: Write> Write for SummingWriter<'_, W> {
     }
 }
 
-fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool, summing: Summing) -> Result<Captured> {
+/// `budget`: for a deleted file's copy, the bytes all such copies have
+/// taken so far, and the most they may.
+fn capture_file(
+    mut pipe: File,
+    path: &Path,
+    name: String,
+    zstd: bool,
+    summing: Summing,
+    budget: Option<(Arc<AtomicU64>, u64)>,
+) -> Result<Captured> {
     let err = |e: io::Error| EngineError::Failed(format!("cannot write image {}: {e}", path.display()));
     let file =
         File::options().write(true).read(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path).map_err(err)?;
+    if let Some((taken, most)) = budget {
+        let mut counted = 0;
+        let size = splice_all(&pipe, &file, |now| {
+            let all = taken.fetch_add(now - counted, Ordering::SeqCst) + (now - counted);
+            counted = now;
+            match all > most {
+                true => Err(io::Error::other(format!("deleted files it holds take more than node_local_files_max ({most} bytes left)"))),
+                false => Ok(()),
+            }
+        })
+        .map_err(|e| EngineError::Failed(format!("image {name}: {e}")))?;
+        return Ok(Captured { image: ImageFile { name, size, xxh3: String::new(), zstd: false }, unsummed: Some(file) });
+    }
     // Compressed, the checksum is of what zstd writes: taken as it writes.
     let (size, xxh3) = if zstd {
         let sink = SummingWriter {
@@ -311,7 +340,7 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool, summing: 
     } else if summing == Summing::WhileWriting {
         splice_summing(&pipe, &file).map(|(size, sum)| (size, Some(sum))).map_err(err)?
     } else {
-        (splice_all(&pipe, &file, |_| {}).map_err(err)?, None)
+        (splice_all(&pipe, &file, |_| Ok(())).map_err(err)?, None)
     };
     log::debug!("image streamer: {name} written");
     let unsummed = if xxh3.is_none() { Some(file) } else { None };
@@ -320,7 +349,7 @@ fn capture_file(mut pipe: File, path: &Path, name: String, zstd: bool, summing: 
 
 /// Moves the pipe's bytes into the file with splice (one copy, in the
 /// kernel) until the pipe is closed, telling `written` each new size.
-fn splice_all(pipe: &File, file: &File, mut written: impl FnMut(u64)) -> io::Result<u64> {
+fn splice_all(pipe: &File, file: &File, mut written: impl FnMut(u64) -> io::Result<()>) -> io::Result<u64> {
     use nix::fcntl::{splice, SpliceFFlags};
     let mut offset: u64 = 0;
     loop {
@@ -330,7 +359,7 @@ fn splice_all(pipe: &File, file: &File, mut written: impl FnMut(u64)) -> io::Res
             Ok(n) => offset += n as u64,
             Err(e) => return Err(io::Error::from(e)),
         }
-        written(offset);
+        written(offset)?;
     }
 }
 
@@ -383,6 +412,7 @@ fn splice_summing(pipe: &File, file: &File) -> io::Result<(u64, String)> {
         });
         let spliced = splice_all(pipe, file, |offset| {
             let _ = written.send(offset);
+            Ok(())
         });
         drop(written);
         let sum = summer.join().unwrap_or_else(|_| Err(io::Error::other("checksum thread panicked")));
@@ -610,11 +640,40 @@ mod tests {
             let sent = bytes.clone();
             let writer = std::thread::spawn(move || write.write_all(&sent));
             let name = format!("pages-{summing:?}.img");
-            let captured = capture_file(File::from(std::os::fd::OwnedFd::from(read)), &dir.join(&name), name, false, summing).unwrap();
+            let captured =
+                capture_file(File::from(std::os::fd::OwnedFd::from(read)), &dir.join(&name), name, false, summing, None).unwrap();
             writer.join().unwrap().unwrap();
             let files = Drained(vec![captured]).checksums().unwrap();
             assert_eq!((files[0].size, files[0].xxh3.as_str()), (bytes.len() as u64, expected.hex().as_str()), "{summing:?}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Copies of deleted files share one budget: the one that goes past it
+    /// fails, the ones within it are summed as any image.
+    #[test]
+    fn deleted_files_copies_stop_at_their_budget() {
+        let dir = std::env::temp_dir().join(format!("streamer-ghost-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let taken = Arc::new(AtomicU64::new(0));
+        let copy = |name: &str, len: usize| {
+            let (read, mut write) = std::io::pipe().unwrap();
+            let writer = std::thread::spawn(move || write.write_all(&vec![7u8; len]));
+            let got = capture_file(
+                File::from(std::os::fd::OwnedFd::from(read)),
+                &dir.join(name),
+                name.into(),
+                false,
+                Summing::WhileWriting,
+                Some((taken.clone(), 100_000)),
+            );
+            let _ = writer.join();
+            got
+        };
+        let first = copy("ghost-file-1.img", 60_000).unwrap();
+        assert_eq!(Drained(vec![first]).checksums().unwrap()[0].size, 60_000);
+        let second = copy("ghost-file-2.img", 60_000);
+        assert!(second.is_err_and(|e| e.to_string().contains("take more than node_local_files_max")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

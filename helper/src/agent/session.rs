@@ -354,6 +354,11 @@ pub(super) fn serve(
                         break;
                     }
                 }
+                // The container is dumped or gone: root's copy of
+                // slurmstepd's PMI socket goes before the task ends.
+                if let Some(p) = running.slurm_pmi.take() {
+                    p.stop();
+                }
                 channel.send(&ToTask::Stopped)?;
                 // The task ends: its output is through. The batch step must
                 // not wait for the move below (security.md, principle 6).
