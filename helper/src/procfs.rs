@@ -92,13 +92,15 @@ pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
     false
 }
 
-/// Whether a process is stopped (by a signal; not traced): state `T` in
-/// /proc/PID/stat.
+/// A process's state letter in /proc/PID/stat (`R`, `S`, `T` stopped by
+/// a signal, `t` traced, `Z` a zombie, …).
+pub fn state(pid: Pid) -> Option<char> {
+    fs::read_to_string(proc_path(pid, "stat")).ok()?.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
+}
+
+/// Whether a process is stopped (by a signal; not traced): state `T`.
 pub fn is_stopped(pid: Pid) -> bool {
-    fs::read_to_string(proc_path(pid, "stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "T")))
-        .unwrap_or(false)
+    state(pid) == Some('T')
 }
 
 pub fn exists(pid: Pid) -> bool {

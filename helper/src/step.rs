@@ -143,21 +143,40 @@ impl Barrier {
 }
 
 /// Stops every process of the tree below `root` that is still `uid`'s in
-/// the container's PID namespace (re-listing until no new process appears:
-/// a stopped process cannot fork), for at most `limit`. Returns how many.
+/// the container's PID namespace (re-listing until every process listed is
+/// stopped and no new one appears: a stopped process cannot fork), for at
+/// most `limit`. Returns how many.
+///
+/// A process already stopped gets no second SIGSTOP: it would stay pending,
+/// and CRIU's parasite, once it runs there, takes it for an interruption
+/// (measured: MPICH's `mpiexec`, with a SIGSTOP and a SIGCHLD pending,
+/// `Unexpected 13 task interruption, aborting`). A process that has one
+/// pending and has not stopped yet may get another: pending SIGSTOPs are one.
 pub fn stop_tree(root: Pid, uid: u32, limit: Duration) -> Result<usize> {
     let pid_ns = procfs::ns_inode(root, "pid").context(|| format!("process {root}"))?;
     let deadline = Instant::now() + limit;
-    let mut stopped = 0;
+    let mut listed = usize::MAX;
     loop {
-        let now = procfs::signal_tree(root, uid, pid_ns, libc::SIGSTOP);
-        if now == stopped {
-            return Ok(now);
+        let (mut members, mut sent) = (0, 0);
+        for pid in procfs::tree(root).unwrap_or_default() {
+            let Some(fd) = procfs::PidFd::of_user(pid, uid) else { continue };
+            if !procfs::ns_inode(pid, "pid").is_ok_and(|n| n == pid_ns) {
+                continue;
+            }
+            members += 1;
+            // Stopped already, traced (a debugger's), or ended: none to send.
+            let settled = matches!(procfs::state(pid), Some('T' | 't' | 'Z' | 'X') | None);
+            if !settled && fd.signal(libc::SIGSTOP).is_ok() {
+                sent += 1;
+            }
+        }
+        if sent == 0 && members == listed {
+            return Ok(members);
         }
         if Instant::now() > deadline {
             return fail(format!("its processes kept changing for {limit:?}"));
         }
-        stopped = now;
+        listed = members;
         // Let the stops land before listing children again.
         std::thread::sleep(Duration::from_millis(10));
     }
