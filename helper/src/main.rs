@@ -305,20 +305,17 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             // The container is re-created through staged mounts that must
             // not reach the node (single-threaded still, as unshare needs).
             launch::private_mount_namespace()?;
-            // The status fd is for this process alone, not for the
-            // container and CRIU it starts.
-            let status = status_fd.map(sys::take_inherited_fd).transpose()?.map(std::fs::File::from);
-            if let Some(f) = &status {
-                nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
-            }
-            // Like the status fd, for this process alone: CRIU gets its
-            // copy of the relay's end by number, the container nothing.
-            let cloexec = |f: std::fs::File| -> std::io::Result<std::fs::File> {
-                nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
-                Ok(f)
+            // The descriptors the agent left at these numbers are for this
+            // process alone (close-on-exec from here): the status pipe, and
+            // the PMI relay's end and its network namespace, of which CRIU
+            // gets a copy by number; the container gets none of them.
+            let adopt = |fd: Option<i32>| -> std::io::Result<Option<std::fs::File>> {
+                let Some(fd) = fd else { return Ok(None) };
+                let file = std::fs::File::from(sys::take_inherited_fd(fd)?);
+                nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+                Ok(Some(file))
             };
-            let slurm_pmi = pmi_fd.map(sys::take_inherited_fd).transpose()?.map(std::fs::File::from).map(cloexec).transpose()?;
-            let net_ns = net_ns_fd.map(sys::take_inherited_fd).transpose()?.map(std::fs::File::from).map(cloexec).transpose()?;
+            let (status, slurm_pmi, net_ns) = (adopt(status_fd)?, adopt(pmi_fd)?, adopt(net_ns_fd)?);
             let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id, slurm_pmi, net_ns };
             let done = restore(&settings, &req, |m, secs, pid| {
                 let line = format!("restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());

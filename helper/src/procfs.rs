@@ -293,14 +293,18 @@ impl PidFd {
 /// [`ns_inode`]): a pid freed and taken by anyone else's process meanwhile
 /// is left alone. Returns how many were signalled.
 pub fn signal_tree(root: Pid, uid: u32, pid_ns: u64, sig: i32) -> usize {
-    let mut done = 0;
-    for pid in tree(root).unwrap_or_default() {
-        let Some(fd) = PidFd::of_user(pid, uid) else { continue };
-        if ns_inode(pid, "pid").is_ok_and(|n| n == pid_ns) && fd.signal(sig).is_ok() {
-            done += 1;
-        }
-    }
-    done
+    tree_members(root, uid, pid_ns).iter().filter(|fd| fd.signal(sig).is_ok()).count()
+}
+
+/// The processes of the tree below `root` still `uid`'s and in PID
+/// namespace `pid_ns`, each held by its pidfd.
+pub fn tree_members(root: Pid, uid: u32, pid_ns: u64) -> Vec<PidFd> {
+    tree(root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|pid| PidFd::of_user(pid, uid))
+        .filter(|fd| ns_inode(fd.pid, "pid").is_ok_and(|n| n == pid_ns))
+        .collect()
 }
 
 /// Waits for `child` at most `timeout`, then kills and reaps it: root never

@@ -157,19 +157,11 @@ pub fn stop_tree(root: Pid, uid: u32, limit: Duration) -> Result<usize> {
     let deadline = Instant::now() + limit;
     let mut listed = usize::MAX;
     loop {
-        let (mut members, mut sent) = (0, 0);
-        for pid in procfs::tree(root).unwrap_or_default() {
-            let Some(fd) = procfs::PidFd::of_user(pid, uid) else { continue };
-            if !procfs::ns_inode(pid, "pid").is_ok_and(|n| n == pid_ns) {
-                continue;
-            }
-            members += 1;
-            // Stopped already, traced (a debugger's), or ended: none to send.
-            let settled = matches!(procfs::state(pid), Some('T' | 't' | 'Z' | 'X') | None);
-            if !settled && fd.signal(libc::SIGSTOP).is_ok() {
-                sent += 1;
-            }
-        }
+        let members = procfs::tree_members(root, uid, pid_ns);
+        // Stopped already, traced (a debugger's), or ended: none to send.
+        let settled = |fd: &procfs::PidFd| matches!(procfs::state(fd.pid), Some('T' | 't' | 'Z' | 'X') | None);
+        let sent = members.iter().filter(|fd| !settled(fd) && fd.signal(libc::SIGSTOP).is_ok()).count();
+        let members = members.len();
         if sent == 0 && members == listed {
             return Ok(members);
         }

@@ -374,6 +374,23 @@ fn nwchem_job(c: &Cluster, sbatch_args: &[&str], srun_args: &str, nwchem: &str) 
     c.submit_job(sbatch_args, Some(&setup), |dir| (format!("cd {dir}\nsrun {srun_args} apptainer -s exec {sif} {nwchem}"), 0, 0))
 }
 
+/// Runs `nwchem` (after `srun SRUN_ARGS`) twice on node1: one run requeued
+/// once it printed `energies_first` energies and restored on node2, one
+/// uninterrupted. Both converge; returns their outputs.
+fn nwchem_requeued_and_uninterrupted(c: &Cluster, srun_args: &str, nwchem: &str, energies_first: usize) -> (String, String) {
+    let job = nwchem_job(c, &["-w", "node1"], srun_args, nwchem);
+    let reference = nwchem_job(c, &["-w", "node1"], srun_args, nwchem);
+    requeue_when(c, &job, || nwchem_energies(&job.output()).len() >= energies_first);
+    c.release(job.id, Some("node2"));
+    assert_restored_once(c, &job, "node2");
+    assert_eq!(c.wait_job(reference.id, 3 * MINUTE), "COMPLETED", "{}", reference.output());
+    let (out, expected) = (job.output(), reference.output());
+    assert!(expected.contains("Optimization converged") && out.contains("Optimization converged"), "{out}");
+    job.cleanup(c);
+    reference.cleanup(c);
+    (out, expected)
+}
+
 /// A one-rank `srun --mpi=pmi2` step of an MPICH program: its PMI socket to
 /// slurmstepd is carried across the checkpoint (helper/src/pmi.rs), so the
 /// restored NWChem's MPI_Finalize (a PMI barrier) talks to the slurmstepd of
@@ -382,19 +399,9 @@ fn nwchem_job(c: &Cluster, sbatch_args: &[&str], srun_args: &str, nwchem: &str) 
 /// run, every one printed once.
 #[test]
 fn nwchem_under_srun_pmi2_requeued_restores_on_the_other_node_with_the_uninterrupted_energies() {
-    let c = cluster();
-    let job = nwchem_job(c, &["-w", "node1"], "--mpi=pmi2 -n 1", NWCHEM);
-    let reference = nwchem_job(c, &["-w", "node1"], "--mpi=pmi2 -n 1", NWCHEM);
-    requeue_when(c, &job, || nwchem_energies(&job.output()).len() >= 6);
-    c.release(job.id, Some("node2"));
-    assert_restored_once(c, &job, "node2");
-    assert_eq!(c.wait_job(reference.id, 3 * MINUTE), "COMPLETED", "{}", reference.output());
-    let (out, expected) = (job.output(), reference.output());
-    assert!(expected.contains("Optimization converged") && out.contains("Optimization converged"), "{out}");
+    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), "--mpi=pmi2 -n 1", NWCHEM, 6);
     assert!(nwchem_energies(&expected).len() > 10, "{expected}");
     assert_eq!(nwchem_energies(&out), nwchem_energies(&expected), "energies differ from an uninterrupted run");
-    job.cleanup(c);
-    reference.cleanup(c);
 }
 
 /// A job that gives UCX its SysV transport back (`UCX_TLS`, its own value
@@ -420,22 +427,12 @@ fn nwchem_with_ucx_sysv_is_not_checkpointed_and_says_why() {
 /// and made CRIU fail on `mpiexec` (`Unexpected 13 task interruption`).
 #[test]
 fn nwchem_two_ranks_under_mpiexec_in_one_container_requeued_restore_on_the_other_node() {
-    let c = cluster();
     let mpiexec = format!("mpiexec.mpich -launcher fork -n 2 {NWCHEM}");
-    let job = nwchem_job(c, &["-w", "node1"], "", &mpiexec);
-    let reference = nwchem_job(c, &["-w", "node1"], "", &mpiexec);
-    requeue_when(c, &job, || nwchem_energies(&job.output()).len() >= 4);
-    c.release(job.id, Some("node2"));
-    assert_restored_once(c, &job, "node2");
-    assert_eq!(c.wait_job(reference.id, 3 * MINUTE), "COMPLETED", "{}", reference.output());
-    let (out, expected) = (job.output(), reference.output());
-    assert!(expected.contains("Optimization converged") && out.contains("Optimization converged"), "{out}");
+    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), "", &mpiexec, 4);
     let energy = |text: &str| -> f64 {
         let last = nwchem_energies(text).last().copied().unwrap_or_default();
         last.rsplit('=').next().and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
     };
     assert_eq!(nwchem_energies(&out).len(), nwchem_energies(&expected).len(), "each step once:\n{out}");
     assert!((energy(&out) - energy(&expected)).abs() < 1e-6, "{} vs {}", energy(&out), energy(&expected));
-    job.cleanup(c);
-    reference.cleanup(c);
 }

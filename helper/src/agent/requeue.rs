@@ -57,16 +57,13 @@ pub(super) fn try_restore(
         return Ok(None);
     }
     // The restored program talks to this run's slurmstepd through a new
-    // relay, which lets it through only once it is restored.
+    // relay, which lets it through only once it is restored (`serve` has
+    // checked the socket is slurmstepd's).
     let relay = match (&m.process.slurm_pmi, slurm_pmi) {
         (None, _) => None,
         (Some(_), None) => {
             let why = "its program held Slurm's PMI socket, and this run gives the task none (not `srun --mpi=pmi2` this time?)";
             tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
-            return Ok(None);
-        }
-        (Some(_), Some(fd)) if crate::pmi::check_slurm_socket(fd, t.stepd_pid).is_err() => {
-            tell_user(stderr, &format!("{} starts fresh: PMI_FD names no socket of this step's slurmstepd", t.name()));
             return Ok(None);
         }
         (Some(p), Some(fd)) => {

@@ -194,8 +194,8 @@ pub(super) fn serve(
              to protect an MPI program, start it with mpirun inside one container (srun -n1 … apptainer exec IMAGE mpirun -np N …)",
             t.step_tasks
         )),
-        // Root relays the PMI socket (pmi.rs): it must be slurmstepd's,
-        // whose child this agent is.
+        // Root relays the PMI socket (pmi.rs), for a fresh start and a
+        // restore alike: it must be this step's slurmstepd's.
         _ if slurm_pmi.is_some_and(|(_, fd)| crate::pmi::check_slurm_socket(fd, t.stepd_pid).is_err()) => {
             fail("PMI_FD names no socket of this step's slurmstepd")
         }
