@@ -11,6 +11,7 @@
 #   /usr/lib/<multiarch>/slurm-wlm/spank_checkpoint_container.so   the plugin
 #   /usr/libexec/checkpoint-container/checkpoint-container          the helper (root-owned, never setuid)
 #   /usr/libexec/checkpoint-container/criu                          static CRIU
+#   /usr/libexec/checkpoint-container/checkpoint-container-ranks    static: starts a step's ranks in one container
 #   /usr/libexec/checkpoint-container/shim/{apptainer,singularity}  links to the helper: the runtime shim
 #                                                                    first on the PATH of protected scripts
 #   /etc/slurm/plugstack.conf.d/checkpoint-container.conf           commented snippet (conffile)
@@ -37,6 +38,13 @@ doc=$root/usr/share/doc/checkpoint-container
 install -D -m 0644 "$plugin_dir/libspank_checkpoint_container.so" "$root/usr/lib/$multiarch/slurm-wlm/spank_checkpoint_container.so"
 install -D -m 0755 "$target/checkpoint-container" "$root/usr/libexec/checkpoint-container/checkpoint-container"
 install -D -m 0755 "$criu" "$root/usr/libexec/checkpoint-container/criu"
+# Statically linked (./dev build's build_ranks): it runs inside users' images.
+ranks=$target/../static/release/checkpoint-container-ranks
+if [[ ! -f $ranks ]] || readelf -lW "$ranks" | grep -q 'program interpreter'; then
+  echo "deb.sh: $ranks is missing or not statically linked (./dev build builds it)" >&2
+  exit 1
+fi
+install -D -m 0755 "$ranks" "$root/usr/libexec/checkpoint-container/checkpoint-container-ranks"
 install -d -m 0755 "$root/usr/libexec/checkpoint-container/shim"
 for runtime in apptainer singularity; do
   ln -s ../checkpoint-container "$root/usr/libexec/checkpoint-container/shim/$runtime"

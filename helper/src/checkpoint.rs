@@ -34,8 +34,12 @@ pub struct CheckpointRequest {
     /// How Apptainer was started (cwd, environment); read from the
     /// container's runtime parent when not given.
     pub started_in: Option<(String, Vec<(String, String)>)>,
-    /// The container's end of Slurm's PMI-2 relay, when it has one.
-    pub slurm_pmi: Option<crate::pmi::Flowing>,
+    /// The container's ends of Slurm's PMI-2 relays: one for a task's
+    /// container that has one, one per rank (in order) for `ranks`.
+    pub slurm_pmi: Vec<crate::pmi::Flowing>,
+    /// The tree is the ranks launcher of a step (agent/ranks.rs): its
+    /// status pipe and each rank's stdio, keyed as `manifest::Process::stdio`.
+    pub ranks: Option<(String, Vec<Vec<String>>)>,
 }
 
 /// Working directory and environment of the process that started
@@ -116,19 +120,26 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
 /// over (the restored program would wait for an answer that never comes).
 /// Also what had crossed the relay then, to tell once CRIU is done that
 /// nothing crossed meanwhile.
-fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Option<(manifest::SlurmPmi, (u64, u64))>> {
-    let Some(relay) = &req.slurm_pmi else { return Ok(None) };
-    let target = format!("socket:[{}]", relay.inode);
-    let held = pids
+/// One entry per relay of `req.slurm_pmi`, None for one the tree no longer
+/// holds (a rank that ended).
+fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Vec<Option<(manifest::SlurmPmi, (u64, u64))>>> {
+    let held: Vec<String> = pids
         .iter()
-        .any(|&pid| procfs::fds(pid).unwrap_or_default().into_iter().any(|fd| procfs::fd_target(pid, fd).is_ok_and(|t| t == target)));
-    if !held {
-        return Ok(None);
+        .flat_map(|&pid| procfs::fds(pid).unwrap_or_default().into_iter().map(move |fd| (pid, fd)))
+        .filter_map(|(pid, fd)| procfs::fd_target(pid, fd).ok())
+        .collect();
+    let mut out = Vec::new();
+    for relay in &req.slurm_pmi {
+        if !held.contains(&format!("socket:[{}]", relay.inode)) {
+            out.push(None);
+            continue;
+        }
+        let not_now = |why: String| EngineError::Failed(format!("the program {why}: its restore would wait for Slurm forever"));
+        let crossed = relay.quiet().map_err(not_now)?;
+        let said = relay.said_init().map_err(not_now)?;
+        out.push(Some((manifest::SlurmPmi { inode: relay.inode, init_version: said.map(|v| [v.version, v.subversion]) }, crossed)));
     }
-    let not_now = |why: String| EngineError::Failed(format!("the program {why}: its restore would wait for Slurm forever"));
-    let crossed = relay.quiet().map_err(not_now)?;
-    let said = relay.said_init().map_err(not_now)?;
-    Ok(Some((manifest::SlurmPmi { inode: relay.inode, init_version: said.map(|v| [v.version, v.subversion]) }, crossed)))
+    Ok(out)
 }
 
 /// SysV shared memory lives in the node's IPC namespace, which CRIU could
@@ -280,7 +291,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
 
     let mut options = criu::Options::dump(root_pid, DUMP_LOG);
     options.ghost_limit(settings.node_local_files_max);
-    if let Some((p, _)) = &slurm_pmi {
+    for (p, _) in slurm_pmi.iter().flatten() {
         options.external(&format!("unix[{}]", p.inode));
     }
     let mut keys: Vec<&String> = externals.iter().map(|(_, _, k)| k).collect();
@@ -327,7 +338,8 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
     let out = wait_with_timeout(child, DUMP_TIMEOUT);
     phase("CRIU done");
     // What crossed the PMI relay meanwhile would be in neither run.
-    let pmi_moved = slurm_pmi.as_ref().and_then(|(_, crossed)| req.slurm_pmi.as_ref()?.still(*crossed).err());
+    let pmi_moved =
+        slurm_pmi.iter().zip(&req.slurm_pmi).find_map(|(seen, relay)| seen.as_ref().and_then(|(_, crossed)| relay.still(*crossed).err()));
     let drained = capture.finish();
     phase("images written");
     // Node-local files are copied while the tree is stopped (or gone):
@@ -380,6 +392,17 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
     phase("image digest done");
     let _ = uncached.map(|t| t.join());
     staging.seal(&files)?;
+    let pmi: Vec<Option<manifest::SlurmPmi>> = slurm_pmi.into_iter().map(|p| p.map(|(p, _)| p)).collect();
+    let (single_pmi, ranks) = match &req.ranks {
+        None => (pmi.first().copied().flatten(), None),
+        Some((status, stdio)) => {
+            let ranks = stdio
+                .iter()
+                .zip(pmi.iter().chain(std::iter::repeat(&None)))
+                .map(|(stdio, p)| manifest::Rank { stdio: stdio.clone(), slurm_pmi: *p });
+            (None, Some(manifest::Ranks { status: status.clone(), ranks: ranks.collect() }))
+        }
+    };
     let manifest = Manifest {
         format: manifest::FORMAT,
         job: req.job.clone(),
@@ -397,7 +420,7 @@ fn dump_staged(settings: &Settings, req: &CheckpointRequest, freeze: impl FnOnce
             image_stamp,
             network,
         },
-        process: manifest::Process { root_pid, comm, pids: ids, stdio, slurm_pmi: slurm_pmi.map(|(p, _)| p) },
+        process: manifest::Process { root_pid, comm, pids: ids, stdio, slurm_pmi: single_pmi, ranks },
         stats: manifest::Stats { dump_seconds, images_bytes: files.iter().map(|f| f.size).sum() },
         files,
         node_local,

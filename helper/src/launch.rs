@@ -517,11 +517,43 @@ fn is_mount_point(path: &Path) -> bool {
     path.parent().is_some_and(|parent| dev(path).is_some() && dev(path) != dev(parent))
 }
 
-/// Checks the user's request and stages it for root. `payload` replaces
-/// the user's program (restore's placeholder). Any error means the
+/// Where the ranks launcher (the `checkpoint-container-ranks` crate) is
+/// inside a container of several ranks: a read-only bind of the root-owned
+/// file next to the helper, added by root for a protected `srun --mpi=pmi2
+/// -n N` step (agent/ranks.rs) and for the restore of such a step.
+pub const RANKS_IN_CONTAINER: &str = "/.checkpoint-container-ranks";
+const RANKS_BINARY: &str = "checkpoint-container-ranks";
+
+/// What the container runs.
+#[derive(Clone, Copy)]
+pub enum Payload<'a> {
+    /// The user's command.
+    Program,
+    /// The ranks launcher with these arguments, starting the user's command
+    /// once per rank.
+    Ranks(&'a [String]),
+    /// Restore's placeholder; `ranks`: the checkpointed container had the
+    /// ranks launcher (the restored one finds it where it was).
+    Placeholder { argv: &'a [&'a str], ranks: bool },
+}
+
+/// The ranks launcher on this node: next to the helper, root's, in a
+/// directory only root can change (the plugin checked the helper's).
+fn ranks_binary() -> Result<PathBuf> {
+    let helper = std::env::current_exe().context(|| "own path".into())?;
+    let path = helper.with_file_name(RANKS_BINARY);
+    let md = std::fs::metadata(&path).context(|| format!("{} (the ranks launcher)", path.display()))?;
+    if md.uid() != 0 || md.mode() & 0o022 != 0 || !md.is_file() {
+        return fail(format!("{} is not a root-owned file only root can change", path.display()));
+    }
+    Ok(path)
+}
+
+/// Checks the user's request and stages it for root. `payload`: what the
+/// container runs. Any error means the
 /// container cannot be started by root for this user: the caller runs the
 /// command unprotected, as the user, and says why.
-pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<&[&str]>) -> Result<Launch> {
+pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Payload) -> Result<Launch> {
     let cmd = ContainerCommand::parse(req.argv.to_vec())?;
     let plan: Plan = policy::plan(&cmd, user.uid, user.gid, req.env)?;
     // Both are written into bind specs below.
@@ -582,7 +614,7 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
 
     let mut argv: Vec<String> = vec![settings.apptainer.display().to_string()];
     argv.extend(plan.globals.iter().cloned());
-    argv.push(if payload.is_some() { "exec".into() } else { plan.subcommand.clone() });
+    argv.push(if matches!(payload, Payload::Program) { plan.subcommand.clone() } else { "exec".into() });
     argv.extend(["--security".into(), format!("uid:{},gid:{}", user.uid, user.gid)]);
     argv.extend(plan.options.iter().cloned());
     let mut dests = Vec::new();
@@ -627,10 +659,23 @@ pub fn prepare(settings: &Settings, user: &User, req: &Request, payload: Option<
     if conf.mount_sys && is_mount_point(Path::new(CGROUP_ROOT)) {
         argv.extend(["--bind".into(), format!("{CGROUP_ROOT}:{CGROUP_ROOT}")]);
     }
+    if matches!(payload, Payload::Ranks(_) | Payload::Placeholder { ranks: true, .. }) {
+        argv.extend(["--bind".into(), format!("{}:{RANKS_IN_CONTAINER}:ro", ranks_binary()?.display())]);
+    }
     argv.push(image.display().to_string());
     match payload {
-        Some(p) => argv.extend(p.iter().map(|s| s.to_string())),
-        None => argv.extend(plan.args.iter().cloned()),
+        Payload::Placeholder { argv: p, .. } => argv.extend(p.iter().map(|s| s.to_string())),
+        Payload::Program => argv.extend(plan.args.iter().cloned()),
+        Payload::Ranks(launcher) => {
+            argv.push(RANKS_IN_CONTAINER.into());
+            argv.extend(launcher.iter().cloned());
+            argv.push("--".into());
+            // What `apptainer run` runs, started once per rank.
+            if plan.subcommand == "run" {
+                argv.push("/.singularity.d/runscript".into());
+            }
+            argv.extend(plan.args.iter().cloned());
+        }
     }
     // Apptainer's per-user state (remote.yaml, caches) goes to a fresh
     // root-owned directory: root never writes under a path the user chose.

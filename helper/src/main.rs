@@ -288,7 +288,8 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
                 expected_uid: uid,
                 leave_running,
                 started_in: None,
-                slurm_pmi: None,
+                slurm_pmi: vec![],
+                ranks: None,
             };
             let m = checkpoint(&settings, &req)?;
             eprintln!(

@@ -110,6 +110,30 @@ pub struct Process {
     /// Slurm's PMI-2 socket as the tree held it (pmi.rs), when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_pmi: Option<SlurmPmi>,
+    /// The ranks of an `srun --mpi=pmi2 -n N` step, when the tree is the
+    /// ranks launcher's (agent/ranks.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<Ranks>,
+}
+
+/// A step's ranks in one container: the launcher's status pipe and what
+/// each rank's stdio and PMI socket were, as CRIU names them; the restore
+/// gives this run's tasks' in their place.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ranks {
+    pub status: String,
+    pub ranks: Vec<Rank>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rank {
+    /// fds 0, 1 and 2, keyed as `Process::stdio`.
+    pub stdio: Vec<String>,
+    /// None: the rank had ended, or never talked to Slurm's PMI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_pmi: Option<SlurmPmi>,
 }
 
 /// The tree's end of the PMI relay (`socket:[inode]`) and the PMI version
@@ -193,7 +217,14 @@ mod tests {
                 image_stamp: "1:3:4:5".into(),
                 network: ckpt_config::ContainerNetwork::Isolated,
             },
-            process: Process { root_pid: 42, comm: "sim".into(), pids: vec![42, 43], stdio: vec!["/dev/null".into()], slurm_pmi: None },
+            process: Process {
+                root_pid: 42,
+                comm: "sim".into(),
+                pids: vec![42, 43],
+                stdio: vec!["/dev/null".into()],
+                slurm_pmi: None,
+                ranks: None,
+            },
             stats: Stats { dump_seconds: 0.5, images_bytes: 10 },
             files: vec![
                 ImageFile { name: "core-42.img".into(), size: 10, xxh3: "cd".into(), zstd: false },

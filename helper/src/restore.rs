@@ -123,7 +123,8 @@ impl Placeholder {
     fn start(settings: &Settings, m: &Manifest, net_ns: Option<&File>) -> Result<Placeholder> {
         let user = User::lookup(m.owner.uid, m.owner.gid)?;
         let request = launch::Request { argv: &m.container.argv, cwd: &m.container.cwd, env: &m.container.env };
-        let launch = launch::prepare(settings, &user, &request, Some(PLACEHOLDER))?;
+        let placeholder = launch::Payload::Placeholder { argv: PLACEHOLDER, ranks: m.process.ranks.is_some() };
+        let launch = launch::prepare(settings, &user, &request, placeholder)?;
         if storage::stamp(&launch.image)? != m.container.image_stamp && storage::digest(&launch.image)?.1 != m.container.image_blake3 {
             return fail(format!(
                 "container image {} changed since the checkpoint (digest differs): refusing to restore",

@@ -133,7 +133,7 @@ pub(super) fn try_restore(
         running.restored = Some(said.to_string()).filter(|s| !s.is_empty());
         if let Some((relay, _)) = relay {
             match relay.go(true) {
-                Ok(flowing) => running.slurm_pmi = Some(flowing),
+                Ok(flowing) => running.slurm_pmi = vec![flowing],
                 Err(e) => tell_user(
                     stderr,
                     &format!("warning: {}: Slurm's PMI does not take it back ({e}): its next MPI call to Slurm fails", t.name()),
@@ -188,6 +188,7 @@ pub(super) fn checkpoint_request(
         leave_running,
         started_in: Some((started.cwd.to_string(), started.env.to_vec())),
         slurm_pmi: running.slurm_pmi.clone(),
+        ranks: None,
     })
 }
 

@@ -199,9 +199,8 @@ pub(super) fn serve(
         _ if slurm_pmi.is_some_and(|(_, fd)| crate::pmi::check_slurm_socket(fd, t.stepd_pid).is_err()) => {
             fail("PMI_FD names no socket of this step's slurmstepd")
         }
-        Some(r) if launch::is_site_runtime(settings, r) => {
-            task_checkpoint_dir(settings, t).and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, None)?)))
-        }
+        Some(r) if launch::is_site_runtime(settings, r) => task_checkpoint_dir(settings, t)
+            .and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, launch::Payload::Program)?))),
         _ => fail(format!(
             "{} is not the site's Apptainer ({}): only containers started with it are checkpointed",
             argv[0],
@@ -250,7 +249,7 @@ pub(super) fn serve(
             drop(how);
             drop(given);
             let mut running = Running::new(child, None, t.uid)?;
-            running.slurm_pmi = relay.map(|(_, r)| r.go(false)).transpose().context(|| "PMI relay".into())?;
+            running.slurm_pmi = relay.map(|(_, r)| r.go(false)).transpose().context(|| "PMI relay".into())?.into_iter().collect();
             running
         }
     };
@@ -356,9 +355,7 @@ pub(super) fn serve(
                 }
                 // The container is dumped or gone: root's copy of
                 // slurmstepd's PMI socket goes before the task ends.
-                if let Some(p) = running.slurm_pmi.take() {
-                    p.stop();
-                }
+                running.slurm_pmi.drain(..).for_each(|p| p.stop());
                 channel.send(&ToTask::Stopped)?;
                 // The task ends: its output is through. The batch step must
                 // not wait for the move below (security.md, principle 6).

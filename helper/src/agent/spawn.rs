@@ -32,24 +32,23 @@ pub(super) struct Running {
     pub(super) payload: Option<procfs::PidFd>,
     /// What the restore that started it said, for the user.
     pub(super) restored: Option<String>,
-    /// Its end of Slurm's PMI-2 relay, when the task has that socket.
-    pub(super) slurm_pmi: Option<crate::pmi::Flowing>,
+    /// Its ends of Slurm's PMI-2 relays: the task's, when it has that
+    /// socket; one per rank for a step's ranks in one container (ranks.rs).
+    pub(super) slurm_pmi: Vec<crate::pmi::Flowing>,
 }
 
 impl Drop for Running {
     /// The container is over for this agent: its PMI relay too, even if the
     /// container's end of it lives on elsewhere.
     fn drop(&mut self) {
-        if let Some(p) = &self.slurm_pmi {
-            p.stop();
-        }
+        self.slurm_pmi.iter().for_each(crate::pmi::Flowing::stop);
     }
 }
 
 impl Running {
     pub(super) fn new(child: Child, payload: Option<Pid>, uid: u32) -> Result<Running> {
         let child_fd = procfs::PidFd::open(child.id() as Pid).context(|| "pidfd of the container".into())?;
-        let mut r = Running { child, child_fd, payload: None, restored: None, slurm_pmi: None };
+        let mut r = Running { child, child_fd, payload: None, restored: None, slurm_pmi: vec![] };
         r.payload = payload.and_then(|p| checked_payload(p, uid));
         Ok(r)
     }
