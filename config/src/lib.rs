@@ -127,6 +127,12 @@ pub mod agent_files {
         format!("{DIR}/{job}.{step}.{task}.sock")
     }
 
+    /// Where the agent of task 0 of an `srun --mpi=pmi2 -n N` step gathers
+    /// the other tasks' agents (root only), in run `restart` of the job.
+    pub fn ranks(job: u32, step: u32, restart: u32) -> String {
+        format!("{DIR}/{job}.{step}.r{restart}.ranks")
+    }
+
     pub fn session(job: u32, step: u32, task: u32) -> String {
         format!("{DIR}/{job}.{step}.{task}{SESSION_SUFFIX}")
     }

@@ -88,6 +88,12 @@ pub fn check_target(pid: Pid, expected_uid: Option<u32>) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
+/// How CRIU names a file opened on a mount outside the dumped mount
+/// namespace (`--external`, `--inherit-fd`).
+pub fn external_file_key(mnt_id: u64, ino: u64) -> String {
+    format!("file[{mnt_id:x}:{ino:x}]")
+}
+
 /// Files the tree has open on mounts outside the container, keyed the way
 /// CRIU names external files (`file[MNT_ID:INODE]`, hex). Slurm opens a batch
 /// job's output file before the container exists, so its stdout is one.
@@ -108,7 +114,7 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
                     "process {pid} has {target} open (fd {fd}) from outside its container: only stdin, stdout and stderr may come from outside"
                 ));
             }
-            out.push((pid, fd, format!("file[{mnt_id:x}:{ino:x}]")));
+            out.push((pid, fd, external_file_key(mnt_id, ino)));
         }
     }
     Ok(out)
@@ -120,9 +126,12 @@ fn external_files(root: Pid, pids: &[Pid]) -> Result<Vec<(Pid, i32, String)>> {
 /// over (the restored program would wait for an answer that never comes).
 /// Also what had crossed the relay then, to tell once CRIU is done that
 /// nothing crossed meanwhile.
+/// A relay's end as the tree holds it, and what had crossed it then.
+type HeldPmi = (manifest::SlurmPmi, (u64, u64));
+
 /// One entry per relay of `req.slurm_pmi`, None for one the tree no longer
 /// holds (a rank that ended).
-fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Vec<Option<(manifest::SlurmPmi, (u64, u64))>>> {
+fn slurm_pmi(req: &CheckpointRequest, pids: &[Pid]) -> Result<Vec<Option<HeldPmi>>> {
     let held: Vec<String> = pids
         .iter()
         .flat_map(|&pid| procfs::fds(pid).unwrap_or_default().into_iter().map(move |fd| (pid, fd)))

@@ -339,6 +339,8 @@ impl Spawn {
         let Spawn { binary, mnt, net, uid, gid, groups, caps, fds, argv, envp } = self;
         // Built before the fork: the child may not allocate.
         let exec_args = sys::ExecArgs::new(argv, envp);
+        let pairs: Vec<(i32, i32)> = fds.iter().map(|(from, to)| (from.as_raw_fd(), *to)).collect();
+        let mut scratch = vec![-1; pairs.len()];
         // Never executed by path: the pre_exec hook below execs the fd.
         let mut cmd = std::process::Command::new("/nonexistent/criu");
         cmd.env_clear();
@@ -359,15 +361,9 @@ impl Spawn {
                 // --shell-job the restored tree joins CRIU's session, which
                 // must not be one the namespace cannot see (getsid 0).
                 sys::setsid()?;
-                // All moved out of the way first: a source may sit on
-                // another one's target number.
-                let mut moved = [-1; 8];
-                for (i, (from, _)) in fds.iter().enumerate().take(moved.len()) {
-                    moved[i] = sys::dup_cloexec_above(from.as_raw_fd(), 1000)?;
-                }
-                for (i, (_, to)) in fds.iter().enumerate().take(moved.len()) {
-                    sys::dup2(moved[i], *to)?;
-                }
+                // `fds` is held by this closure until the spawn: `pairs` names them.
+                let _held = &fds;
+                sys::place_fds(&pairs, &mut scratch)?;
                 sys::setgroups(&groups)?;
                 sys::keep_caps()?;
                 sys::setresgid(gid)?;

@@ -79,6 +79,10 @@ enum Command {
         /// The network namespace to restore in (where that socket was made)
         #[arg(long, value_name = "FD")]
         net_ns_fd: Option<i32>,
+        /// A step's ranks in one container: how many; their descriptors
+        /// (the agent's) are at fixed numbers (restore::rank_fds)
+        #[arg(long, value_name = "N")]
+        ranks: Option<usize>,
     },
     /// Remove the checkpoints of jobs that will not run again (agents also
     /// do this whenever a task starts); prints the job ids removed
@@ -302,7 +306,7 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
             );
             Ok(0)
         }
-        Command::Restore { images, uid, job_id, status_fd, pmi_fd, net_ns_fd } => {
+        Command::Restore { images, uid, job_id, status_fd, pmi_fd, net_ns_fd, ranks } => {
             // The container is re-created through staged mounts that must
             // not reach the node (single-threaded still, as unshare needs).
             launch::private_mount_namespace()?;
@@ -317,7 +321,23 @@ fn run(cli: Cli, overrides: &[(&str, String)]) -> Result<u8, Box<dyn std::error:
                 Ok(Some(file))
             };
             let (status, slurm_pmi, net_ns) = (adopt(status_fd)?, adopt(pmi_fd)?, adopt(net_ns_fd)?);
-            let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id, slurm_pmi, net_ns };
+            let must = |fd: i32| adopt(Some(fd)).and_then(|f| f.ok_or_else(|| std::io::Error::other("not given")));
+            let ranks = match ranks {
+                None => None,
+                Some(n) => {
+                    let mut given = Vec::new();
+                    for k in 0..n {
+                        let [i, o, e, pmi] = checkpoint_container::restore::rank_fds(k);
+                        // A rank without a PMI relay has nothing at its number.
+                        given.push(([must(i)?, must(o)?, must(e)?], adopt(Some(pmi)).ok().flatten()));
+                    }
+                    Some(checkpoint_container::restore::RanksFds {
+                        status: must(checkpoint_container::restore::RANKS_STATUS_FD)?,
+                        ranks: given,
+                    })
+                }
+            };
+            let req = RestoreRequest { images, expected_uid: uid, expected_job: job_id, slurm_pmi, net_ns, ranks };
             let done = restore(&settings, &req, |m, secs, pid| {
                 let line = format!("restored process {} of {} in {secs:.2} s", m.process.root_pid, req.images.display());
                 match status {

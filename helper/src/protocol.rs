@@ -113,6 +113,28 @@ pub fn send_task_fds(stream: &UnixStream, extra: &[RawFd]) -> Result<()> {
     Ok(())
 }
 
+/// Sends `fds` (at most `N` of the receiver's [`recv_fds`]), with one
+/// byte of payload: a stream socket then never delivers them glued to
+/// what follows.
+pub fn send_fds(stream: &UnixStream, fds: &[RawFd]) -> Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let iov = [std::io::IoSlice::new(b"F")];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(stream.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).context(|| "cannot pass descriptors".into())?;
+    Ok(())
+}
+
+/// Receives what [`send_fds`] sent.
+pub fn recv_fds<const N: usize>(stream: &UnixStream) -> Result<Vec<OwnedFd>> {
+    let mut payload = [0u8; 1];
+    let (len, fds) = crate::sys::recv_with_fds::<N>(stream, &mut payload).context(|| "cannot receive descriptors".into())?;
+    if len != 1 || payload != *b"F" {
+        return fail("no descriptors came");
+    }
+    Ok(fds)
+}
+
 /// Receives what `send_task_fds` sent.
 pub fn recv_task_fds(stream: &UnixStream) -> Result<TaskFds> {
     let mut payload = [0u8; 64];

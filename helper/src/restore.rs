@@ -29,7 +29,33 @@ pub struct RestoreRequest {
     /// The network namespace to restore in (the one `slurm_pmi` was made
     /// in); None: a new one, if the container had its own.
     pub net_ns: Option<File>,
+    /// For a step's ranks in one container (agent/ranks.rs): what this
+    /// run's tasks give each restored rank.
+    pub ranks: Option<RanksFds>,
 }
+
+/// This run's descriptors for a restored ranks launcher: a new status pipe
+/// (the user's, as the one it replaces), and per rank, in order, its task's
+/// stdin, stdout, stderr and the end of its new PMI relay (None when the
+/// rank held none).
+pub struct RanksFds {
+    pub status: File,
+    pub ranks: Vec<([File; 3], Option<File>)>,
+}
+
+/// The numbers of a ranks launcher's descriptors, the same in its container
+/// (agent/ranks.rs) and for `checkpoint-container restore --ranks N`: its
+/// status pipe, and rank K's stdin, stdout, stderr and PMI socket at
+/// [`rank_fds`]`(K)` (rank 0's stdio is the container's own 0, 1 and 2).
+pub const RANKS_STATUS_FD: i32 = 9;
+pub fn rank_fds(k: usize) -> [i32; 4] {
+    let first = 10 + 4 * k as i32;
+    [first, first + 1, first + 2, first + 3]
+}
+
+/// Where a restore's CRIU holds the descriptors it is given for a ranks
+/// launcher's (`--inherit-fd`), above `criu::PMI_FD`.
+const RANKS_INHERITED_FROM: i32 = 110;
 
 /// CRIU's log and the restored root's pid, in the work directory.
 const RESTORE_LOG: &str = "restore.log";
@@ -87,15 +113,18 @@ fn pids_free(placeholder: &Placeholder, m: &Manifest) -> Result<()> {
 /// A pipe whose inode belongs to `uid`: CRIU, running as that user, must
 /// reopen the restored stdio through /proc/self/fd, which a root-owned pipe
 /// refuses (runc#1333).
-fn user_pipe(uid: u32) -> Result<(File, File)> {
+pub fn user_pipe(uid: u32) -> Result<(File, File)> {
     match crate::sys::with_fsuid(uid, || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)) {
         Ok((r, w)) => Ok((File::from(r), File::from(w))),
         Err(e) => fail(format!("cannot create a pipe: {}", std::io::Error::from(e))),
     }
 }
 
+/// Where a relay copies a restored program's output to.
+type Sink = Box<dyn std::io::Write + Send>;
+
 /// Copies the restored program's output to ours until it closes it.
-fn relay(mut from: File, to: Box<dyn std::io::Write + Send>) -> std::thread::JoinHandle<()> {
+fn relay(mut from: File, to: Sink) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut to = to;
         let mut buf = [0u8; 65536];
@@ -217,8 +246,26 @@ fn inherit_key(target: &str) -> Option<String> {
     }
 }
 
-/// CRIU's fds 1 and 2, and the read ends to relay, by fd.
-type RestoredStdio = ([File; 2], Vec<(i32, File)>);
+/// CRIU's fds 1 and 2, and the read ends to relay, each with where to.
+type RestoredStdio = ([File; 2], Vec<(File, Sink)>);
+
+/// What CRIU is given for `original` (a restored process's stdout or
+/// stderr as the checkpoint recorded it) from `ours`: a file opened outside
+/// the container is given as it is (CRIU restores its offset, so it must be
+/// a file too); a pipe gets a pipe of the user's, whose read end is
+/// returned to relay to `ours`.
+fn given_for(original: &str, ours: File, uid: u32, fd: i32) -> Result<(File, Option<(File, Sink)>)> {
+    if original.starts_with("file[") {
+        if !ours.metadata().map(|md| md.is_file()).unwrap_or(false) {
+            return fail(format!(
+                "fd {fd} of the checkpointed program was a file opened outside its container; restore's fd {fd} must be a file too"
+            ));
+        }
+        return Ok((ours, None));
+    }
+    let (r, w) = user_pipe(uid)?;
+    Ok((w, Some((r, Box::new(ours)))))
+}
 
 /// The restored program's stdout and stderr, given to CRIU as its own fds 1
 /// and 2 and named with `--inherit-fd`:
@@ -242,19 +289,8 @@ fn restored_stdio(m: &Manifest, options: &mut criu::Options) -> Result<RestoredS
         let ours: OwnedFd =
             if fd == 1 { std::io::stdout().as_fd().try_clone_to_owned() } else { std::io::stderr().as_fd().try_clone_to_owned() }
                 .context(|| format!("cannot duplicate fd {fd}"))?;
-        let ours = File::from(ours);
-        let write_end = if original.starts_with("file[") {
-            if !ours.metadata().map(|md| md.is_file()).unwrap_or(false) {
-                return fail(format!(
-                    "fd {fd} of the checkpointed program was a file opened outside its container; restore's fd {fd} must be a file too"
-                ));
-            }
-            ours
-        } else {
-            let (r, w) = user_pipe(m.owner.uid)?;
-            relays.push((fd, r));
-            w
-        };
+        let (write_end, relayed) = given_for(&original, File::from(ours), m.owner.uid, fd)?;
+        relays.extend(relayed);
         if let Some(key) = inherit_key(&original) {
             options.inherit_fd(fd, &key);
         }
@@ -263,6 +299,50 @@ fn restored_stdio(m: &Manifest, options: &mut criu::Options) -> Result<RestoredS
     let err = given.pop().unwrap();
     let out = given.pop().unwrap();
     Ok(([out, err], relays))
+}
+
+/// A ranks launcher's descriptors (agent/ranks.rs): each rank's stdout and
+/// stderr, its PMI relay's end and the launcher's status pipe, each given
+/// to CRIU at a number of its own and named with `--inherit-fd`; a key two
+/// ranks shared is given once. Returns the read ends to relay.
+fn ranks_inherited(
+    recorded: &crate::manifest::Ranks,
+    given: &RanksFds,
+    uid: u32,
+    options: &mut criu::Options,
+    inherited: &mut Vec<(File, i32)>,
+) -> Result<Vec<(File, Sink)>> {
+    if recorded.ranks.len() != given.ranks.len() {
+        return fail(format!("the checkpoint has {} ranks, and this run's step {}", recorded.ranks.len(), given.ranks.len()));
+    }
+    let mut next = RANKS_INHERITED_FROM;
+    let mut keys: Vec<String> = Vec::new();
+    let mut give = |key: String, file: File, options: &mut criu::Options, inherited: &mut Vec<(File, i32)>| {
+        if !keys.contains(&key) {
+            options.inherit_fd(next, &key);
+            inherited.push((file, next));
+            keys.push(key);
+            next += 1;
+        }
+    };
+    let mut relays = Vec::new();
+    for (rank, (stdio, pmi)) in recorded.ranks.iter().zip(&given.ranks) {
+        for fd in [1, 2] {
+            let original = rank.stdio.get(fd).cloned().unwrap_or_default();
+            let Some(key) = inherit_key(&original) else { continue };
+            let ours = stdio[fd].try_clone().context(|| format!("cannot duplicate fd {fd}"))?;
+            let (write_end, relayed) = given_for(&original, ours, uid, fd as i32)?;
+            relays.extend(relayed);
+            give(key, write_end, options, inherited);
+        }
+        match (&rank.slurm_pmi, pmi) {
+            (Some(p), Some(ours)) => give(format!("socket:[{}]", p.inode), ours.try_clone().context(|| "dup".into())?, options, inherited),
+            (Some(_), None) => return fail("a rank held Slurm's PMI socket, and this run's task has none"),
+            (None, _) => {}
+        }
+    }
+    give(recorded.status.clone(), given.status.try_clone().context(|| "dup".into())?, options, inherited);
+    Ok(relays)
 }
 
 /// Whether CRIU has let go of the restored root task: it writes its pid file
@@ -313,7 +393,16 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
         options.inherit_fd(criu::PMI_FD, &format!("socket:[{}]", p.inode));
         inherited.push((ours, criu::PMI_FD));
     }
-    let (stdio, relay_ends) = match restored_stdio(&m, &mut options) {
+    let stdio = match (&m.process.ranks, &req.ranks) {
+        (None, _) => restored_stdio(&m, &mut options),
+        (Some(recorded), Some(given)) => ranks_inherited(recorded, given, m.owner.uid, &mut options, &mut inherited).and_then(|relays| {
+            let own = |f: std::io::Result<OwnedFd>| f.map(File::from).context(|| "cannot duplicate stdio".into());
+            use std::os::fd::AsFd;
+            Ok(([own(std::io::stdout().as_fd().try_clone_to_owned())?, own(std::io::stderr().as_fd().try_clone_to_owned())?], relays))
+        }),
+        (Some(_), None) => fail("the checkpoint is of a step's ranks, and this restore was given no ranks"),
+    };
+    let (stdio, relay_ends) = match stdio {
         Ok(x) => x,
         Err(e) => {
             placeholder.kill();
@@ -352,12 +441,12 @@ pub fn restore(settings: &Settings, req: &RestoreRequest, on_restored: impl FnOn
             return Err(e);
         }
     };
+    // CRIU holds its own copies now: ours of the pipes it was given would
+    // keep their relays below from ever seeing the restored program close them.
+    drop(invocation);
     phase("CRIU starts");
     let serve = Serve::start(listener, req.images.clone(), &m.files);
-    let relays: Vec<_> = relay_ends
-        .into_iter()
-        .map(|(fd, r)| if fd == 1 { relay(r, Box::new(std::io::stdout())) } else { relay(r, Box::new(std::io::stderr())) })
-        .collect();
+    let relays: Vec<_> = relay_ends.into_iter().map(|(r, to)| relay(r, to)).collect();
 
     // The pid file appears once the tree is restored and running. The
     // restored root is CRIU's child, known here by its pid in the

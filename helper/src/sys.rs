@@ -59,6 +59,22 @@ pub fn dup_cloexec_above(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
     check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })
 }
 
+/// Puts each `(from, to)` descriptor at number `to`, inherited across
+/// exec: all are first moved out of the way (close-on-exec copies above
+/// every target and above 99), so that no target overwrites another's
+/// source. `scratch` has one entry per pair, allocated before the fork.
+/// Async-signal-safe.
+pub fn place_fds(pairs: &[(RawFd, RawFd)], scratch: &mut [RawFd]) -> io::Result<()> {
+    let above = pairs.iter().map(|(_, to)| *to + 1).fold(100, RawFd::max);
+    for ((from, _), moved) in pairs.iter().zip(scratch.iter_mut()) {
+        *moved = dup_cloexec_above(*from, above)?;
+    }
+    for ((_, to), moved) in pairs.iter().zip(scratch.iter()) {
+        dup2(*moved, *to)?;
+    }
+    Ok(())
+}
+
 /// A copy of `fd` (inherited across exec) at the lowest free number >= `min`.
 pub fn dup_above(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
     // SAFETY: fcntl(F_DUPFD) on integers.
@@ -153,6 +169,22 @@ pub fn sched_getaffinity(pid: libc::pid_t) -> io::Result<libc::cpu_set_t> {
 }
 
 /// Binds thread `tid` (0: the calling thread) to `cpus`.
+/// The CPUs in `set`, in order.
+pub fn cpu_list(set: &libc::cpu_set_t) -> Vec<usize> {
+    // SAFETY: CPU_ISSET reads the set within its size.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, set) }).collect()
+}
+
+/// The set of `cpus` (those beyond CPU_SETSIZE left out).
+pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET checks the bound.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
 pub fn sched_setaffinity(tid: libc::pid_t, cpus: &libc::cpu_set_t) -> io::Result<()> {
     // SAFETY: sched_setaffinity(2) with a set of the size given.
     check(unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), cpus) }).map(drop)

@@ -50,6 +50,18 @@ impl TaskView {
         Ok(TaskView { limits, umask, cpus, groups })
     }
 
+    /// The CPUs the task may run on.
+    pub fn cpus(&self) -> Vec<usize> {
+        sys::cpu_list(&self.cpus)
+    }
+
+    /// This view, on `cpus` instead (a step's ranks in one container run
+    /// on all of their tasks' CPUs, each rank then on its own).
+    pub fn on_cpus(mut self, cpus: &[usize]) -> TaskView {
+        self.cpus = sys::cpu_set(cpus);
+        self
+    }
+
     /// Makes the calling process's settings the task's. Allocation-free:
     /// for use between fork and exec, last (a low open-file limit must not
     /// stop the descriptor set-up before it).

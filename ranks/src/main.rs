@@ -155,7 +155,7 @@ fn run(plan: &Plan) -> i32 {
         // Orphans of the ranks stay in this tree (and in the checkpoint).
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         // No rank inherits another's descriptors: each gets its own at exec.
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as u32);
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
     }
     let mut waited: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: sigset operations on a local set, then this thread's mask

@@ -23,6 +23,7 @@ mod descendants;
 mod layout;
 mod messages;
 mod periodic;
+mod ranks;
 mod requeue;
 mod session;
 mod session_file;

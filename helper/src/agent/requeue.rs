@@ -3,7 +3,8 @@
 
 use super::layout::list_checkpoint;
 use super::messages::tell_user;
-use super::spawn::{spawn_for_task, task_cgroups, Running, Start, RESTORE_NET_NS_FD, RESTORE_PMI_FD, RESTORE_STATUS_FD};
+use super::ranks::Gathered;
+use super::spawn::{spawn_for_task, task_cgroups, LauncherStatus, Running, Start, RESTORE_NET_NS_FD, RESTORE_PMI_FD, RESTORE_STATUS_FD};
 use super::*;
 use crate::checkpoint::{dump, CheckpointRequest};
 use crate::error::{Context, EngineError, Result};
@@ -36,6 +37,7 @@ pub(super) fn try_restore(
     argv: &[String],
     stdio: &[OwnedFd; 3],
     slurm_pmi: Option<&OwnedFd>,
+    ranks: Option<&Gathered>,
     stderr: &mut File,
 ) -> Result<Option<Running>> {
     if let Some(from) = storage::wait_for_move(dir, MOVE_TIMEOUT) {
@@ -56,30 +58,44 @@ pub(super) fn try_restore(
         tell_user(stderr, &format!("{} starts fresh: its command differs from the checkpointed one", t.name()));
         return Ok(None);
     }
-    // The restored program talks to this run's slurmstepd through a new
-    // relay, which lets it through only once it is restored (`serve` has
-    // checked the socket is slurmstepd's).
-    let relay = match (&m.process.slurm_pmi, slurm_pmi) {
-        (None, _) => None,
-        (Some(_), None) => {
-            let why = "its program held Slurm's PMI socket, and this run gives the task none (not `srun --mpi=pmi2` this time?)";
-            tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
-            return Ok(None);
+    let mismatch = match (&m.process.ranks, ranks) {
+        (Some(r), Some(g)) if r.ranks.len() != g.ranks.len() => {
+            Some(format!("its checkpoint has {} ranks, and this run's step {}", r.ranks.len(), g.ranks.len()))
         }
-        (Some(p), Some(fd)) => {
-            // Made in the namespace the restore then makes the container in.
-            let net_ns = crate::namespaces::net_ns_for(m.container.network).context(|| "network namespace".into())?;
-            Some((
-                crate::pmi::Relay::new(
-                    fd,
-                    p.init_version.map(|[version, subversion]| crate::pmi::Version { version, subversion }),
-                    net_ns.as_ref(),
-                )
-                .context(|| "PMI relay".into())?,
-                net_ns,
-            ))
-        }
+        (Some(_), None) => Some("its checkpoint is of a step's ranks in one container, and this run's step is not".into()),
+        (None, Some(_)) => Some("its checkpoint is not of the step's ranks in one container".into()),
+        _ => None,
     };
+    if let Some(why) = mismatch {
+        tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
+        return Ok(None);
+    }
+    // The restored program talks to this run's slurmstepd through a new
+    // relay per rank, which lets it through only once it is restored
+    // (`serve` has checked each socket is slurmstepd's). Every rank in one
+    // container gets one, even a rank that held none (it had ended).
+    let wanted: Vec<(Option<crate::manifest::SlurmPmi>, Option<&OwnedFd>)> = match (&m.process.ranks, ranks) {
+        (Some(r), Some(g)) => r.ranks.iter().zip(&g.ranks).map(|(r, g)| (r.slurm_pmi, Some(&g.pmi.1))).collect(),
+        _ => match (&m.process.slurm_pmi, slurm_pmi) {
+            (None, _) => vec![],
+            (Some(_), None) => {
+                let why = "its program held Slurm's PMI socket, and this run gives the task none (not `srun --mpi=pmi2` this time?)";
+                tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
+                return Ok(None);
+            }
+            (Some(p), Some(fd)) => vec![(Some(*p), Some(fd))],
+        },
+    };
+    // Made in the namespace the restore then makes the container in.
+    let net_ns = match wanted.is_empty() {
+        true => None,
+        false => crate::namespaces::net_ns_for(m.container.network).context(|| "network namespace".into())?,
+    };
+    let mut relays = Vec::new();
+    for (recorded, fd) in wanted.iter().filter_map(|(r, fd)| Some((r, (*fd)?))) {
+        let said = recorded.and_then(|p| p.init_version).map(|[version, subversion]| crate::pmi::Version { version, subversion });
+        relays.push(crate::pmi::Relay::new(fd, said, net_ns.as_ref()).context(|| "PMI relay".into())?);
+    }
     let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context(|| "pipe".into())?;
     let helper = std::env::current_exe().context(|| "own path".into())?.to_string_lossy().into_owned();
     let mut restore_argv = vec![helper];
@@ -88,21 +104,29 @@ pub(super) fn try_restore(
     restore_argv.push(dir.to_string_lossy().into_owned());
     restore_argv.extend(["--uid".into(), t.uid.to_string(), "--job-id".into(), t.job_id.to_string()]);
     restore_argv.extend(["--status-fd".into(), RESTORE_STATUS_FD.to_string()]);
-    if let Some((_, net_ns)) = &relay {
-        restore_argv.extend(["--pmi-fd".into(), RESTORE_PMI_FD.to_string()]);
-        if net_ns.is_some() {
-            restore_argv.extend(["--net-ns-fd".into(), RESTORE_NET_NS_FD.to_string()]);
-        }
-    }
     let cgroups = task_cgroups(t, task)?;
-    let slurm_pmi = match &relay {
-        Some((r, net_ns)) => {
-            let net = net_ns.as_ref().map(|n| n.try_clone().map(OwnedFd::from)).transpose().context(|| "dup".into())?;
-            Some((r.container_end.try_clone().context(|| "dup".into())?, net))
+    let mut fds = Vec::new();
+    let ends = || relays.iter().map(|r| r.container_end.try_clone()).collect::<std::io::Result<Vec<_>>>().context(|| "dup".into());
+    let launcher_status = match ranks {
+        Some(g) => {
+            let (launcher_r, launcher_w, key) = super::ranks::status_pipe(t.uid)?;
+            restore_argv.extend(["--ranks".into(), g.ranks.len().to_string()]);
+            fds.extend(g.fds(ends()?, launcher_w, true)?);
+            Some(LauncherStatus { pipe: launcher_r, key, stdio_keys: g.stdio_keys() })
         }
-        None => None,
+        None => {
+            if let Some(end) = ends()?.pop() {
+                restore_argv.extend(["--pmi-fd".into(), RESTORE_PMI_FD.to_string()]);
+                fds.push((RESTORE_PMI_FD, end));
+            }
+            None
+        }
     };
-    let how = Start::Restore { status_fd: status_w, slurm_pmi };
+    if let Some(n) = &net_ns {
+        restore_argv.extend(["--net-ns-fd".into(), RESTORE_NET_NS_FD.to_string()]);
+        fds.push((RESTORE_NET_NS_FD, OwnedFd::from(n.try_clone().context(|| "dup".into())?)));
+    }
+    let how = Start::Restore { status_fd: status_w, fds };
     let child = spawn_for_task(&restore_argv, stdio, cgroups, &[("PATH".into(), SYSTEM_PATH.into())], &how)?;
     drop(how);
     // "restored PID LINE": the program's pid on the node, and the line for
@@ -131,9 +155,10 @@ pub(super) fn try_restore(
         }
         let mut running = Running::new(child, pid, t.uid)?;
         running.restored = Some(said.to_string()).filter(|s| !s.is_empty());
-        if let Some((relay, _)) = relay {
+        running.launcher_status = launcher_status;
+        for relay in relays {
             match relay.go(true) {
-                Ok(flowing) => running.slurm_pmi = vec![flowing],
+                Ok(flowing) => running.slurm_pmi.push(flowing),
                 Err(e) => tell_user(
                     stderr,
                     &format!("warning: {}: Slurm's PMI does not take it back ({e}): its next MPI call to Slurm fails", t.name()),
@@ -188,7 +213,7 @@ pub(super) fn checkpoint_request(
         leave_running,
         started_in: Some((started.cwd.to_string(), started.env.to_vec())),
         slurm_pmi: running.slurm_pmi.clone(),
-        ranks: None,
+        ranks: running.launcher_status.as_ref().map(|l| (l.key.clone(), l.stdio_keys.clone())),
     })
 }
 
@@ -244,7 +269,8 @@ pub(super) fn stop_step(settings: &Settings, t: &Task, running: &mut Running) ->
         Some(pid) => step::stop_tree(pid, t.uid, step::STOP_BARRIER_TIMEOUT).map(|_| ()).map_err(|e| format!("could not be stopped: {e}")),
         None => Err("has no running container".into()),
     };
-    if !t.step().is_coupled() {
+    // The step's ranks in one container are one tree: stopped at once.
+    if !t.step().is_coupled() || running.launcher_status.is_some() {
         return mine;
     }
     let barrier = Barrier::new(&job_dir(settings, t.job_id).map_err(|e| e.to_string())?, t.step(), &format!("stop-{}", t.restart_count))
@@ -320,7 +346,7 @@ pub(super) fn restore_step(
     let checked = step_checkpoints_agree(settings, t);
     let mut restored = None;
     let mine = match checked {
-        Ok(()) => match try_restore(settings_args, t, task, ckpt, argv, stdio, None, stderr)? {
+        Ok(()) => match try_restore(settings_args, t, task, ckpt, argv, stdio, None, None, stderr)? {
             Some(r) => {
                 restored = Some(r);
                 Ok(())

@@ -5,10 +5,11 @@
 use super::layout::{forget_checkpoint, list_checkpoint, task_checkpoint_dir};
 use super::messages::{tell_requeued_job, tell_user};
 use super::periodic::Timer;
+use super::ranks;
 use super::requeue::{checkpoint_for_requeue, go_on_restored, restore_step, stop_step, try_restore, StartedAs};
 use super::session_file::SessionFile;
 use super::slurmctld::{is_requeue, requeue_info};
-use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
+use super::spawn::{spawn_for_task, task_cgroups, LauncherStatus, Running, Start};
 use super::time_limit;
 use super::*;
 use crate::error::{fail, Context, Result};
@@ -165,13 +166,36 @@ pub(super) fn serve(
     (tx, rx): (mpsc::Sender<Event>, mpsc::Receiver<Event>),
 ) -> Result<()> {
     let Client { stream, mut channel, process: task, fds } = client;
-    let protocol::TaskFds { stdio, extra: slurm_fds } = fds;
-    // What Slurm gives beyond stdio is its PMI-2 socket (task.rs sends only that).
-    let slurm_pmi = slurm_fds.first();
+    let protocol::TaskFds { stdio, extra: mut slurm_fds } = fds;
     let Started { argv, cwd, env, runtime } = start;
     if argv.is_empty() {
         return fail(format!("{}: the task sent an empty command", t.name()));
     }
+    // The ranks of an `srun --mpi=pmi2 -n N` step run in one container,
+    // which task 0's agent starts (ranks.rs).
+    let one_container = ranks::in_one_container(t, !slurm_fds.is_empty());
+    let cpus = || TaskView::read(&task).map(|v| v.cpus()).unwrap_or_default();
+    if one_container && t.task_id != 0 {
+        let pmi = slurm_fds.swap_remove(0);
+        let follower = ranks::FollowerTask { channel, stream, stdio, pmi, argv, cwd, env, runtime, cpus: cpus() };
+        return ranks::follow(t, follower, session, stderr);
+    }
+    let gathered = one_container.then(|| {
+        let own = ranks::Own { argv: &argv, cwd: &cwd, env: &env, stdio: &stdio, pmi: &slurm_fds[0], cpus: cpus() };
+        ranks::gather(t, own, |r| launch::is_site_runtime(settings, r))
+    });
+    let (mut gathered, not_gathered) = match gathered {
+        Some(Ok(g)) => (Some(g), None),
+        Some(Err(why)) => (None, Some(why)),
+        None => (None, None),
+    };
+    let launcher_args = gathered.as_ref().map(ranks::Gathered::launcher_args);
+    let payload = match &launcher_args {
+        Some(args) => launch::Payload::Ranks(args),
+        None => launch::Payload::Program,
+    };
+    // What Slurm gives beyond stdio is its PMI-2 socket (task.rs sends only that).
+    let slurm_pmi = slurm_fds.first();
 
     // Root starts the container only through the site's Apptainer and the
     // launch policy; anything else runs as the user would run it without
@@ -189,7 +213,8 @@ pub(super) fn serve(
         // The ranks of an `srun --mpi=pmi2` step live in one container each
         // and share memory and connections across containers, which one
         // CRIU per container cannot dump; mpirun inside one container can.
-        _ if t.step().is_coupled() && !slurm_fds.is_empty() => fail(format!(
+        _ if not_gathered.is_some() => fail(not_gathered.clone().unwrap_or_default()),
+        _ if t.step().is_coupled() && !slurm_fds.is_empty() && !one_container => fail(format!(
             "its {} MPI ranks run in separate containers (srun --mpi=pmi2), which cannot be checkpointed together; \
              to protect an MPI program, start it with mpirun inside one container (srun -n1 … apptainer exec IMAGE mpirun -np N …)",
             t.step_tasks
@@ -199,8 +224,9 @@ pub(super) fn serve(
         _ if slurm_pmi.is_some_and(|(_, fd)| crate::pmi::check_slurm_socket(fd, t.stepd_pid).is_err()) => {
             fail("PMI_FD names no socket of this step's slurmstepd")
         }
-        Some(r) if launch::is_site_runtime(settings, r) => task_checkpoint_dir(settings, t)
-            .and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, launch::Payload::Program)?))),
+        Some(r) if launch::is_site_runtime(settings, r) => {
+            task_checkpoint_dir(settings, t).and_then(|ckpt| Ok((ckpt, launch::prepare(settings, &user, &request, payload)?)))
+        }
         _ => fail(format!(
             "{} is not the site's Apptainer ({}): only containers started with it are checkpointed",
             argv[0],
@@ -212,18 +238,25 @@ pub(super) fn serve(
         Err(e) => {
             let msg = format!("{} runs unprotected: {e}", t.name());
             log::warn!("{msg}");
+            if let Some(g) = gathered.as_mut() {
+                g.unprotected(&format!("task 0: {e}"));
+            }
             channel.send(&ToTask::RunUnprotected(msg))?;
             return Ok(());
         }
     };
     let restored = match restore {
         Restore::No => None,
-        Restore::IfThere if t.step().is_coupled() => restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?,
+        Restore::IfThere if t.step().is_coupled() && !one_container => {
+            restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?
+        }
         Restore::IfThere => {
-            try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, slurm_pmi.map(|(_, fd)| fd), stderr)?.map(|mut r| {
-                go_on_restored(t, &mut r);
-                r
-            })
+            try_restore(settings_args, t, &task, &ckpt, &argv, &stdio, slurm_pmi.map(|(_, fd)| fd), gathered.as_ref(), stderr)?.map(
+                |mut r| {
+                    go_on_restored(t, &mut r);
+                    r
+                },
+            )
         }
     };
     let mut running = match restored {
@@ -236,20 +269,32 @@ pub(super) fn serve(
             // The task's groups (the view sets them), not the node's lookup.
             let view = TaskView::read(&task).context(|| format!("{}: the task's settings", t.name()))?;
             let net_ns = crate::namespaces::net_ns_for(settings.container_network).context(|| "network namespace".into())?;
-            // Slurm's PMI socket reaches the container through a relay.
-            let relay =
-                slurm_pmi.map(|(n, fd)| Ok::<_, std::io::Error>((*n, crate::pmi::Relay::new(fd, None, net_ns.as_ref())?))).transpose();
-            let relay = relay.context(|| "PMI relay".into())?;
-            let given: Vec<(std::os::fd::RawFd, std::os::fd::OwnedFd)> = match &relay {
-                Some((n, r)) => vec![(*n, r.container_end.try_clone().context(|| "dup".into())?)],
-                None => vec![],
+            // Slurm's PMI socket (each rank's) reaches the container through a relay.
+            let sockets: Vec<&(std::os::fd::RawFd, std::os::fd::OwnedFd)> = match &gathered {
+                Some(g) => g.ranks.iter().map(|r| &r.pmi).collect(),
+                None => slurm_pmi.into_iter().collect(),
+            };
+            let relays =
+                sockets.iter().map(|(_, fd)| crate::pmi::Relay::new(fd, None, net_ns.as_ref())).collect::<std::io::Result<Vec<_>>>();
+            let relays = relays.context(|| "PMI relay".into())?;
+            let ends = relays.iter().map(|r| r.container_end.try_clone()).collect::<std::io::Result<Vec<_>>>().context(|| "dup".into())?;
+            let mut launcher_status = None;
+            let (given, view) = match &gathered {
+                Some(g) => {
+                    let (status_r, status_w, key) = ranks::status_pipe(t.uid)?;
+                    launcher_status = Some(LauncherStatus { pipe: status_r, key, stdio_keys: g.stdio_keys() });
+                    let cpus = g.all_cpus();
+                    (g.fds(ends, status_w, false)?, if cpus.is_empty() { view } else { view.on_cpus(&cpus) })
+                }
+                None => (sockets.iter().map(|(n, _)| *n).zip(ends).collect(), view),
             };
             let how = Start::Container { network: settings.container_network, net_ns: net_ns.as_ref(), view, slurm_fds: &given };
             let child = spawn_for_task(&launched.argv, &stdio, cgroups, &launched.env, &how)?;
             drop(how);
             drop(given);
             let mut running = Running::new(child, None, t.uid)?;
-            running.slurm_pmi = relay.map(|(_, r)| r.go(false)).transpose().context(|| "PMI relay".into())?.into_iter().collect();
+            running.launcher_status = launcher_status;
+            running.slurm_pmi = relays.into_iter().map(|r| r.go(false)).collect::<std::io::Result<_>>().context(|| "PMI relay".into())?;
             running
         }
     };
@@ -311,6 +356,10 @@ pub(super) fn serve(
                 // The program ended by itself (or by a passed-on signal): the
                 // job is done with this task, for good.
                 forget_checkpoint(settings, t);
+                let code = match gathered.as_mut() {
+                    Some(g) => g.exited(running.launcher_status.take().map(|s| s.pipe), code),
+                    None => code,
+                };
                 channel.send(&ToTask::Exited(code))?;
                 return Ok(());
             }
@@ -356,6 +405,9 @@ pub(super) fn serve(
                 // The container is dumped or gone: root's copy of
                 // slurmstepd's PMI socket goes before the task ends.
                 running.slurm_pmi.drain(..).for_each(|p| p.stop());
+                if let Some(g) = gathered.as_mut() {
+                    g.stopped();
+                }
                 channel.send(&ToTask::Stopped)?;
                 // The task ends: its output is through. The batch step must
                 // not wait for the move below (security.md, principle 6).
@@ -390,6 +442,9 @@ pub(super) fn serve(
             Event::Message(None) => {
                 // The task is gone (killed): so is its container.
                 running.kill(t.uid);
+                if let Some(g) = gathered.as_mut() {
+                    g.failed("task 0 was killed, and with it the container of the step's ranks");
+                }
                 return Ok(());
             }
         }

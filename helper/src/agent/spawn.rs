@@ -35,6 +35,16 @@ pub(super) struct Running {
     /// Its ends of Slurm's PMI-2 relays: the task's, when it has that
     /// socket; one per rank for a step's ranks in one container (ranks.rs).
     pub(super) slurm_pmi: Vec<crate::pmi::Flowing>,
+    /// A step's ranks in one container (ranks.rs): the launcher's status.
+    pub(super) launcher_status: Option<LauncherStatus>,
+}
+
+/// The ranks launcher's status pipe (read end, and its key in a
+/// checkpoint), and each rank's stdio as a checkpoint names it.
+pub(super) struct LauncherStatus {
+    pub(super) pipe: std::fs::File,
+    pub(super) key: String,
+    pub(super) stdio_keys: Vec<Vec<String>>,
 }
 
 impl Drop for Running {
@@ -48,7 +58,7 @@ impl Drop for Running {
 impl Running {
     pub(super) fn new(child: Child, payload: Option<Pid>, uid: u32) -> Result<Running> {
         let child_fd = procfs::PidFd::open(child.id() as Pid).context(|| "pidfd of the container".into())?;
-        let mut r = Running { child, child_fd, payload: None, restored: None, slurm_pmi: vec![] };
+        let mut r = Running { child, child_fd, payload: None, restored: None, slurm_pmi: vec![], launcher_status: None };
         r.payload = payload.and_then(|p| checked_payload(p, uid));
         Ok(r)
     }
@@ -91,9 +101,10 @@ pub(super) const RESTORE_NET_NS_FD: RawFd = 5;
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Start<'a> {
     /// The restore command, which makes the container's namespaces itself;
-    /// its status fd at 3, the PMI relay's end at 4 (pmi.rs) and the
-    /// network namespace that end was made in at 5.
-    Restore { status_fd: OwnedFd, slurm_pmi: Option<(OwnedFd, Option<OwnedFd>)> },
+    /// its status fd at 3, and `fds` at their numbers: the PMI relay's end
+    /// at 4 (pmi.rs) and the network namespace that end was made in at 5,
+    /// or a ranks launcher's (restore::rank_fds).
+    Restore { status_fd: OwnedFd, fds: Vec<(RawFd, OwnedFd)> },
     /// A container: under our init, in namespaces of its own, with the
     /// task's groups, limits, umask and CPU affinity (`view`), and the
     /// descriptors Slurm gave the task beyond stdio (at their numbers).
@@ -121,13 +132,10 @@ pub(super) fn spawn_for_task(
     // it takes from the task (the restore itself is root's and keeps root's
     // settings).
     let (extra, view): (Vec<(RawFd, RawFd)>, _) = match how {
-        Start::Restore { status_fd, slurm_pmi } => {
-            let mut fds = vec![(RESTORE_STATUS_FD, status_fd.as_raw_fd())];
-            if let Some((pmi, net)) = slurm_pmi {
-                fds.push((RESTORE_PMI_FD, pmi.as_raw_fd()));
-                fds.extend(net.iter().map(|n| (RESTORE_NET_NS_FD, n.as_raw_fd())));
-            }
-            (fds, None)
+        Start::Restore { status_fd, fds } => {
+            let mut given = vec![(RESTORE_STATUS_FD, status_fd.as_raw_fd())];
+            given.extend(fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())));
+            (given, None)
         }
         Start::Container { view, slurm_fds, .. } => (slurm_fds.iter().map(|(n, fd)| (*n, fd.as_raw_fd())).collect(), Some(view.clone())),
     };
@@ -135,21 +143,16 @@ pub(super) fn spawn_for_task(
     cmd.args(&argv[1..]).env_clear().envs(env.iter().cloned()).current_dir("/");
     let fd = |i: usize| stdio[i].try_clone().map(Stdio::from);
     cmd.stdin(fd(0).context(|| "dup".into())?).stdout(fd(1).context(|| "dup".into())?).stderr(fd(2).context(|| "dup".into())?);
+    // Allocated before the fork: nothing between fork and exec allocates.
+    let pairs: Vec<(RawFd, RawFd)> = extra.iter().map(|(to, from)| (*from, *to)).collect();
+    let mut scratch = vec![-1; pairs.len()];
     // SAFETY: between fork and exec: async-signal-safe functions of
     // crate::sys only (join_in_child and apply_in_child are made of them).
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             cgroup::join_in_child(&cgroups)?;
-            // Out of the way first (close-on-exec copies), so that no target
-            // number overwrites another's source.
-            let mut moved = [-1; 8];
-            for (i, (_, from)) in extra.iter().enumerate().take(moved.len()) {
-                moved[i] = sys::dup_cloexec_above(*from, 100)?;
-            }
-            for (i, (to, _)) in extra.iter().enumerate().take(moved.len()) {
-                sys::dup2(moved[i], *to)?;
-            }
+            sys::place_fds(&pairs, &mut scratch)?;
             view.as_ref().map_or(Ok(()), TaskView::apply_in_child)
         });
     }
