@@ -226,14 +226,19 @@ fn a_step_whose_task_fails_to_restore_discards_the_restored_tasks() {
     job.cleanup(c);
 }
 
+/// The ranks of an `srun --mpi=pmi2 -n 2` step run in one protected
+/// container (helper/src/agent/ranks.rs), each as its own task: its own
+/// stdout (srun labels it), its rank's variables, its own PMI socket at
+/// the number `PMI_FD` names, and its own exit code for srun.
 #[test]
-fn an_srun_mpi_step_of_several_ranks_runs_unprotected_and_says_why() {
+fn an_srun_mpi_step_of_several_ranks_runs_each_rank_as_its_task_in_one_container() {
     let c = cluster();
-    let out =
-        c.sh("node1", "alice", &format!("srun -w node1 -n2 --mpi=pmi2 --checkpoint-container apptainer -s exec {TEST_SIF} true")).ok();
-    assert_eq!(out.stderr.matches("runs unprotected: its 2 MPI ranks run in separate containers (srun --mpi=pmi2)").count(), 2, "{out:#?}");
-    assert!(out.stderr.contains("start it with mpirun inside one container"), "{out:#?}");
-    assert!(!out.stderr.contains("is protected"), "{out:#?}");
+    let probe = "echo rank=$PMI_RANK procid=$SLURM_PROCID pmi=$(readlink /proc/self/fd/$PMI_FD | cut -c1-7); exit $((3 + SLURM_PROCID))";
+    let srun = format!("srun -w node1 -n2 -l --mpi=pmi2 --checkpoint-container apptainer -s exec {TEST_SIF} sh -c '{probe}'");
+    let out = c.sh("node1", "alice", &srun);
+    assert!(out.stdout.contains("0: rank=0 procid=0 pmi=socket:") && out.stdout.contains("1: rank=1 procid=1 pmi=socket:"), "{out:#?}");
+    assert!(out.stderr.contains("is protected") && !out.stderr.contains("unprotected"), "{out:#?}");
+    assert!(out.stderr.contains("task 0: Exited with exit code 3") && out.stderr.contains("task 1: Exited with exit code 4"), "{out:#?}");
 }
 
 #[test]

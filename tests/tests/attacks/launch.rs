@@ -243,8 +243,9 @@ fn the_container_has_alices_groups_not_roots() {
 fn the_container_gets_the_tasks_descriptors_and_none_of_slurmstepds() {
     let c = cluster();
     let fds = "ls /proc/self/fd | sort -n | xargs echo; echo PMI_FD=$PMI_FD";
-    // (A step of several PMI ranks runs unprotected: requeue.rs.)
-    for (mpi, tasks) in [("none", 2), ("pmi2", 1)] {
+    // Several PMI ranks share one container (agent/ranks.rs): each still
+    // holds only its own task's.
+    for (mpi, tasks) in [("none", 2), ("pmi2", 1), ("pmi2", 2)] {
         let run = |flag: &str| {
             let out = as_alice(c, &format!("srun -w node1 -n{tasks} --mpi={mpi} {flag} apptainer -s exec {TEST_SIF} sh -c '{fds}'")).ok();
             let mut lines: Vec<String> = out.stdout.lines().map(String::from).collect();
