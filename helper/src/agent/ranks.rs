@@ -427,3 +427,45 @@ fn reach_leader(t: &Task) -> std::result::Result<UnixStream, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(env: &[(&str, &str)], cpus: &[usize]) -> Rank {
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let fd = || r.try_clone().unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Rank { stdio: [fd(), fd(), fd()], pmi: (5, fd()), env, cpus: cpus.to_vec() }
+    }
+
+    #[test]
+    fn each_rank_finds_its_descriptors_cpus_and_own_variables_in_the_launchers_arguments() {
+        let ranks = vec![rank(&[("PMI_RANK", "0"), ("A", "x")], &[0]), rank(&[("PMI_RANK", "1"), ("A", "x"), ("B", "y")], &[1])];
+        let g = Gathered { ranks, followers: vec![] };
+        let args = g.launcher_args();
+        let expected = "--status-fd 9 --rank 0:0,1,2,13,5 --cpus 0:0 --rank 1:14,15,16,17,5 --cpus 1:1 --env 1:PMI_RANK=1 --env 1:B=y";
+        assert_eq!(args.join(" "), expected);
+        assert_eq!(g.all_cpus(), [0, 1]);
+        // The container's own stdio is rank 0's; the restore command gets it too.
+        let status = || OwnedFd::from(nix::unistd::pipe().unwrap().0);
+        let ends = || vec![status(), status()];
+        let numbers = |fds: Vec<(RawFd, OwnedFd)>| fds.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        assert_eq!(numbers(g.fds(ends(), status(), false).unwrap()), [9, 13, 14, 15, 16, 17]);
+        assert_eq!(numbers(g.fds(ends(), status(), true).unwrap()), [9, 10, 11, 12, 13, 14, 15, 16, 17]);
+    }
+
+    #[test]
+    fn exit_codes_come_from_the_launchers_line_for_every_rank_or_not_at_all() {
+        let line = |text: &str, ranks| {
+            let (r, w) = nix::unistd::pipe().unwrap();
+            nix::unistd::write(&w, text.as_bytes()).unwrap();
+            drop(w);
+            read_codes(File::from(r), ranks)
+        };
+        assert_eq!(line("codes 0 3\n", 2), Some(vec![0, 3]));
+        assert_eq!(line("codes 0\n", 2), None);
+        assert_eq!(line("codes 0 x\n", 2), None);
+        assert_eq!(line("", 2), None);
+    }
+}

@@ -149,7 +149,13 @@ pub(super) fn try_restore(
         });
         // CRIU leaves the restored program its own CPU affinity; this
         // run's task is bound where this run's allocation is.
-        match TaskView::read(task).and_then(|v| v.bind_restored(child.id() as Pid, t.uid)) {
+        // A step's ranks in one container: on every rank's task's CPUs
+        // (which rank is which process is the user's program's to know).
+        let on_step_cpus = |v: TaskView| match ranks.map(Gathered::all_cpus) {
+            Some(cpus) if !cpus.is_empty() => v.on_cpus(&cpus),
+            _ => v,
+        };
+        match TaskView::read(task).map(on_step_cpus).and_then(|v| v.bind_restored(child.id() as Pid, t.uid)) {
             Ok(n) => log::info!("{}: {n} restored processes bound to the task's CPUs", t.name()),
             Err(e) => log::warn!("{}: restored processes keep CRIU's CPU affinity: {e}", t.name()),
         }
