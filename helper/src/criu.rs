@@ -341,6 +341,7 @@ impl Spawn {
         let exec_args = sys::ExecArgs::new(argv, envp);
         let pairs: Vec<(i32, i32)> = fds.iter().map(|(from, to)| (from.as_raw_fd(), *to)).collect();
         let mut scratch = vec![-1; pairs.len()];
+        let above = sys::above_targets(&pairs);
         // Never executed by path: the pre_exec hook below execs the fd.
         let mut cmd = std::process::Command::new("/nonexistent/criu");
         cmd.env_clear();
@@ -363,6 +364,10 @@ impl Spawn {
                 sys::setsid()?;
                 // `fds` is held by this closure until the spawn: `pairs` names them.
                 let _held = &fds;
+                // The binary is executed after the descriptors are placed:
+                // out of their way first, or a target number (one given to
+                // CRIU from the user's task) could replace what is executed.
+                let exe = sys::dup_cloexec_above(binary.as_raw_fd(), above)?;
                 sys::place_fds(&pairs, &mut scratch)?;
                 sys::setgroups(&groups)?;
                 sys::keep_caps()?;
@@ -375,7 +380,7 @@ impl Spawn {
                 for cap in &caps {
                     caps::raise(None, caps::CapSet::Ambient, *cap).map_err(to_io)?;
                 }
-                Err(exec_args.execveat_fd(binary.as_raw_fd()))
+                Err(exec_args.execveat_fd(exe))
             });
         }
         cmd

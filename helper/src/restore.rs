@@ -263,6 +263,16 @@ fn given_for(original: &str, ours: File, uid: u32, fd: i32) -> Result<(File, Opt
         }
         return Ok((ours, None));
     }
+    // Root copies the program's output into it: only into what a task's
+    // stdio is (a pipe, a tty or /dev/null, a file), never a socket, whose
+    // receiver could take the bytes for root's (SO_PASSCRED).
+    use std::os::unix::fs::FileTypeExt;
+    let kind = ours.metadata().map(|md| md.file_type()).context(|| format!("fd {fd}"))?;
+    if !(kind.is_fifo() || kind.is_char_device() || kind.is_file()) {
+        return fail(format!(
+            "fd {fd} of this run's task is neither a pipe, a terminal nor a file: the restored output is not copied into it"
+        ));
+    }
     let (r, w) = user_pipe(uid)?;
     Ok((w, Some((r, Box::new(ours)))))
 }

@@ -64,8 +64,12 @@ pub fn dup_cloexec_above(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
 /// every target and above 99), so that no target overwrites another's
 /// source. `scratch` has one entry per pair, allocated before the fork.
 /// Async-signal-safe.
+///
+/// Any other descriptor the child still uses after this (an fd it will
+/// exec) must first be moved to [`above_targets`] or higher: a target may
+/// land on its number.
 pub fn place_fds(pairs: &[(RawFd, RawFd)], scratch: &mut [RawFd]) -> io::Result<()> {
-    let above = pairs.iter().map(|(_, to)| *to + 1).fold(100, RawFd::max);
+    let above = above_targets(pairs);
     for ((from, _), moved) in pairs.iter().zip(scratch.iter_mut()) {
         *moved = dup_cloexec_above(*from, above)?;
     }
@@ -73,6 +77,11 @@ pub fn place_fds(pairs: &[(RawFd, RawFd)], scratch: &mut [RawFd]) -> io::Result<
         dup2(*moved, *to)?;
     }
     Ok(())
+}
+
+/// The lowest number no target of `pairs` (and nothing below 100) uses.
+pub fn above_targets(pairs: &[(RawFd, RawFd)]) -> RawFd {
+    pairs.iter().map(|(_, to)| *to + 1).fold(100, RawFd::max)
 }
 
 /// A copy of `fd` (inherited across exec) at the lowest free number >= `min`.
@@ -177,9 +186,10 @@ pub fn cpu_list(set: &libc::cpu_set_t) -> Vec<usize> {
 
 /// The set of `cpus` (those beyond CPU_SETSIZE left out).
 pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET checks the bound.
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET indexes the set
+    // without a check, so only numbers below CPU_SETSIZE reach it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
+    for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
         unsafe { libc::CPU_SET(c, &mut set) };
     }
     set
@@ -536,4 +546,35 @@ pub fn local_hour_minute(unix_secs: i64) -> Option<(i32, i32)> {
         return None;
     }
     Some((tm.tm_hour, tm.tm_min))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// What a child execs after placing its descriptors survives a target
+    /// that lands on its number (criu.rs moves the binary first).
+    #[test]
+    fn a_descriptor_moved_above_the_targets_is_not_replaced_by_one() {
+        let kept = std::fs::File::open("/dev/null").unwrap();
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let pairs = [(r.as_raw_fd(), kept.as_raw_fd())];
+        let moved = dup_cloexec_above(kept.as_raw_fd(), above_targets(&pairs)).unwrap();
+        assert!(moved >= 100 && moved > kept.as_raw_fd());
+        let mut scratch = [-1];
+        place_fds(&pairs, &mut scratch).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        let kind = |fd: RawFd| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().file_type();
+        assert!(kind(kept.as_raw_fd()).is_fifo(), "the target now holds the pipe");
+        assert!(kind(moved).is_char_device(), "the moved copy still holds /dev/null");
+        nix::unistd::close(moved).unwrap();
+        nix::unistd::close(scratch[0]).unwrap();
+    }
+
+    #[test]
+    fn cpus_beyond_the_set_are_left_out_not_written_past_it() {
+        let set = cpu_set(&[1, 3, libc::CPU_SETSIZE as usize, usize::MAX]);
+        assert_eq!(cpu_list(&set), [1, 3]);
+    }
 }

@@ -122,8 +122,8 @@ fn start(plan: &Plan, rank: &Rank, stdio: [RawFd; 3]) -> std::io::Result<u32> {
     cmd.envs(rank_env(rank).cloned());
     let pmi = rank.pmi;
     let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in &rank.cpus {
-        // SAFETY: CPU_SET bounds-checks against the set's size.
+    for &c in rank.cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: CPU_SET indexes the set without a check: below CPU_SETSIZE only.
         unsafe { libc::CPU_SET(c, &mut cpus) };
     }
     let bind = !rank.cpus.is_empty();

@@ -78,6 +78,14 @@ pub(super) struct Rank {
     cpus: Vec<usize>,
 }
 
+impl Rank {
+    fn copy(stdio: &[OwnedFd; 3], pmi: &(RawFd, OwnedFd), env: &[(String, String)], cpus: &[usize]) -> std::result::Result<Rank, String> {
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
+        let [i, o, e] = stdio;
+        Ok(Rank { stdio: [dup(i)?, dup(o)?, dup(e)?], pmi: (pmi.0, dup(&pmi.1)?), env: env.to_vec(), cpus: cpus.to_vec() })
+    }
+}
+
 struct Follower {
     task_id: u32,
     channel: Channel,
@@ -87,6 +95,18 @@ struct Follower {
 pub(super) struct Gathered {
     pub(super) ranks: Vec<Rank>,
     followers: Vec<Follower>,
+    /// Every follower was told how its rank ended (or to run unprotected).
+    settled: bool,
+}
+
+impl Drop for Gathered {
+    /// The leader failed on the way (its log says why): the followers'
+    /// tasks end with it rather than wait for a word that never comes.
+    fn drop(&mut self) {
+        if !self.settled {
+            self.failed("task 0's agent failed to run the step's container (the node's checkpoint-container log says why)");
+        }
+    }
 }
 
 /// The leader's own task, as `serve` received it.
@@ -110,20 +130,15 @@ pub(super) fn gather(t: &Task, own: Own, is_site_runtime: impl Fn(&str) -> bool)
     let followers = accept_followers(t, &listener);
     let _ = std::fs::remove_file(&path);
     let (mut followers, handed) = followers?;
-    let checked = check_ranks(t, &own, &handed, is_site_runtime);
+    let checked = check_ranks(t, &own, &handed, is_site_runtime).and_then(|ranks| room_for(ranks.len() + 1).map(|()| ranks));
     if let Err(why) = &checked {
         for f in &mut followers {
             let _ = f.channel.send(&ToFollower::Unprotected(why.clone()));
         }
     }
-    let mut ranks = vec![Rank {
-        stdio: own.stdio.each_ref().map(|fd| fd.try_clone().expect("dup")),
-        pmi: (own.pmi.0, own.pmi.1.try_clone().map_err(|e| format!("dup: {e}"))?),
-        env: own.env.to_vec(),
-        cpus: own.cpus,
-    }];
+    let mut ranks = vec![Rank::copy(own.stdio, own.pmi, own.env, &own.cpus)?];
     ranks.extend(checked?);
-    Ok(Gathered { ranks, followers })
+    Ok(Gathered { ranks, followers, settled: false })
 }
 
 /// A follower's handover, as received.
@@ -215,14 +230,30 @@ fn check_ranks(t: &Task, own: &Own, handed: &[Handed], is_site_runtime: impl Fn(
         crate::pmi::check_slurm_socket(&h.rank.pmi.1, t.stepd_pid).map_err(|e| format!("task {task}: {e}"))?;
     }
     for h in handed {
-        ranks.push(Rank {
-            stdio: h.rank.stdio.each_ref().map(|fd| fd.try_clone().expect("dup")),
-            pmi: (h.rank.pmi.0, h.rank.pmi.1.try_clone().map_err(|e| format!("dup: {e}"))?),
-            env: h.rank.env.clone(),
-            cpus: h.rank.cpus.clone(),
-        });
+        ranks.push(Rank::copy(&h.rank.stdio, &h.rank.pmi, &h.rank.env, &h.rank.cpus)?);
     }
     Ok(ranks)
+}
+
+/// Descriptors the agent and the restore hold per rank (its task's four,
+/// copies, a relay's sockets and stop pipe, CRIU's), and beyond the ranks.
+const FDS_PER_RANK: u64 = 16;
+const FDS_BESIDES: u64 = 256;
+
+/// Raises this agent's open-file limit (within its hard limit) so that
+/// every rank's descriptors fit, at the numbers they are placed at
+/// (restore::rank_fds, CRIU's above 110); or says why they cannot.
+fn room_for(ranks: usize) -> std::result::Result<(), String> {
+    const NOFILE: usize = libc::RLIMIT_NOFILE as usize;
+    let needed = FDS_BESIDES + FDS_PER_RANK * ranks as u64;
+    let limit = crate::sys::getrlimit(NOFILE).map_err(|e| format!("open-file limit: {e}"))?;
+    if limit.rlim_cur >= needed {
+        return Ok(());
+    }
+    if limit.rlim_max < needed {
+        return Err(format!("{ranks} ranks need {needed} open files, above this node's limit for slurmstepd ({})", limit.rlim_max));
+    }
+    crate::sys::setrlimit(NOFILE, &libc::rlimit { rlim_cur: needed, rlim_max: limit.rlim_max }).map_err(|e| format!("open-file limit: {e}"))
 }
 
 impl Gathered {
@@ -285,6 +316,7 @@ impl Gathered {
         for f in &mut self.followers {
             let _ = f.channel.send(&msg(f.task_id as usize));
         }
+        self.settled = true;
     }
 
     pub(super) fn unprotected(&mut self, why: &str) {
@@ -442,7 +474,7 @@ mod tests {
     #[test]
     fn each_rank_finds_its_descriptors_cpus_and_own_variables_in_the_launchers_arguments() {
         let ranks = vec![rank(&[("PMI_RANK", "0"), ("A", "x")], &[0]), rank(&[("PMI_RANK", "1"), ("A", "x"), ("B", "y")], &[1])];
-        let g = Gathered { ranks, followers: vec![] };
+        let g = Gathered { ranks, followers: vec![], settled: false };
         let args = g.launcher_args();
         let expected = "--status-fd 9 --rank 0:0,1,2,13,5 --cpus 0:0 --rank 1:14,15,16,17,5 --cpus 1:1 --env 1:PMI_RANK=1 --env 1:B=y";
         assert_eq!(args.join(" "), expected);
