@@ -480,7 +480,7 @@ mod tests {
         assert_eq!(args.join(" "), expected);
         assert_eq!(g.all_cpus(), [0, 1]);
         // The container's own stdio is rank 0's; the restore command gets it too.
-        let status = || OwnedFd::from(nix::unistd::pipe().unwrap().0);
+        let status = || nix::unistd::pipe().unwrap().0;
         let ends = || vec![status(), status()];
         let numbers = |fds: Vec<(RawFd, OwnedFd)>| fds.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         assert_eq!(numbers(g.fds(ends(), status(), false).unwrap()), [9, 13, 14, 15, 16, 17]);
