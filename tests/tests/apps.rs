@@ -388,9 +388,11 @@ fn nwchem_requeued_and_uninterrupted(
     let job = nwchem_job(c, &sbatch_args, srun_args, nwchem);
     requeue_when(c, &job, || nwchem_energies(&job.output()).len() >= energies_first);
     c.release(job.id, Some("node2"));
-    // On node1 once the job left it (a step of 2 ranks takes both its CPUs).
-    let reference = nwchem_job(c, &sbatch_args, srun_args, nwchem);
     assert_restored_once(c, &job, "node2");
+    // Then, alone: MPI ranks poll busily, and the two nodes share this
+    // machine's cores (ranks of two jobs on one core slowed a restored run
+    // past the test's patience).
+    let reference = nwchem_job(c, &sbatch_args, srun_args, nwchem);
     assert_eq!(c.wait_job(reference.id, 3 * MINUTE), "COMPLETED", "{}", reference.output());
     let (out, expected) = (job.output(), reference.output());
     assert!(expected.contains("Optimization converged") && out.contains("Optimization converged"), "{out}");
@@ -436,7 +438,8 @@ fn nwchem_with_ucx_sysv_is_not_checkpointed_and_says_why() {
 #[test]
 fn nwchem_two_ranks_under_mpiexec_in_one_container_requeued_restore_on_the_other_node() {
     let mpiexec = format!("mpiexec.mpich -launcher fork -n 2 {NWCHEM}");
-    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &[], "", &mpiexec, 4);
+    // A CPU per rank: two ranks polling on one CPU crawl.
+    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &["-c", "2"], "", &mpiexec, 4);
     assert_same_optimisation(&out, &expected);
 }
 

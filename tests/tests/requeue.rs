@@ -181,7 +181,13 @@ fn multi_task_steps_and_two_steps_all_restore() {
 /// Starts a two-task step, requeues it once both tasks have made progress,
 /// and returns the job once it is pending again.
 fn requeued_two_task_step(c: &Cluster) -> BatchJob {
-    let job = c.submit_workload_job(&["-w", "node1", "-n2"], &["srun -n2 {W} --out /data/a-%t.txt"], 64, 40);
+    requeued_two_task_step_of(c, "srun -n2")
+}
+
+/// The same, started with `srun`: `srun -n2 --mpi=pmi2` runs both tasks'
+/// programs in one container (helper/src/agent/ranks.rs).
+fn requeued_two_task_step_of(c: &Cluster, srun: &str) -> BatchJob {
+    let job = c.submit_workload_job(&["-w", "node1", "-n2"], &[&format!("{srun} {{W}} --out /data/a-%t.txt")], 64, 40);
     job.wait_lines("a-0.txt", 5);
     job.wait_lines("a-1.txt", 5);
     requeue(c, &job);
@@ -224,6 +230,47 @@ fn a_step_whose_task_fails_to_restore_discards_the_restored_tasks() {
     let out = both_tasks_started_over(c, &job);
     assert!(out.contains(&format!("checkpoint-container: step {}.0 starts fresh: task 1 could not be restored", job.id)), "{out}");
     job.cleanup(c);
+}
+
+/// The ranks of an `srun --mpi=pmi2 -n 2` step (here programs that never
+/// talk PMI, as any program under `MpiDefault=pmi2`) are one tree: each
+/// goes on where it was after the requeue, on the other node; with their
+/// checkpoint damaged, both start over together and one line says why.
+#[test]
+fn the_ranks_of_a_pmi2_step_restore_together_or_start_over_together() {
+    let c = cluster();
+    let job = requeued_two_task_step_of(c, "srun -n2 --mpi=pmi2");
+    c.release(job.id, Some("node2"));
+    assert_eq!(c.wait_job(job.id, 2 * MINUTE), "COMPLETED", "{}", job.output());
+    assert_eq!(job.output().matches("checkpoint-container: restored process").count(), 1, "{}", job.output());
+    job.assert_continued("a-0.txt");
+    job.assert_continued("a-1.txt");
+    job.cleanup(c);
+
+    let job = requeued_two_task_step_of(c, "srun -n2 --mpi=pmi2");
+    let pages = c.sh("node1", "root", &format!("ls {}/pages-*.img | head -1", job.checkpoint_of(0, 0))).ok().stdout;
+    c.sh("node1", "root", &format!("printf '\\xff' | dd of={} bs=1 seek=4096 conv=notrunc status=none", pages.trim())).ok();
+    c.release(job.id, Some("node2"));
+    let out = both_tasks_started_over(c, &job);
+    assert!(out.contains(&format!("checkpoint-container: task 0 of step {}.0 starts fresh", job.id)), "{out}");
+    assert!(!out.contains("checkpoint-container: restored process"), "{out}");
+    job.cleanup(c);
+}
+
+/// Ranks in one container run task 0's command: a step whose tasks run
+/// different ones (`--multi-prog`) runs unprotected, every task saying why,
+/// and each task still runs its own command.
+#[test]
+fn a_pmi2_step_whose_tasks_run_different_commands_runs_unprotected_and_says_why() {
+    let c = cluster();
+    let conf = format!("0 apptainer -s exec {TEST_SIF} echo zero\n1 apptainer -s exec {TEST_SIF} echo one\n");
+    let srun = format!(
+        "printf '{conf}' > /tmp/multi-$$.conf && srun -w node1 -n2 -l --mpi=pmi2 --checkpoint-container --multi-prog /tmp/multi-$$.conf"
+    );
+    let out = c.sh("node1", "alice", &srun).ok();
+    let why = "runs unprotected: task 1 runs another command or in another directory than task 0";
+    assert_eq!(out.stderr.matches(why).count(), 2, "{out:#?}");
+    assert!(out.stdout.contains("0: zero") && out.stdout.contains("1: one"), "{out:#?}");
 }
 
 /// The ranks of an `srun --mpi=pmi2 -n 2` step run in one protected

@@ -215,8 +215,9 @@ pub(super) fn serve(
         // CRIU per container cannot dump; mpirun inside one container can.
         _ if not_gathered.is_some() => fail(not_gathered.clone().unwrap_or_default()),
         _ if t.step().is_coupled() && !slurm_fds.is_empty() && !one_container => fail(format!(
-            "its {} MPI ranks run in separate containers (srun --mpi=pmi2), which cannot be checkpointed together; \
-             to protect an MPI program, start it with mpirun inside one container (srun -n1 … apptainer exec IMAGE mpirun -np N …)",
+            "its {} MPI ranks run in separate containers started by a script, which cannot be checkpointed together; \
+             to protect an MPI program, let srun start the container itself (srun --mpi=pmi2 … apptainer exec IMAGE PROGRAM: \
+             its ranks then share one) or start mpirun inside one container",
             t.step_tasks
         )),
         // Root relays the PMI socket (pmi.rs), for a fresh start and a
