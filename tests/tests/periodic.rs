@@ -33,23 +33,34 @@ fn checkpoint_created(manifest: &Path) -> Option<u64> {
 
 #[test]
 fn a_job_whose_node_dies_is_requeued_and_restores_its_last_periodic_checkpoint_on_the_other_node() {
-    node_dies_mid_job("srun {W} --out /data/out.txt", "step0.task0");
+    node_dies_mid_job(&[], "srun {W} --out /data/out.txt", "step0.task0", &["out.txt"]);
 }
 
 /// The same with the container started right in the batch script (the
 /// runtime shim's): the requeued script finds its checkpoint again.
 #[test]
 fn a_batch_scripts_container_restores_its_last_periodic_checkpoint_after_its_node_died() {
-    node_dies_mid_job("{W} --out /data/out.txt", "step4294967291.task0.c0");
+    node_dies_mid_job(&[], "{W} --out /data/out.txt", "step4294967291.task0.c0", &["out.txt"]);
+}
+
+/// The ranks of an `srun --mpi=pmi2 -n 2` step run in one container
+/// (helper/src/agent/ranks.rs): one tree, checkpointed every interval as one
+/// task's, and both go on from the last checkpoint after their node died.
+#[test]
+fn the_ranks_of_a_pmi2_step_restore_their_last_periodic_checkpoint_after_their_node_died() {
+    let line = "srun -n2 --mpi=pmi2 {W} --out /data/a-%t.txt";
+    node_dies_mid_job(&["-n2"], line, "step0.task0", &["a-0.txt", "a-1.txt"]);
 }
 
 /// Runs `line` with periodic checkpoints (into `checkpoint`, below the
-/// job's directory) on node1, kills node1 mid-interval, and checks that the
-/// requeued run restores the last one on node2 and ends right.
-fn node_dies_mid_job(line: &str, checkpoint: &str) {
+/// job's directory) on node1, in a job of `sbatch_args`, kills node1
+/// mid-interval, and checks that the requeued run restores the last one on
+/// node2 and ends right, in each of `files`.
+fn node_dies_mid_job(sbatch_args: &[&str], line: &str, checkpoint: &str, files: &[&str]) {
     let c = cluster();
     let _site = PlugstackOverride::new(c, site_allows_short_intervals);
-    let job = c.submit_workload_job(&["-w", "node1"], &[ASK, line], 64, 300);
+    let args = [&["-w", "node1"], sbatch_args].concat();
+    let job = c.submit_workload_job(&args, &[ASK, line], 64, 300);
     let manifest = c.shared.join(format!("checkpoints/{}/{checkpoint}/manifest.toml", job.id));
     // Two periodic checkpoints, the second replacing the first.
     let deadline = Instant::now() + MINUTE;
@@ -71,7 +82,7 @@ fn node_dies_mid_job(line: &str, checkpoint: &str) {
     std::thread::sleep(Duration::from_millis(INTERVAL * 1000 / 2));
 
     let crashed = c.crash("node1");
-    let done_before = counters(&job, "out.txt").last().copied().unwrap_or(0);
+    let done_before = counters(&job, files[0]).last().copied().unwrap_or(0);
     assert!(done_before < 250, "the crash came too late to test anything: {done_before} steps done");
     // Slurm notices (SlurmdTimeout) and requeues the batch job.
     c.wait_state(job.id, &["PENDING"], 3 * MINUTE);
@@ -85,17 +96,19 @@ fn node_dies_mid_job(line: &str, checkpoint: &str) {
     assert_eq!(out.matches("checkpoint-container: restored process").count(), 1, "{out}");
     // Every step up to the crash, then again from the last checkpoint, on to
     // the uninterrupted run's end.
-    let seen = counters(&job, "out.txt");
-    let resumed_at = seen.windows(2).position(|w| w[1] != w[0] + 1).map(|i| i + 1).expect("the run went on from a checkpoint");
-    let (before, after) = seen.split_at(resumed_at);
-    assert_eq!(before, (1..=before.len() as u64).collect::<Vec<_>>(), "before the crash");
-    let from = after[0];
-    assert!(from > 1, "restored, not started over: {seen:?}");
-    assert_eq!(after, (from..=job.steps as u64).collect::<Vec<_>>(), "after the restore");
-    let redone = before.len() as u64 + 1 - from;
-    // One interval, and the second the checkpoint itself may take.
-    assert!(redone <= (INTERVAL + 1) * STEPS_PER_SECOND, "{redone} steps redone, more than one interval");
-    assert_eq!(job.lines("out.txt").last().unwrap(), &job.expected_done());
+    for file in files {
+        let seen = counters(&job, file);
+        let resumed_at = seen.windows(2).position(|w| w[1] != w[0] + 1).map(|i| i + 1).expect("the run went on from a checkpoint");
+        let (before, after) = seen.split_at(resumed_at);
+        assert_eq!(before, (1..=before.len() as u64).collect::<Vec<_>>(), "{file} before the crash");
+        let from = after[0];
+        assert!(from > 1, "{file} restored, not started over: {seen:?}");
+        assert_eq!(after, (from..=job.steps as u64).collect::<Vec<_>>(), "{file} after the restore");
+        let redone = before.len() as u64 + 1 - from;
+        // One interval, and the second the checkpoint itself may take.
+        assert!(redone <= (INTERVAL + 1) * STEPS_PER_SECOND, "{file}: {redone} steps redone, more than one interval");
+        assert_eq!(job.lines(file).last().unwrap(), &job.expected_done());
+    }
     job.assert_no_checkpoints_left(c, "node2");
     job.cleanup(c);
 }

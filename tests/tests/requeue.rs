@@ -263,7 +263,8 @@ fn the_ranks_of_a_pmi2_step_restore_together_or_start_over_together() {
 #[test]
 fn a_pmi2_step_that_root_will_not_start_runs_every_rank_unprotected_and_says_why() {
     let c = cluster();
-    let srun = format!("srun -w node1 -n2 -l --mpi=pmi2 --checkpoint-container apptainer -s exec --bind /home/bob/data:/mnt {TEST_SIF} true");
+    let srun =
+        format!("srun -w node1 -n2 -l --mpi=pmi2 --checkpoint-container apptainer -s exec --bind /home/bob/data:/mnt {TEST_SIF} true");
     let out = c.sh("node1", "alice", &srun);
     let lines: Vec<&str> =
         out.stderr.lines().filter(|l| l.contains("runs unprotected:") && l.contains("cannot be opened by you")).collect();

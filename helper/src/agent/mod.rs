@@ -110,6 +110,10 @@ pub struct Task {
     /// runtime shim's: descendants.rs); None: the task is the container.
     #[arg(skip)]
     pub container: Option<u32>,
+    /// Task 0 of a step whose ranks run in one container (ranks.rs): the
+    /// step is one tree, cut without the agents' barrier.
+    #[arg(skip)]
+    pub ranks_in_one_container: bool,
 }
 
 impl Task {
@@ -124,6 +128,12 @@ impl Task {
     /// The checkpoint's directory name in the job's (layout.rs).
     fn checkpoint_name(&self) -> String {
         checkpoint_name(self.step_id, self.task_id, self.container)
+    }
+
+    /// Whether the step's cut needs every task's agent at a barrier
+    /// (step.rs): several tasks, each in a container of its own.
+    fn cut_across_agents(&self) -> bool {
+        self.step().is_coupled() && !self.ranks_in_one_container
     }
 
     fn step(&self) -> StepTask {

@@ -4,8 +4,10 @@
 //! after a requeue). Each replaces the previous one atomically in
 //! checkpoint_dir (storage.rs); a failed one leaves it in place.
 //!
-//! Steps of several tasks are left to the requeue path: a periodic cut
-//! would need every task stopped at one barrier while the job runs.
+//! Steps of several tasks, each in a container of its own, are left to the
+//! requeue path: a periodic cut would need every task stopped at one
+//! barrier while the job runs. The ranks of an `srun --mpi=pmi2` step in one
+//! container (ranks.rs) are one tree, checkpointed as one task's.
 
 use super::layout::list_checkpoint;
 use super::messages::tell_user;
@@ -32,7 +34,7 @@ impl Timer {
     /// not when the job asked for them in vain.
     pub(super) fn start(settings: &Settings, t: &Task, events: mpsc::Sender<Event>, stderr: &mut File) -> Option<Timer> {
         let asked = settings.checkpoint_interval_for(t.interval_request);
-        if asked > 0 && t.step().is_coupled() && t.task_id == 0 {
+        if asked > 0 && t.cut_across_agents() && t.task_id == 0 {
             tell_user(
                 stderr,
                 &format!(
@@ -86,7 +88,7 @@ impl Timer {
 
 /// Seconds between this task's periodic checkpoints, if it takes them.
 fn interval(settings: &Settings, t: &Task) -> Option<u64> {
-    Some(settings.checkpoint_interval_for(t.interval_request)).filter(|&s| s > 0 && !t.step().is_coupled())
+    Some(settings.checkpoint_interval_for(t.interval_request)).filter(|&s| s > 0 && !t.cut_across_agents())
 }
 
 /// Stops the tree, dumps it leaving it running, lets it go on, and puts the

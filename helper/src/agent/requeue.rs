@@ -275,8 +275,7 @@ pub(super) fn stop_step(settings: &Settings, t: &Task, running: &mut Running) ->
         Some(pid) => step::stop_tree(pid, t.uid, step::STOP_BARRIER_TIMEOUT).map(|_| ()).map_err(|e| format!("could not be stopped: {e}")),
         None => Err("has no running container".into()),
     };
-    // The step's ranks in one container are one tree: stopped at once.
-    if !t.step().is_coupled() || running.launcher_status.is_some() {
+    if !t.cut_across_agents() {
         return mine;
     }
     let barrier = Barrier::new(&job_dir(settings, t.job_id).map_err(|e| e.to_string())?, t.step(), &format!("stop-{}", t.restart_count))
