@@ -86,6 +86,52 @@ pub struct TaskFds {
     pub extra: Vec<(RawFd, OwnedFd)>,
 }
 
+/// Filesystems whose files act on what is written to them (a write to
+/// /proc/PID/oom_score_adj or timerslack_ns checks the writer's
+/// capabilities): root never writes into a file of theirs.
+const PSEUDO_FILESYSTEMS: &[i64] = {
+    use nix::sys::statfs::*;
+    &[
+        PROC_SUPER_MAGIC.0 as i64,
+        SYSFS_MAGIC.0 as i64,
+        CGROUP_SUPER_MAGIC.0 as i64,
+        CGROUP2_SUPER_MAGIC.0 as i64,
+        DEBUGFS_MAGIC.0 as i64,
+        TRACEFS_MAGIC.0 as i64,
+        SECURITYFS_MAGIC.0 as i64,
+        BPF_FS_MAGIC.0 as i64,
+        SELINUX_MAGIC.0 as i64,
+        SMACK_MAGIC.0 as i64,
+        RDTGROUP_SUPER_MAGIC.0 as i64,
+        NSFS_MAGIC.0 as i64,
+        0x6265_6570, // configfs
+        0xde5e_81e4, // efivarfs
+        0x6165_676c, // pstore
+    ]
+};
+
+/// Whether the task's stdout and stderr are what a task's are (a pipe, a
+/// terminal or /dev/null, a file on a real filesystem): root writes into
+/// them (lines for the user; a restored program's output), and the task,
+/// which is the user's, may hand over any descriptor of hers. A socket's
+/// receiver could take root's bytes for root's (`SO_PASSCRED`), a /proc
+/// file would act on them with root's capabilities.
+pub fn plain_output(stdio: &[OwnedFd; 3]) -> std::result::Result<(), String> {
+    for (n, fd) in stdio.iter().enumerate().skip(1) {
+        let kind = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| st.st_mode & libc::S_IFMT).map_err(|e| format!("fd {n}: {e}"))?;
+        let pseudo = || nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| PSEUDO_FILESYSTEMS.contains(&(fs.filesystem_type().0 as i64)));
+        let plain = match kind {
+            libc::S_IFIFO | libc::S_IFCHR => true,
+            libc::S_IFREG => !pseudo(),
+            _ => false,
+        };
+        if !plain {
+            return Err(format!("its fd {n} is neither a pipe, a terminal nor a file (root writes into it)"));
+        }
+    }
+    Ok(())
+}
+
 /// At most this many descriptors beyond stdio.
 const MAX_EXTRA_FDS: usize = 4;
 
@@ -187,6 +233,20 @@ mod tests {
         assert!(e.to_string().contains("longer than"), "{e}");
         drop(channel);
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn root_writes_only_into_pipes_terminals_and_real_files() {
+        let stdio = |out: OwnedFd| [OwnedFd::from(std::fs::File::open("/dev/null").unwrap()), out.try_clone().unwrap(), out];
+        let open = |path: &str| OwnedFd::from(std::fs::OpenOptions::new().write(true).open(path).unwrap());
+        assert!(plain_output(&stdio(nix::unistd::pipe().unwrap().1)).is_ok());
+        assert!(plain_output(&stdio(open("/dev/null"))).is_ok());
+        let file = std::env::temp_dir().join(format!("plain-output-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        assert!(plain_output(&stdio(open(file.to_str().unwrap()))).is_ok());
+        std::fs::remove_file(&file).unwrap();
+        assert!(plain_output(&stdio(UnixStream::pair().unwrap().0.into())).is_err());
+        assert!(plain_output(&stdio(open("/proc/self/timerslack_ns"))).is_err());
     }
 
     #[test]

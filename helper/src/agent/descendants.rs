@@ -69,7 +69,14 @@ pub(super) fn serve_descendants(
         }
     }
     let t = &t;
-    let mut stderr = File::from(stdio[2].try_clone().context(|| "dup".into())?);
+    // Lines for the user go to the script's stderr only if root may write there.
+    let mut stderr = match crate::protocol::plain_output(&stdio) {
+        Ok(()) => File::from(stdio[2].try_clone().context(|| "dup".into())?),
+        Err(why) => {
+            log::warn!("{}: says nothing to the job: {why}", t.name());
+            File::options().write(true).open("/dev/null").context(|| "/dev/null".into())?
+        }
+    };
     let claims = Arc::new(Mutex::new(Claims::scan(settings, t)));
     log::info!(
         "{}: serves the containers of `{}` (run {}, checkpoints of containers {:?})",

@@ -381,13 +381,19 @@ pub(super) struct FollowerTask {
     pub(super) env: Vec<(String, String)>,
     pub(super) runtime: Option<String>,
     pub(super) cpus: Vec<usize>,
+    /// Whether root may write into its stdout and stderr (protocol::plain_output).
+    pub(super) plain_output: std::result::Result<(), String>,
 }
 
 /// Follower: hands the task over to the leader, then passes on what the
 /// leader says until the rank is over. Its own task's messages only mark
 /// the session ending (the leader's task gets the same signals).
 pub(super) fn follow(t: &Task, task: FollowerTask, session: Option<Arc<SessionFile>>, stderr: &mut File) -> Result<()> {
-    let FollowerTask { mut channel, stream, stdio, pmi, argv, cwd, env, runtime, cpus } = task;
+    let FollowerTask { mut channel, stream, stdio, pmi, argv, cwd, env, runtime, cpus, plain_output } = task;
+    let mut stderr = match plain_output {
+        Ok(()) => Some(stderr),
+        Err(_) => None,
+    };
     let leader = match reach_leader(t) {
         Ok(s) => s,
         Err(why) => {
@@ -396,7 +402,7 @@ pub(super) fn follow(t: &Task, task: FollowerTask, session: Option<Arc<SessionFi
             return channel.send(&ToTask::RunUnprotected(msg));
         }
     };
-    let own_check = crate::pmi::check_slurm_socket(&pmi.1, t.stepd_pid);
+    let own_check = plain_output.and_then(|()| crate::pmi::check_slurm_socket(&pmi.1, t.stepd_pid));
     let said = match own_check {
         Ok(()) => {
             let fds = [&stdio[0], &stdio[1], &stdio[2], &pmi.1].map(|f| f.as_raw_fd());
@@ -430,11 +436,12 @@ pub(super) fn follow(t: &Task, task: FollowerTask, session: Option<Arc<SessionFi
         Ok(Some(ToFollower::Exited(code))) => ToTask::Exited(code),
         Ok(Some(ToFollower::Stopped)) => ToTask::Stopped,
         Ok(Some(ToFollower::Failed(why))) => {
-            tell_user(stderr, &format!("{}: {why}", t.name()));
+            stderr.iter_mut().for_each(|e| tell_user(e, &format!("{}: {why}", t.name())));
             ToTask::Exited(1)
         }
         Ok(None) | Err(_) => {
-            tell_user(stderr, &format!("{}: task 0's agent, which ran the step's ranks, is gone", t.name()));
+            let why = format!("{}: task 0's agent, which ran the step's ranks, is gone", t.name());
+            stderr.iter_mut().for_each(|e| tell_user(e, &why));
             ToTask::Exited(1)
         }
     };

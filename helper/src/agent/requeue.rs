@@ -162,9 +162,17 @@ pub(super) fn try_restore(
         let mut running = Running::new(child, pid, t.uid)?;
         running.restored = Some(said.to_string()).filter(|s| !s.is_empty());
         running.launcher_status = launcher_status;
-        for relay in relays {
+        for (k, relay) in relays.into_iter().enumerate() {
             match relay.go(true) {
                 Ok(flowing) => running.slurm_pmi.push(flowing),
+                // One relay per rank, in order, or the next checkpoint
+                // would record one rank's socket as another's.
+                Err(e) if ranks.is_some() => {
+                    running.kill(t.uid);
+                    let _ = running.child.wait();
+                    tell_user(stderr, &format!("{} starts fresh: Slurm's PMI does not take rank {k} back ({e})", t.name()));
+                    return Ok(None);
+                }
                 Err(e) => tell_user(
                     stderr,
                     &format!("warning: {}: Slurm's PMI does not take it back ({e}): its next MPI call to Slurm fails", t.name()),

@@ -173,11 +173,14 @@ pub(super) fn serve(
     }
     // The ranks of an `srun --mpi=pmi2 -n N` step run in one container,
     // which task 0's agent starts (ranks.rs).
+    // Root writes into the task's stdout and stderr (lines for the user, a
+    // restored program's output): only into what a task's may be.
+    let plain_output = protocol::plain_output(&stdio);
     let one_container = ranks::in_one_container(t, !slurm_fds.is_empty());
     let cpus = || TaskView::read(&task).map(|v| v.cpus()).unwrap_or_default();
     if one_container && t.task_id != 0 {
         let pmi = slurm_fds.swap_remove(0);
-        let follower = ranks::FollowerTask { channel, stream, stdio, pmi, argv, cwd, env, runtime, cpus: cpus() };
+        let follower = ranks::FollowerTask { channel, stream, stdio, pmi, argv, cwd, env, runtime, cpus: cpus(), plain_output };
         return ranks::follow(t, follower, session, stderr);
     }
     let t = &Task { ranks_in_one_container: one_container, ..t.clone() };
@@ -214,6 +217,7 @@ pub(super) fn serve(
         // The ranks of an `srun --mpi=pmi2` step live in one container each
         // and share memory and connections across containers, which one
         // CRIU per container cannot dump; mpirun inside one container can.
+        _ if plain_output.is_err() => fail(plain_output.clone().err().unwrap_or_default()),
         _ if not_gathered.is_some() => fail(not_gathered.clone().unwrap_or_default()),
         _ if t.step().is_coupled() && !slurm_fds.is_empty() && !one_container => fail(format!(
             "its {} MPI ranks run in separate containers started by a script, which cannot be checkpointed together; \

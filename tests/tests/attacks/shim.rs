@@ -121,3 +121,30 @@ fn a_pmi_fd_that_is_not_slurmstepds_socket_is_not_relayed() {
     assert_eq!(std::fs::metadata(job.host_dir.join("mine.txt")).map(|m| m.len()).ok(), Some(0), "{out}");
     BatchJob::cleanup(&job, c);
 }
+
+/// Root writes into a container's stdout and stderr (lines for the user, a
+/// restored program's output), so they must be what a task's are: a
+/// script that gives its container a /proc file as stderr (one whose write
+/// checks the writer's capabilities: here its own `timerslack_ns`) gets
+/// the container run unprotected, and root writes nothing into the file.
+#[test]
+fn a_container_whose_stderr_is_a_proc_file_runs_unprotected_and_root_writes_nothing_there() {
+    let c = cluster();
+    let job = c.submit_job(&["-w", "node1"], None, |dir| {
+        let script = format!(
+            "before=$(cat /proc/$$/timerslack_ns)\napptainer -s exec {TEST_SIF} echo ran 2>/proc/$$/timerslack_ns\n\
+             echo \"slack $before $(cat /proc/$$/timerslack_ns)\" > {dir}/slack.txt"
+        );
+        (script, 0, 0)
+    });
+    let state = c.wait_job(job.id, std::time::Duration::from_secs(120));
+    let out = job.output();
+    assert_eq!(state, "COMPLETED", "{out}");
+    assert!(out.contains("ran") && !out.contains("is protected"), "{out}");
+    let slack = job.lines("slack.txt");
+    let values: Vec<&str> = slack.first().map(|l| l.split(' ').skip(1).collect()).unwrap_or_default();
+    assert!(values.len() == 2 && values[0] == values[1], "the file changed: {slack:?}");
+    let log = c.exec("node1", "root", &["grep", "-c", "its fd 2 is neither a pipe", "/var/log/slurm/checkpoint-container.log"]).stdout;
+    assert!(log.trim().parse::<u32>().unwrap_or(0) >= 1, "no refusal in the agent's log");
+    BatchJob::cleanup(&job, c);
+}
