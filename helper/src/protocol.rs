@@ -89,24 +89,24 @@ pub struct TaskFds {
 /// Filesystems whose files act on what is written to them (a write to
 /// /proc/PID/oom_score_adj or timerslack_ns checks the writer's
 /// capabilities): root never writes into a file of theirs.
-const PSEUDO_FILESYSTEMS: &[i64] = {
+const PSEUDO_FILESYSTEMS: &[nix::sys::statfs::FsType] = {
     use nix::sys::statfs::*;
     &[
-        PROC_SUPER_MAGIC.0 as i64,
-        SYSFS_MAGIC.0 as i64,
-        CGROUP_SUPER_MAGIC.0 as i64,
-        CGROUP2_SUPER_MAGIC.0 as i64,
-        DEBUGFS_MAGIC.0 as i64,
-        TRACEFS_MAGIC.0 as i64,
-        SECURITYFS_MAGIC.0 as i64,
-        BPF_FS_MAGIC.0 as i64,
-        SELINUX_MAGIC.0 as i64,
-        SMACK_MAGIC.0 as i64,
-        RDTGROUP_SUPER_MAGIC.0 as i64,
-        NSFS_MAGIC.0 as i64,
-        0x6265_6570, // configfs
-        0xde5e_81e4, // efivarfs
-        0x6165_676c, // pstore
+        PROC_SUPER_MAGIC,
+        SYSFS_MAGIC,
+        CGROUP_SUPER_MAGIC,
+        CGROUP2_SUPER_MAGIC,
+        DEBUGFS_MAGIC,
+        TRACEFS_MAGIC,
+        SECURITYFS_MAGIC,
+        BPF_FS_MAGIC,
+        SELINUX_MAGIC,
+        SMACK_MAGIC,
+        RDTGROUP_SUPER_MAGIC,
+        NSFS_MAGIC,
+        FsType(0x6265_6570), // configfs
+        FsType(0xde5e_81e4), // efivarfs
+        FsType(0x6165_676c), // pstore
     ]
 };
 
@@ -119,7 +119,7 @@ const PSEUDO_FILESYSTEMS: &[i64] = {
 pub fn plain_output(stdio: &[OwnedFd; 3]) -> std::result::Result<(), String> {
     for (n, fd) in stdio.iter().enumerate().skip(1) {
         let kind = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| st.st_mode & libc::S_IFMT).map_err(|e| format!("fd {n}: {e}"))?;
-        let pseudo = || nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| PSEUDO_FILESYSTEMS.contains(&(fs.filesystem_type().0 as i64)));
+        let pseudo = || nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| PSEUDO_FILESYSTEMS.contains(&fs.filesystem_type()));
         let plain = match kind {
             libc::S_IFIFO | libc::S_IFCHR => true,
             libc::S_IFREG => !pseudo(),
