@@ -125,15 +125,16 @@ fn a_pmi_fd_that_is_not_slurmstepds_socket_is_not_relayed() {
 /// Root writes into a container's stdout and stderr (lines for the user, a
 /// restored program's output), so they must be what a task's are: a
 /// script that gives its container a /proc file as stderr (one whose write
-/// checks the writer's capabilities: here its own `timerslack_ns`) gets
-/// the container run unprotected, and root writes nothing into the file.
+/// checks the writer's capabilities: here its own `oom_score_adj`, which
+/// root could lower below what she may) gets the container run
+/// unprotected, and the file keeps its value.
 #[test]
 fn a_container_whose_stderr_is_a_proc_file_runs_unprotected_and_root_writes_nothing_there() {
     let c = cluster();
     let job = c.submit_job(&["-w", "node1"], None, |dir| {
         let script = format!(
-            "before=$(cat /proc/$$/timerslack_ns)\napptainer -s exec {TEST_SIF} echo ran 2>/proc/$$/timerslack_ns\n\
-             echo \"slack $before $(cat /proc/$$/timerslack_ns)\" > {dir}/slack.txt"
+            "before=$(cat /proc/$$/oom_score_adj)\napptainer -s exec {TEST_SIF} echo ran 2>/proc/$$/oom_score_adj\n\
+             echo \"slack $before $(cat /proc/$$/oom_score_adj)\" > {dir}/slack.txt"
         );
         (script, 0, 0)
     });
