@@ -66,10 +66,10 @@ pub fn run(mut argv: Vec<String>) -> Result<i32> {
     match UnixStream::connect(&socket) {
         Ok(stream) => hand_over(stream, argv, env, set),
         Err(e) => {
-            eprintln!(
-                "checkpoint-container: warning: {name} {}: the task's checkpoint agent does not answer ({e}): this container runs unprotected and starts over if the job is requeued",
+            crate::task::say(&format!(
+                "warning: {name} {}: the task's checkpoint agent does not answer ({e}): this container runs unprotected and starts over if the job is requeued",
                 argv[1..].first().map(String::as_str).unwrap_or("")
-            );
+            ));
             Err(exec_unprotected(&argv, Some(&env), set))
         }
     }

@@ -119,9 +119,17 @@ pub fn watch(socket: &Path, argv: Vec<String>) -> crate::error::EngineError {
     if let Err(e) = said {
         // The task runs all the same; each container it starts then says
         // that it runs unprotected (shim.rs).
-        eprintln!("checkpoint-container: warning: {e}");
+        say(&format!("warning: {e}"));
     }
     exec_unprotected(&argv, None, SigSet::empty())
+}
+
+/// A line for the user on this process's stderr, whatever that is (a
+/// failed write must not keep the command from running, as `eprintln!`'s
+/// panic would).
+pub(crate) fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "checkpoint-container: {line}");
 }
 
 /// Hands the container command `argv` to the agent on `stream`, with this
@@ -140,9 +148,9 @@ pub(crate) fn hand_over(stream: UnixStream, argv: Vec<String>, env: Vec<(String,
         // The agent closed the connection before it read what to run (it
         // serves too many, say; it has said why): nothing was started.
         if let Ok(Some(ToTask::RunUnprotected(why))) = channel.recv::<ToTask>() {
-            eprintln!("checkpoint-container: {why}");
+            say(&why);
         } else {
-            eprintln!("checkpoint-container: warning: {e}: this container runs unprotected");
+            say(&format!("warning: {e}: this container runs unprotected"));
         }
         return Err(exec_unprotected(&argv, Some(&env), set));
     }
@@ -175,7 +183,7 @@ pub(crate) fn hand_over(stream: UnixStream, argv: Vec<String>, env: Vec<(String,
             Event::Message(Some(ToTask::RunUnprotected(why))) => {
                 // Said by the user's own process: root never writes to a
                 // descriptor of hers that might not be read.
-                eprintln!("checkpoint-container: {why}");
+                say(&why);
                 return Err(exec_unprotected(&argv, Some(&env), set));
             }
             Event::Message(Some(ToTask::Go)) => {}
