@@ -214,6 +214,11 @@ impl Relay {
         Ok(Relay { container_end: theirs.into(), shared: Arc::new(shared) })
     }
 
+    /// Copies of the container's ends of `relays`, in order.
+    pub fn container_ends(relays: &[Relay]) -> io::Result<Vec<OwnedFd>> {
+        relays.iter().map(|r| r.container_end.try_clone()).collect()
+    }
+
     /// Starts copying, after saying init to slurmstepd for a restored
     /// program that had said it. The container's end is closed here: the
     /// container (or CRIU) holds its own copy by now, and the relay ends

@@ -5,7 +5,7 @@
 use crate::error::{fail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -117,19 +117,23 @@ const PSEUDO_FILESYSTEMS: &[nix::sys::statfs::FsType] = {
 /// receiver could take root's bytes for root's (`SO_PASSCRED`), a /proc
 /// file would act on them with root's capabilities.
 pub fn plain_output(stdio: &[OwnedFd; 3]) -> std::result::Result<(), String> {
-    for (n, fd) in stdio.iter().enumerate().skip(1) {
-        let kind = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| st.st_mode & libc::S_IFMT).map_err(|e| format!("fd {n}: {e}"))?;
-        let pseudo = || nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| PSEUDO_FILESYSTEMS.contains(&fs.filesystem_type()));
-        let plain = match kind {
-            libc::S_IFIFO | libc::S_IFCHR => true,
-            libc::S_IFREG => !pseudo(),
-            _ => false,
-        };
-        if !plain {
-            return Err(format!("its fd {n} is neither a pipe, a terminal nor a file (root writes into it)"));
-        }
+    stdio.iter().enumerate().skip(1).try_for_each(|(n, fd)| plain_output_fd(fd, n))
+}
+
+/// [`plain_output`] for one descriptor, fd `n` of the task.
+pub fn plain_output_fd(fd: &impl AsFd, n: usize) -> std::result::Result<(), String> {
+    let raw = fd.as_fd().as_raw_fd();
+    let kind = nix::sys::stat::fstat(raw).map(|st| st.st_mode & libc::S_IFMT).map_err(|e| format!("fd {n}: {e}"))?;
+    let pseudo = || nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| PSEUDO_FILESYSTEMS.contains(&fs.filesystem_type()));
+    let plain = match kind {
+        libc::S_IFIFO | libc::S_IFCHR => true,
+        libc::S_IFREG => !pseudo(),
+        _ => false,
+    };
+    match plain {
+        true => Ok(()),
+        false => Err(format!("its fd {n} is neither a pipe, a terminal nor a file (root writes into it)")),
     }
-    Ok(())
 }
 
 /// At most this many descriptors beyond stdio.

@@ -18,6 +18,7 @@
 
 use super::messages::tell_user;
 use super::session_file::SessionFile;
+use super::spawn::LauncherStatus;
 use super::*;
 use crate::error::{fail, Context, Result};
 use crate::protocol::{self, Channel, ToTask};
@@ -79,16 +80,24 @@ pub(super) struct Rank {
 }
 
 impl Rank {
-    fn copy(stdio: &[OwnedFd; 3], pmi: &(RawFd, OwnedFd), env: &[(String, String)], cpus: &[usize]) -> std::result::Result<Rank, String> {
+    /// Rank 0: the leader's own task's (copies: `serve` keeps its own).
+    fn own(own: &Own) -> std::result::Result<Rank, String> {
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
-        let [i, o, e] = stdio;
-        Ok(Rank { stdio: [dup(i)?, dup(o)?, dup(e)?], pmi: (pmi.0, dup(&pmi.1)?), env: env.to_vec(), cpus: cpus.to_vec() })
+        let [i, o, e] = own.stdio;
+        Ok(Rank { stdio: [dup(i)?, dup(o)?, dup(e)?], pmi: (own.pmi.0, dup(&own.pmi.1)?), env: own.env.to_vec(), cpus: own.cpus.clone() })
     }
 }
 
 struct Follower {
     task_id: u32,
     channel: Channel,
+}
+
+/// Says `msg(task id)` to each follower (one that is gone hears nothing).
+fn tell_all(followers: &mut [Follower], msg: impl Fn(usize) -> ToFollower) {
+    for f in followers {
+        let _ = f.channel.send(&msg(f.task_id as usize));
+    }
 }
 
 /// The step's ranks, gathered by the leader: rank 0 is its own task's.
@@ -130,15 +139,17 @@ pub(super) fn gather(t: &Task, own: Own, is_site_runtime: impl Fn(&str) -> bool)
     let followers = accept_followers(t, &listener);
     let _ = std::fs::remove_file(&path);
     let (mut followers, handed) = followers?;
-    let checked = check_ranks(t, &own, &handed, is_site_runtime).and_then(|ranks| room_for(ranks.len() + 1).map(|()| ranks));
-    if let Err(why) = &checked {
-        for f in &mut followers {
-            let _ = f.channel.send(&ToFollower::Unprotected(why.clone()));
+    let ranks = handed
+        .and_then(|handed| check_ranks(t, &own, handed, is_site_runtime))
+        .and_then(|others| room_for(others.len() + 1).map(|()| others))
+        .and_then(|others| Ok(std::iter::once(Rank::own(&own)?).chain(others).collect()));
+    match ranks {
+        Ok(ranks) => Ok(Gathered { ranks, followers, settled: false }),
+        Err(why) => {
+            tell_all(&mut followers, |_| ToFollower::Unprotected(why.clone()));
+            Err(why)
         }
     }
-    let mut ranks = vec![Rank::copy(own.stdio, own.pmi, own.env, &own.cpus)?];
-    ranks.extend(checked?);
-    Ok(Gathered { ranks, followers, settled: false })
 }
 
 /// A follower's handover, as received.
@@ -149,7 +160,11 @@ struct Handed {
     runtime: Option<String>,
 }
 
-fn accept_followers(t: &Task, listener: &UnixListener) -> std::result::Result<(Vec<Follower>, Vec<Handed>), String> {
+/// Followers that came (in task order), and their ranks or why the step
+/// runs unprotected.
+type Came = (Vec<Follower>, std::result::Result<Vec<Handed>, String>);
+
+fn accept_followers(t: &Task, listener: &UnixListener) -> std::result::Result<Came, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + GATHER_TIMEOUT;
     let mut came: Vec<(Follower, Option<Handed>)> = Vec::new();
@@ -180,14 +195,8 @@ fn accept_followers(t: &Task, listener: &UnixListener) -> std::result::Result<(V
         }
     }
     came.sort_by_key(|(f, _)| f.task_id);
-    let (mut followers, handed): (Vec<Follower>, Vec<Option<Handed>>) = came.into_iter().unzip();
-    if let Some(why) = refusal {
-        for f in &mut followers {
-            let _ = f.channel.send(&ToFollower::Unprotected(why.clone()));
-        }
-        return Err(why);
-    }
-    Ok((followers, handed.into_iter().flatten().collect()))
+    let (followers, handed): (Vec<Follower>, Vec<Option<Handed>>) = came.into_iter().unzip();
+    Ok((followers, refusal.map_or_else(|| Ok(handed.into_iter().flatten().collect()), Err)))
 }
 
 /// One follower: root (the kernel's word), then its descriptors and rank.
@@ -217,8 +226,7 @@ fn take_follower(t: &Task, stream: UnixStream) -> Result<(Follower, std::result:
 
 /// Every rank runs task 0's command, through the site's Apptainer, and
 /// talks to this step's slurmstepd.
-fn check_ranks(t: &Task, own: &Own, handed: &[Handed], is_site_runtime: impl Fn(&str) -> bool) -> std::result::Result<Vec<Rank>, String> {
-    let mut ranks = Vec::new();
+fn check_ranks(t: &Task, own: &Own, handed: Vec<Handed>, is_site_runtime: impl Fn(&str) -> bool) -> std::result::Result<Vec<Rank>, String> {
     for (k, h) in handed.iter().enumerate() {
         let task = k + 1;
         if h.argv != own.argv || h.cwd != own.cwd {
@@ -229,10 +237,7 @@ fn check_ranks(t: &Task, own: &Own, handed: &[Handed], is_site_runtime: impl Fn(
         }
         crate::pmi::check_slurm_socket(&h.rank.pmi.1, t.stepd_pid).map_err(|e| format!("task {task}: {e}"))?;
     }
-    for h in handed {
-        ranks.push(Rank::copy(&h.rank.stdio, &h.rank.pmi, &h.rank.env, &h.rank.cpus)?);
-    }
-    Ok(ranks)
+    Ok(handed.into_iter().map(|h| h.rank).collect())
 }
 
 /// Descriptors the agent and the restore hold per rank (its task's four,
@@ -289,17 +294,21 @@ impl Gathered {
         cpus
     }
 
-    /// Each rank's stdio, keyed as the checkpoint records stdio.
-    pub(super) fn stdio_keys(&self) -> Vec<Vec<String>> {
-        self.ranks.iter().map(|r| r.stdio.iter().map(fd_key).collect()).collect()
-    }
-
     /// The descriptors the container (`restore == false`) or the restore
     /// command gets at rank_fds' numbers: each rank's stdio (rank 0's only
     /// for the restore: the container's own is rank 0's) and its relay's
-    /// end, and the launcher's status pipe.
-    pub(super) fn fds(&self, relay_ends: Vec<OwnedFd>, status: OwnedFd, restore: bool) -> Result<Vec<(RawFd, OwnedFd)>> {
-        let mut out = vec![(RANKS_STATUS_FD, status)];
+    /// end, and the write end of a new status pipe for the launcher; and
+    /// what the leader keeps of that pipe. The pipe is the user's: CRIU
+    /// reopens it as her.
+    pub(super) fn launcher_fds(
+        &self,
+        uid: u32,
+        relay_ends: Vec<OwnedFd>,
+        restore: bool,
+    ) -> Result<(Vec<(RawFd, OwnedFd)>, LauncherStatus)> {
+        let (status_r, status_w) = crate::restore::user_pipe(uid)?;
+        let key = fd_key(&status_r);
+        let mut out = vec![(RANKS_STATUS_FD, OwnedFd::from(status_w))];
         for (k, (rank, relay)) in self.ranks.iter().zip(relay_ends).enumerate() {
             let [i, o, e, pmi] = rank_fds(k);
             if k > 0 || restore {
@@ -309,13 +318,12 @@ impl Gathered {
             }
             out.push((pmi, relay));
         }
-        Ok(out)
+        let stdio_keys = self.ranks.iter().map(|r| r.stdio.iter().map(fd_key).collect()).collect();
+        Ok((out, LauncherStatus { pipe: status_r, key, stdio_keys }))
     }
 
     fn tell(&mut self, msg: impl Fn(usize) -> ToFollower) {
-        for f in &mut self.followers {
-            let _ = f.channel.send(&msg(f.task_id as usize));
-        }
+        tell_all(&mut self.followers, msg);
         self.settled = true;
     }
 
@@ -354,20 +362,12 @@ fn read_codes(status: File, ranks: usize) -> Option<Vec<i32>> {
 /// How a checkpoint names a descriptor of this process (a task's stdio):
 /// a pipe by its inode, a file opened outside the container as CRIU names
 /// an external file.
-fn fd_key(fd: &OwnedFd) -> String {
+fn fd_key(fd: &impl AsRawFd) -> String {
     let me = std::process::id() as crate::procfs::Pid;
     match crate::procfs::regular_file_fd(me, fd.as_raw_fd()) {
         Ok(Some((mnt_id, ino))) => crate::checkpoint::external_file_key(mnt_id, ino),
         _ => crate::procfs::fd_target(me, fd.as_raw_fd()).unwrap_or_default(),
     }
-}
-
-/// The status pipe of a ranks launcher: the user's (CRIU reopens it as
-/// her), the write end for the container, the read end and its key kept.
-pub(super) fn status_pipe(uid: u32) -> Result<(File, OwnedFd, String)> {
-    let (r, w) = crate::restore::user_pipe(uid)?;
-    let key = fd_key(&OwnedFd::from(r.try_clone().context(|| "dup".into())?));
-    Ok((r, OwnedFd::from(w), key))
 }
 
 /// What a follower's task sent it.
@@ -487,11 +487,14 @@ mod tests {
         assert_eq!(args.join(" "), expected);
         assert_eq!(g.all_cpus(), [0, 1]);
         // The container's own stdio is rank 0's; the restore command gets it too.
-        let status = || nix::unistd::pipe().unwrap().0;
-        let ends = || vec![status(), status()];
-        let numbers = |fds: Vec<(RawFd, OwnedFd)>| fds.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
-        assert_eq!(numbers(g.fds(ends(), status(), false).unwrap()), [9, 13, 14, 15, 16, 17]);
-        assert_eq!(numbers(g.fds(ends(), status(), true).unwrap()), [9, 10, 11, 12, 13, 14, 15, 16, 17]);
+        let ends = || vec![nix::unistd::pipe().unwrap().0, nix::unistd::pipe().unwrap().0];
+        let numbers = |restore| {
+            let (fds, status) = g.launcher_fds(nix::unistd::getuid().as_raw(), ends(), restore).unwrap();
+            assert!(status.key.starts_with("pipe:[") && status.stdio_keys.len() == 2, "{}", status.key);
+            fds.into_iter().map(|(n, _)| n).collect::<Vec<_>>()
+        };
+        assert_eq!(numbers(false), [9, 13, 14, 15, 16, 17]);
+        assert_eq!(numbers(true), [9, 10, 11, 12, 13, 14, 15, 16, 17]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::layout::list_checkpoint;
 use super::messages::tell_user;
 use super::ranks::Gathered;
-use super::spawn::{spawn_for_task, task_cgroups, LauncherStatus, Running, Start, RESTORE_NET_NS_FD, RESTORE_PMI_FD, RESTORE_STATUS_FD};
+use super::spawn::{spawn_for_task, task_cgroups, Running, Start, RESTORE_NET_NS_FD, RESTORE_PMI_FD, RESTORE_STATUS_FD};
 use super::*;
 use crate::checkpoint::{dump, CheckpointRequest};
 use crate::error::{Context, EngineError, Result};
@@ -74,8 +74,8 @@ pub(super) fn try_restore(
     // relay per rank, which lets it through only once it is restored
     // (`serve` has checked each socket is slurmstepd's). Every rank in one
     // container gets one, even a rank that held none (it had ended).
-    let wanted: Vec<(Option<crate::manifest::SlurmPmi>, Option<&OwnedFd>)> = match (&m.process.ranks, ranks) {
-        (Some(r), Some(g)) => r.ranks.iter().zip(&g.ranks).map(|(r, g)| (r.slurm_pmi, Some(&g.pmi.1))).collect(),
+    let wanted: Vec<(Option<crate::manifest::SlurmPmi>, &OwnedFd)> = match (&m.process.ranks, ranks) {
+        (Some(r), Some(g)) => r.ranks.iter().zip(&g.ranks).map(|(r, g)| (r.slurm_pmi, &g.pmi.1)).collect(),
         _ => match (&m.process.slurm_pmi, slurm_pmi) {
             (None, _) => vec![],
             (Some(_), None) => {
@@ -83,7 +83,7 @@ pub(super) fn try_restore(
                 tell_user(stderr, &format!("{} starts fresh: {why}", t.name()));
                 return Ok(None);
             }
-            (Some(p), Some(fd)) => vec![(Some(*p), Some(fd))],
+            (Some(p), Some(fd)) => vec![(Some(*p), fd)],
         },
     };
     // Made in the namespace the restore then makes the container in.
@@ -92,7 +92,7 @@ pub(super) fn try_restore(
         false => crate::namespaces::net_ns_for(m.container.network).context(|| "network namespace".into())?,
     };
     let mut relays = Vec::new();
-    for (recorded, fd) in wanted.iter().filter_map(|(r, fd)| Some((r, (*fd)?))) {
+    for (recorded, fd) in &wanted {
         let said = recorded.and_then(|p| p.init_version).map(|[version, subversion]| crate::pmi::Version { version, subversion });
         relays.push(crate::pmi::Relay::new(fd, said, net_ns.as_ref()).context(|| "PMI relay".into())?);
     }
@@ -106,16 +106,16 @@ pub(super) fn try_restore(
     restore_argv.extend(["--status-fd".into(), RESTORE_STATUS_FD.to_string()]);
     let cgroups = task_cgroups(t, task)?;
     let mut fds = Vec::new();
-    let ends = || relays.iter().map(|r| r.container_end.try_clone()).collect::<std::io::Result<Vec<_>>>().context(|| "dup".into());
+    let ends = crate::pmi::Relay::container_ends(&relays).context(|| "dup".into())?;
     let launcher_status = match ranks {
         Some(g) => {
-            let (launcher_r, launcher_w, key) = super::ranks::status_pipe(t.uid)?;
             restore_argv.extend(["--ranks".into(), g.ranks.len().to_string()]);
-            fds.extend(g.fds(ends()?, launcher_w, true)?);
-            Some(LauncherStatus { pipe: launcher_r, key, stdio_keys: g.stdio_keys() })
+            let (given, status) = g.launcher_fds(t.uid, ends, true)?;
+            fds.extend(given);
+            Some(status)
         }
         None => {
-            if let Some(end) = ends()?.pop() {
+            if let Some(end) = ends.into_iter().next() {
                 restore_argv.extend(["--pmi-fd".into(), RESTORE_PMI_FD.to_string()]);
                 fds.push((RESTORE_PMI_FD, end));
             }

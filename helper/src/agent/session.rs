@@ -9,7 +9,7 @@ use super::ranks;
 use super::requeue::{checkpoint_for_requeue, go_on_restored, restore_step, stop_step, try_restore, StartedAs};
 use super::session_file::SessionFile;
 use super::slurmctld::{is_requeue, requeue_info};
-use super::spawn::{spawn_for_task, task_cgroups, LauncherStatus, Running, Start};
+use super::spawn::{spawn_for_task, task_cgroups, Running, Start};
 use super::time_limit;
 use super::*;
 use crate::error::{fail, Context, Result};
@@ -171,11 +171,11 @@ pub(super) fn serve(
     if argv.is_empty() {
         return fail(format!("{}: the task sent an empty command", t.name()));
     }
-    // The ranks of an `srun --mpi=pmi2 -n N` step run in one container,
-    // which task 0's agent starts (ranks.rs).
     // Root writes into the task's stdout and stderr (lines for the user, a
     // restored program's output): only into what a task's may be.
     let plain_output = protocol::plain_output(&stdio);
+    // The ranks of an `srun --mpi=pmi2 -n N` step run in one container,
+    // which task 0's agent starts (ranks.rs).
     let one_container = ranks::in_one_container(t, !slurm_fds.is_empty());
     let cpus = || TaskView::read(&task).map(|v| v.cpus()).unwrap_or_default();
     if one_container && t.task_id != 0 {
@@ -214,9 +214,10 @@ pub(super) fn serve(
             "the step spans {} nodes, and connections between nodes cannot be checkpointed (run one step per node to protect it)",
             t.step_nodes
         )),
-        // The ranks of an `srun --mpi=pmi2` step live in one container each
-        // and share memory and connections across containers, which one
-        // CRIU per container cannot dump; mpirun inside one container can.
+        // The containers a script's processes start for the ranks of an
+        // `srun --mpi=pmi2` step are one per rank and share memory and
+        // connections, which one CRIU per container cannot dump (a step
+        // whose tasks are the containers runs its ranks in one: ranks.rs).
         _ if plain_output.is_err() => fail(plain_output.clone().err().unwrap_or_default()),
         _ if not_gathered.is_some() => fail(not_gathered.clone().unwrap_or_default()),
         _ if t.step().is_coupled() && !slurm_fds.is_empty() && !one_container => fail(format!(
@@ -281,14 +282,14 @@ pub(super) fn serve(
             let relays =
                 sockets.iter().map(|(_, fd)| crate::pmi::Relay::new(fd, None, net_ns.as_ref())).collect::<std::io::Result<Vec<_>>>();
             let relays = relays.context(|| "PMI relay".into())?;
-            let ends = relays.iter().map(|r| r.container_end.try_clone()).collect::<std::io::Result<Vec<_>>>().context(|| "dup".into())?;
+            let ends = crate::pmi::Relay::container_ends(&relays).context(|| "dup".into())?;
             let mut launcher_status = None;
             let (given, view) = match &gathered {
                 Some(g) => {
-                    let (status_r, status_w, key) = ranks::status_pipe(t.uid)?;
-                    launcher_status = Some(LauncherStatus { pipe: status_r, key, stdio_keys: g.stdio_keys() });
+                    let (given, status) = g.launcher_fds(t.uid, ends, false)?;
+                    launcher_status = Some(status);
                     let cpus = g.all_cpus();
-                    (g.fds(ends, status_w, false)?, if cpus.is_empty() { view } else { view.on_cpus(&cpus) })
+                    (given, if cpus.is_empty() { view } else { view.on_cpus(&cpus) })
                 }
                 None => (sockets.iter().map(|(n, _)| *n).zip(ends).collect(), view),
             };
