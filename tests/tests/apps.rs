@@ -94,10 +94,22 @@ fn requeue_when(c: &Cluster, job: &BatchJob, progressed: impl Fn() -> bool) {
 /// The job checkpointed once, restored once, and completed.
 #[track_caller]
 fn assert_restored_once(c: &Cluster, job: &BatchJob, node: &str) {
+    assert_restored_once_as(c, job, node, TASK_0);
+}
+
+/// How the lines name task 0 of a step, and the ranks of an `srun
+/// --mpi=pmi2 -n 2` step, which run in one container.
+const TASK_0: &str = "checkpointed task 0 of step ";
+const TWO_RANKS: &str = ".0 (2 ranks in one container) (";
+
+/// The same, where the line that says it was checkpointed has `named`.
+#[track_caller]
+fn assert_restored_once_as(c: &Cluster, job: &BatchJob, node: &str, named: &str) {
     assert_eq!(c.wait_job(job.id, 3 * MINUTE), "COMPLETED", "{}", job.output());
     let out = job.output();
     assert!(out.contains(&format!("run restart=1 on {node}")), "{out}");
-    assert_eq!(out.matches("checkpoint-container: checkpointed task 0 of step").count(), 1, "{out}");
+    let checkpointed = out.lines().filter(|l| l.contains("checkpoint-container: checkpointed ") && l.contains(named));
+    assert_eq!(checkpointed.count(), 1, "{out}");
     assert_eq!(out.matches("checkpoint-container: restored process").count(), 1, "not restored:\n{out}");
 }
 
@@ -383,12 +395,13 @@ fn nwchem_requeued_and_uninterrupted(
     srun_args: &str,
     nwchem: &str,
     energies_first: usize,
+    named: &str,
 ) -> (String, String) {
     let sbatch_args = [&["-w", "node1"], sbatch_args].concat();
     let job = nwchem_job(c, &sbatch_args, srun_args, nwchem);
     requeue_when(c, &job, || nwchem_energies(&job.output()).len() >= energies_first);
     c.release(job.id, Some("node2"));
-    assert_restored_once(c, &job, "node2");
+    assert_restored_once_as(c, &job, "node2", named);
     // Then, alone: MPI ranks poll busily, and the two nodes share this
     // machine's cores (ranks of two jobs on one core slowed a restored run
     // past the test's patience).
@@ -409,7 +422,7 @@ fn nwchem_requeued_and_uninterrupted(
 /// run, every one printed once.
 #[test]
 fn nwchem_under_srun_pmi2_requeued_restores_on_the_other_node_with_the_uninterrupted_energies() {
-    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &[], "--mpi=pmi2 -n 1", NWCHEM, 6);
+    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &[], "--mpi=pmi2 -n 1", NWCHEM, 6, TASK_0);
     assert!(nwchem_energies(&expected).len() > 10, "{expected}");
     assert_eq!(nwchem_energies(&out), nwchem_energies(&expected), "energies differ from an uninterrupted run");
 }
@@ -439,7 +452,7 @@ fn nwchem_with_ucx_sysv_is_not_checkpointed_and_says_why() {
 fn nwchem_two_ranks_under_mpiexec_in_one_container_requeued_restore_on_the_other_node() {
     let mpiexec = format!("mpiexec.mpich -launcher fork -n 2 {NWCHEM}");
     // A CPU per rank: two ranks polling on one CPU crawl.
-    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &["-c", "2"], "", &mpiexec, 4);
+    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &["-c", "2"], "", &mpiexec, 4, TASK_0);
     assert_same_optimisation(&out, &expected);
 }
 
@@ -463,7 +476,7 @@ fn assert_same_optimisation(out: &str, expected: &str) {
 /// energy, and each rank's output still labelled with its own task.
 #[test]
 fn nwchem_two_ranks_under_srun_pmi2_requeued_restore_together_on_the_other_node() {
-    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &["-n", "2"], "--mpi=pmi2 -n 2 -l", NWCHEM, 4);
+    let (out, expected) = nwchem_requeued_and_uninterrupted(cluster(), &["-n", "2"], "--mpi=pmi2 -n 2 -l", NWCHEM, 4, TWO_RANKS);
     assert!(expected.contains("0:     nproc           =        2"), "{expected}");
     assert_same_optimisation(&out, &expected);
     // Each rank's own stdout reaches srun as its task's, after the restore too.

@@ -110,8 +110,8 @@ pub struct Task {
     /// runtime shim's: descendants.rs); None: the task is the container.
     #[arg(skip)]
     pub container: Option<u32>,
-    /// Task 0 of a step whose ranks run in one container (ranks.rs): the
-    /// step is one tree, cut without the agents' barrier.
+    /// Task 0 of a step whose ranks run in one container (ranks.rs), once
+    /// it is started: the step is one tree, cut without the agents' barrier.
     #[arg(skip)]
     pub ranks_in_one_container: bool,
 }
@@ -120,6 +120,8 @@ impl Task {
     fn name(&self) -> String {
         let step = ckpt_config::step_name(self.job_id, self.step_id);
         match self.container {
+            // What happens to it happens to every rank.
+            None if self.ranks_in_one_container => format!("step {step} ({} ranks in one container)", self.step_tasks),
             None => format!("task {} of step {step}", self.task_id),
             Some(n) => format!("container {n} of task {} of step {step}", self.task_id),
         }

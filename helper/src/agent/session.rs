@@ -183,7 +183,6 @@ pub(super) fn serve(
         let follower = ranks::FollowerTask { channel, stream, stdio, pmi, argv, cwd, env, runtime, cpus: cpus(), plain_output };
         return ranks::follow(t, follower, session, stderr);
     }
-    let t = &Task { ranks_in_one_container: one_container, ..t.clone() };
     let gathered = one_container.then(|| {
         let own = ranks::Own { argv: &argv, cwd: &cwd, env: &env, stdio: &stdio, pmi: &slurm_fds[0], cpus: cpus() };
         ranks::gather(t, own, |r| launch::is_site_runtime(settings, r))
@@ -252,6 +251,7 @@ pub(super) fn serve(
             return Ok(());
         }
     };
+    let t = &Task { ranks_in_one_container: gathered.is_some(), ..t.clone() };
     let restored = match restore {
         Restore::No => None,
         Restore::IfThere if t.cut_across_agents() => restore_step(settings, settings_args, t, &task, &ckpt, &argv, &stdio, stderr)?,
